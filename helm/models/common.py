@@ -1,0 +1,245 @@
+"""Pieces every backbone shares: the config, embeddings, position encodings, MLP, norms, LM head, init.
+
+Conventions the optimizer and trainer rely on:
+- parameter names: ``embed.*`` (layer 0), ``blocks.{i}.*`` (layer i + 1), ``norm_f.*`` / ``lm_head.*``
+  (layer num_layers + 1), used by ``--layer-decay``;
+- ``p._no_weight_decay = True`` marks parameters excluded from weight decay (norms, biases, position
+  tables, SSM A/D, Hyena filters); ``p._optim = {"lr_scale": s, "weight_decay": wd}`` carries per-parameter
+  hints (Hyena filter learning rates). Both are set where the parameter is created: see ``tag``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "swiglu")
+POS_EMBEDDINGS = ("none", "absolute", "sincos", "rotary")
+POS_EMBEDDING_APPLY = ("add", "concat")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 69
+    pad_vocab_size_multiple: int = 8
+    d_model: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    d_ff: int | None = None  # None: 4 * d_model
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    activation: str = "gelu"
+    tie_embeddings: bool = True
+    pos_embedding: str = "absolute"
+    pos_embedding_apply: str = "add"
+    pos_embedding_dim: int | None = None  # width of the position part under "concat"
+    max_seq_len: int = 1024
+    bidirectional: bool = False  # False: causal (CLM); True: every position sees every other (MLM)
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.d_ff is None:
+            self.d_ff = 4 * self.d_model
+        _check_choice("activation", self.activation, ACTIVATIONS)
+        _check_choice("pos_embedding", self.pos_embedding, POS_EMBEDDINGS)
+        _check_choice("pos_embedding_apply", self.pos_embedding_apply, POS_EMBEDDING_APPLY)
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.pad_vocab_size_multiple < 1:
+            raise ValueError("pad_vocab_size_multiple must be >= 1")
+        for name in ("dropout", "attn_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.pos_embedding_apply == "concat":
+            if self.pos_embedding not in ("absolute", "sincos"):
+                raise ValueError(
+                    "pos_embedding_apply=concat needs pos_embedding absolute or sincos, "
+                    f"got {self.pos_embedding!r}"
+                )
+            if not self.pos_embedding_dim or not 0 < self.pos_embedding_dim < self.d_model:
+                raise ValueError(
+                    "pos_embedding_apply=concat needs 0 < pos_embedding_dim < hidden_size, "
+                    f"got pos_embedding_dim={self.pos_embedding_dim}, hidden_size={self.d_model}"
+                )
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_size_multiple
+        return (self.vocab_size + m - 1) // m * m
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def tag(param: nn.Parameter, *, no_weight_decay: bool = False, **optim: float) -> nn.Parameter:
+    """Mark a parameter for the optimizer (see module docstring); returns it for inline use."""
+    if no_weight_decay:
+        param._no_weight_decay = True
+    if optim:
+        param._optim = dict(optim)
+    return param
+
+
+# Position encodings ---------------------------------------------------------------------------
+
+
+def sincos_table(num_positions: int, dim: int) -> torch.Tensor:
+    """(num_positions, dim) fixed sinusoidal table of "Attention is all you need"."""
+    pos = torch.arange(num_positions, dtype=torch.float32)[:, None]
+    inv = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(num_positions, dim)
+    table[:, 0::2] = torch.sin(pos * inv)
+    table[:, 1::2] = torch.cos(pos * inv)[:, : dim // 2]
+    return table
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (RoPE) for attention heads: ``apply(q, k, position_ids)``."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, base: float = 10000.0):
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"rotary embeddings need an even head dimension, got {head_dim}")
+        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q, k: (B, H, T, hd); position_ids: (B, T). Rotates pairs (x_i, x_{i + hd/2})."""
+        angles = position_ids[:, None, :, None].float() * self.inv_freq  # (B, 1, T, hd/2)
+        cos, sin = angles.cos(), angles.sin()
+
+        def rotate(x: torch.Tensor) -> torch.Tensor:
+            x1, x2 = x.float().chunk(2, dim=-1)
+            return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
+
+        return rotate(q), rotate(k)
+
+
+class Embeddings(nn.Module):
+    """Token embedding plus the configured position embedding (add or concat). Returns (B, T, D)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        concat = cfg.pos_embedding_apply == "concat"
+        pos_dim = cfg.pos_embedding_dim if concat else cfg.d_model
+        tok_dim = cfg.d_model - pos_dim if concat else cfg.d_model
+        self.tok = nn.Embedding(cfg.padded_vocab_size, tok_dim)
+        self.pos = None
+        if cfg.pos_embedding == "absolute":
+            self.pos = nn.Embedding(cfg.max_seq_len, pos_dim)
+            tag(self.pos.weight, no_weight_decay=True)
+        elif cfg.pos_embedding == "sincos":
+            self.register_buffer("sincos", sincos_table(cfg.max_seq_len, pos_dim), persistent=False)
+
+    def forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x = self.tok(input_ids)  # (B, T, D or D - pos_dim)
+        if self.cfg.pos_embedding in ("none", "rotary"):
+            return x
+        if position_ids is None:
+            position_ids = positions_like(input_ids)
+        if position_ids.max() >= self.cfg.max_seq_len:
+            raise ValueError(
+                f"position {int(position_ids.max())} is beyond max_seq_len={self.cfg.max_seq_len}"
+            )
+        p = self.pos(position_ids) if self.pos is not None else self.sincos[position_ids].to(x.dtype)
+        return torch.cat([x, p], dim=-1) if self.cfg.pos_embedding_apply == "concat" else x + p
+
+
+def positions_like(input_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) positions 0..T-1 (sequences are left-aligned, padding on the right)."""
+    B, T = input_ids.shape
+    return torch.arange(T, device=input_ids.device).expand(B, T)
+
+
+# Feed-forward and norms -----------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    """d -> d_ff -> d with the chosen activation; ``swiglu`` is the gated SiLU variant (two inputs)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.act = cfg.activation
+        d_in = 2 * cfg.d_ff if self.act == "swiglu" else cfg.d_ff
+        self.fc_in = nn.Linear(cfg.d_model, d_in)
+        self.fc_out = nn.Linear(cfg.d_ff, cfg.d_model)
+        self.fc_out._residual_proj = True
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc_in(x)  # (B, T, d_ff or 2 d_ff)
+        if self.act == "swiglu":
+            a, b = h.chunk(2, dim=-1)
+            h = F.silu(a) * b
+        elif self.act == "gelu_tanh":
+            h = F.gelu(h, approximate="tanh")
+        else:
+            h = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}[self.act](h)
+        return self.drop(self.fc_out(h))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = tag(nn.Parameter(torch.ones(dim)), no_weight_decay=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class LMHead(nn.Module):
+    """Hidden states -> logits over the padded vocabulary (B, T, V_pad) or (N, V_pad).
+
+    Columns at and beyond ``vocab_size`` are embedding padding: losses and metrics give them no
+    probability. Tied heads share the token embedding matrix (when its width is d_model).
+    """
+
+    def __init__(self, cfg: ModelConfig, tok_embedding: nn.Embedding | None = None):
+        super().__init__()
+        self.vocab_size = cfg.vocab_size
+        self.proj = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            if tok_embedding is None or tok_embedding.weight.shape != self.proj.weight.shape:
+                raise ValueError(
+                    "tie_embeddings needs a token embedding of width hidden_size; with "
+                    "pos_embedding_apply=concat the token part is narrower: use tie_embeddings=false"
+                )
+            self.proj.weight = tok_embedding.weight
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.proj(hidden)
+
+
+def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
+    """GPT-2 style init: N(0, init_std) weights, zero biases, residual projections (modules flagged
+    ``_residual_proj``) scaled by 1/sqrt(2 * num_layers) so the residual stream does not grow with depth.
+    Also tags every norm weight and every bias as no-weight-decay."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            std = cfg.init_std
+            if getattr(module, "_residual_proj", False):
+                std /= math.sqrt(2 * cfg.num_layers)
+            nn.init.normal_(module.weight, 0.0, std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+                tag(module.bias, no_weight_decay=True)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, 0.0, cfg.init_std)
+        elif isinstance(module, (nn.LayerNorm, RMSNorm)):
+            for p in module.parameters(recurse=False):
+                tag(p, no_weight_decay=True)

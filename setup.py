@@ -1,0 +1,26 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="helm-mrna",
+    version="0.1.0",
+    description="HELM: hierarchical encoding for mRNA language modeling (training and evaluation)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["helm", "helm.*", "kernels", "kernels.*"]),
+    install_requires=[
+        "torch>=2.3",
+        "numpy>=1.24",
+        "pyyaml>=6.0",
+        "sentencepiece>=0.2",
+        "tokenizers>=0.15",
+        "tqdm>=4.60",
+        "tensorboard>=2.14",
+        "scipy>=1.10",
+        "triton>=3.0; platform_system == 'Linux'",
+    ],
+    extras_require={
+        "cuda": ["mamba-ssm>=2.2", "causal-conv1d>=1.4"],
+        "dev": ["pytest>=7.4", "hypothesis>=6.80", "ruff>=0.5"],
+    },
+)
