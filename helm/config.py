@@ -1,0 +1,508 @@
+"""Command line and YAML configuration of train.py.
+
+Flags keep the original HELM README's names (dashes and underscores as there). A YAML file given with
+``--config`` uses the same keys (either spelling); the command line beats YAML, and YAML beats the
+defaults; several ``--config`` files stack, later ones winning. When no training data is named anywhere, ``configs/quickstart.yaml`` becomes the base layer:
+a tiny model on the built-in synthetic demo corpus that trains on a CPU in a minute or two.
+Unknown keys and bad values fail before anything else happens, naming the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+QUICKSTART = CONFIG_DIR / "quickstart.yaml"
+DATA_KEYS = ("data_dir", "train_file")
+
+EVAL_METRICS = (
+    "val_loss",
+    "val_perplexity",
+    "val_accuracy",
+    "val_aa_accuracy",
+    "val_mistake_severity",
+    "val_dist@1",
+    "val_dist@5",
+)
+_MAXIMISED = ("val_accuracy", "val_aa_accuracy")
+
+
+class ConfigError(ValueError):
+    """A user mistake in flags or YAML: reported as one clear message, no traceback."""
+
+
+def _bool(text: str) -> bool:
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in str(text).replace(",", " ").split()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train.py",
+        description="Train a codon-level mRNA language model (HELM).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--config",
+        nargs="+",
+        default=None,
+        help="YAML file(s) keyed by flag names; later files win",
+    )
+
+    g = p.add_argument_group("loss")
+    g.add_argument(
+        "--loss", default="XE", choices=["XE", "HXE", "soft_labels", "aa_loss_add", "aa_loss_only"]
+    )
+    g.add_argument(
+        "--hxe-alpha",
+        type=float,
+        default=0.2,
+        help="HXE weight decay per tree level: w_d = exp(-alpha d) / Z",
+    )
+    g.add_argument(
+        "--hxe-normalize",
+        type=_bool,
+        default=True,
+        help="normalise HXE weights by Z (sum over nodes)",
+    )
+    g.add_argument(
+        "--soft-labels-beta", type=float, default=15.0, help="sharpness of soft-label targets"
+    )
+    g.add_argument(
+        "--aa-loss-weight",
+        type=float,
+        default=1.0,
+        help="weight of the amino-acid term in aa_loss_add",
+    )
+    g.add_argument(
+        "--hierarchy",
+        default="true",
+        choices=["true", "random"],
+        help="codon tree; random keeps the shape",
+    )
+    g.add_argument(
+        "--loss-impl",
+        default="auto",
+        choices=["auto", "torch", "triton"],
+        help="auto: Triton on CUDA",
+    )
+
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--data_dir",
+        default=None,
+        help="folder holding the data files (none: built-in demo corpus)",
+    )
+    g.add_argument("--train_file", default=None)
+    g.add_argument("--val_file", default=None, help="absent: split from the training file, seeded")
+    g.add_argument("--test_file", default=None)
+    g.add_argument(
+        "--file_extension",
+        default=None,
+        help="txt, csv, tsv, fasta, fa (+ .gz); default: from the name",
+    )
+    g.add_argument("--column_name", default=None, help="sequence column of csv/tsv files")
+    g.add_argument(
+        "--split",
+        type=_floats,
+        default=[0.9, 0.05, 0.05],
+        help="train/val/test fractions when splitting",
+    )
+    g.add_argument(
+        "--on-invalid",
+        default="error",
+        choices=["error", "skip"],
+        help="bad records: stop, or skip and count",
+    )
+    g.add_argument(
+        "--cache_dir",
+        default=None,
+        help="token cache (default $HELM_CACHE_DIR or ~/.cache/helm/tokens)",
+    )
+    g.add_argument(
+        "--max_seq_len", type=int, default=256, help="tokens per sequence seen by the model"
+    )
+    g.add_argument(
+        "--truncation",
+        default="head",
+        choices=["head", "random"],
+        help="longer sequences: head or random crop",
+    )
+    g.add_argument("--masking_strategy", default="single", choices=["single", "double", "span"])
+    g.add_argument("--masking_ratio", type=float, default=0.15)
+    g.add_argument(
+        "--mask-replace",
+        default="mask",
+        choices=["mask", "bert"],
+        help="bert: 80/10/10 replacement",
+    )
+    g.add_argument("--data-type", default="nuc", choices=["nuc", "codon", "aa"])
+    g.add_argument(
+        "--tokenizer", default="3mer", choices=["3mer", "nuc", "6mer", "bpe", "wp", "ug"]
+    )
+    g.add_argument("--overlap", type=int, default=0, help="k-mer overlap: stride k - overlap")
+    g.add_argument(
+        "--position_ids", action="store_true", help="feed explicit position ids to the model"
+    )
+    g.add_argument("--mode", default="mlm", choices=["mlm", "clm"])
+    g.add_argument("--batch_size", type=int, default=64, help="sequences per device per micro-step")
+    g.add_argument(
+        "--num_samples", type=int, default=-1, help="use the first N training records (-1: all)"
+    )
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model_name", default="gpt2", choices=["gpt2", "bert", "mamba", "hyena"])
+    g.add_argument(
+        "--bidirectional",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="default: on for mlm, off for clm (a bidirectional clm is refused)",
+    )
+    g.add_argument(
+        "--ssm_layer", default=None, type=str.lower, choices=["mamba", "mamba2"], help="mamba only"
+    )
+    g.add_argument(
+        "--vocab_size", type=int, default=None, help="subword vocabulary size; derived for k-mers"
+    )
+    g.add_argument("--num_layers", type=int, default=4)
+    g.add_argument("--num_heads", type=int, default=4)
+    g.add_argument(
+        "--pad_vocab_size_multiple",
+        type=int,
+        default=8,
+        help="pad the embedding rows to a multiple",
+    )
+    g.add_argument(
+        "--pos_embedding", default="absolute", choices=["none", "absolute", "sincos", "rotary"]
+    )
+    g.add_argument("--pos_embedding_apply", default="add", choices=["add", "concat"])
+    g.add_argument(
+        "--pos_embedding_dim", type=int, default=None, help="position width under concat"
+    )
+    g.add_argument("--tie_embeddings", action=argparse.BooleanOptionalAction, default=False)
+    g.add_argument("--hidden_size", type=int, default=256)
+    g.add_argument("--intermediate_size", type=int, default=1024)
+    g.add_argument("--dropout", type=float, default=0.0)
+    g.add_argument("--attn_dropout", type=float, default=0.0)
+    g.add_argument(
+        "--activation", default="gelu", choices=["gelu", "gelu_tanh", "relu", "silu", "swiglu"]
+    )
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+
+    g = p.add_argument_group("optimizer")
+    g.add_argument(
+        "--opt",
+        default="adamw",
+        type=str.lower,
+        choices=[
+            "adamw",
+            "adam",
+            "sgd",
+            "momentum",
+            "nesterov",
+            "rmsprop",
+            "adagrad",
+            "radam",
+            "nadam",
+            "adafactor",
+            "lamb",
+        ],
+    )
+    g.add_argument("--opt-eps", type=float, default=None)
+    g.add_argument("--opt-betas", type=float, nargs="+", default=None)
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=2e-5)
+    g.add_argument(
+        "--clip-grad", type=float, default=None, help="clip threshold (none: no clipping)"
+    )
+    g.add_argument("--clip-mode", default="norm", choices=["norm", "value", "agc"])
+    g.add_argument(
+        "--layer-decay",
+        type=float,
+        default=None,
+        help="per-layer lr scale: lr * decay^(depth from top)",
+    )
+    g.add_argument("--grad-accum-steps", type=int, default=1)
+
+    g = p.add_argument_group("learning-rate schedule (timm semantics)")
+    g.add_argument(
+        "--early-stop", action="store_true", help="stop after --patience-epochs without improvement"
+    )
+    g.add_argument(
+        "--sched",
+        default="cosine",
+        choices=["cosine", "step", "multistep", "plateau", "poly", "tanh", "constant"],
+    )
+    g.add_argument(
+        "--sched-on-updates",
+        action="store_true",
+        help="step the schedule per optimizer update (recommended)",
+    )
+    g.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="learning rate (none: --lr-base scaled by global batch)",
+    )
+    g.add_argument("--lr-base", type=float, default=1e-3)
+    g.add_argument("--lr-base-size", type=int, default=256)
+    g.add_argument(
+        "--lr-base-scale",
+        default="",
+        choices=["", "linear", "sqrt"],
+        help="'': sqrt for adaptive optimizers, else linear",
+    )
+    g.add_argument(
+        "--lr-noise",
+        type=float,
+        nargs="+",
+        default=None,
+        help="noise window as epoch fractions/epochs",
+    )
+    g.add_argument("--lr-noise-pct", type=float, default=0.67)
+    g.add_argument("--lr-noise-std", type=float, default=1.0)
+    g.add_argument("--lr-cycle-mul", type=float, default=1.0)
+    g.add_argument("--lr-cycle-decay", type=float, default=0.5)
+    g.add_argument("--lr-cycle-limit", type=int, default=1)
+    g.add_argument("--lr-k-decay", type=float, default=1.0)
+    g.add_argument("--warmup-lr", type=float, default=1e-8)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--epochs", type=int, default=300)
+    g.add_argument(
+        "--epoch-repeats",
+        type=float,
+        default=0.0,
+        help="repeat each epoch's data this many extra times",
+    )
+    g.add_argument(
+        "--start-epoch", type=int, default=None, help="manual start epoch (resume overrides)"
+    )
+    g.add_argument("--decay-milestones", type=int, nargs="+", default=[90, 180, 270])
+    g.add_argument("--decay-epochs", type=float, default=90)
+    g.add_argument("--warmup-epochs", type=int, default=5)
+    g.add_argument(
+        "--warmup-prefix", action="store_true", help="warmup does not count toward the decay"
+    )
+    g.add_argument("--cooldown-epochs", type=int, default=0)
+    g.add_argument("--patience-epochs", type=int, default=10)
+    g.add_argument("--decay-rate", type=float, default=0.1)
+
+    g = p.add_argument_group("exponential moving average of the weights")
+    g.add_argument("--model-ema", action="store_true")
+    g.add_argument("--model-ema-force-cpu", action="store_true")
+    g.add_argument("--model-ema-decay", type=float, default=0.9998)
+
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument(
+        "--resume", default=None, help="checkpoint path, or 'auto' for <output>/checkpoints/last.pt"
+    )
+    g.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "cuda", "mps", "tpu"])
+    g.add_argument("--num_workers", type=int, default=4)
+    g.add_argument(
+        "--distributed-backend", default="auto", help="auto (nccl on CUDA, gloo on CPU), nccl, gloo"
+    )
+    g.add_argument("--sync-bn", action="store_true")
+    g.add_argument("--num_nodes", type=int, default=1)
+    g.add_argument(
+        "--num_devices",
+        type=int,
+        default=1,
+        help="processes per node; without torchrun they are spawned",
+    )
+    g.add_argument("--worker-seeding", default="all", choices=["all", "part"])
+    g.add_argument(
+        "--checkpoint-hist",
+        type=int,
+        default=10,
+        help="epoch checkpoints kept beside last and best",
+    )
+    g.add_argument("--eval-metric", default="val_loss", choices=list(EVAL_METRICS))
+    g.add_argument(
+        "--val-metric-mode", default=None, choices=["min", "max"], help="default: from the metric"
+    )
+    g.add_argument("--log-interval", type=int, default=10, help="optimizer steps between log lines")
+    g.add_argument(
+        "--amp",
+        action="store_true",
+        help="bf16 autocast (fp16 + GradScaler where bf16 is unsupported)",
+    )
+    g.add_argument("--amp-dtype", default="auto", choices=["auto", "bfloat16", "float16"])
+    g.add_argument("--pin-mem", action="store_true")
+    g.add_argument(
+        "--no-prefetcher", action="store_true", help="no CUDA-stream prefetching of batches"
+    )
+    g.add_argument(
+        "--nan-policy",
+        default="stop",
+        choices=["stop", "skip"],
+        help="non-finite loss: stop, or skip the step",
+    )
+    g.add_argument(
+        "--output", default=None, help="run folder (default runs/<model>-<mode>-<loss>-<time>)"
+    )
+    return p
+
+
+def _key(name: str) -> str:
+    return name.lstrip("-").replace("-", "_")
+
+
+def _coerce(action: argparse.Action, key: str, value: Any, source: str) -> Any:
+    """Check one YAML value the way argparse would check it on the command line."""
+    if (
+        isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction))
+        or action.type is _bool
+    ):
+        if not isinstance(value, bool) and not (action.type is _bool and isinstance(value, str)):
+            raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
+        value = _bool(value) if isinstance(value, str) else value
+    elif value is not None and action.nargs in ("+", "*"):
+        items = value if isinstance(value, list) else [value]
+        value = [_convert(action, key, v, source) for v in items]
+    elif value is not None:
+        value = _convert(action, key, value, source)
+    return value
+
+
+def _convert(action: argparse.Action, key: str, value: Any, source: str) -> Any:
+    try:
+        if action.type is _floats:
+            value = _floats(" ".join(map(str, value)) if isinstance(value, list) else value)
+        elif action.type is not None and not isinstance(value, list):
+            value = action.type(value) if not isinstance(value, bool) else _reject_bool()
+    except (TypeError, ValueError, argparse.ArgumentTypeError):
+        raise ConfigError(f"{source}: {key} has a bad value {value!r}") from None
+    if action.choices is not None and value not in action.choices:
+        raise ConfigError(
+            f"{source}: {key} must be one of {', '.join(map(str, action.choices))}; got {value!r}"
+        )
+    return value
+
+
+def _reject_bool() -> None:
+    raise ValueError("a boolean where a value was expected")
+
+
+def load_yaml(path: str | os.PathLike, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """Read a YAML config and validate its keys and values against the parser."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--config {path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of flag names to values")
+    actions = {a.dest: a for a in parser._actions if a.dest != "help"}
+    out = {}
+    for raw_key, value in data.items():
+        key = _key(str(raw_key))
+        if key not in actions or key == "config":
+            close = [k for k in actions if k.startswith(key[:4])][:5]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"--config {path}: unknown key {raw_key!r}{hint}")
+        out[key] = _coerce(actions[key], key, value, f"--config {path}")
+    return out
+
+
+def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
+    """Defaults < quickstart (when no data is named) < --config YAML < command line."""
+    parser = build_parser()
+    pre, _ = parser.parse_known_args(argv)
+    layers: dict[str, Any] = {}
+    user_yaml: dict[str, Any] = {}
+    for path in pre.config or []:
+        user_yaml.update(load_yaml(path, parser))
+    named_data = any(getattr(pre, k) for k in DATA_KEYS) or any(user_yaml.get(k) for k in DATA_KEYS)
+    if not named_data:
+        layers.update(load_yaml(QUICKSTART, parser))
+    layers.update(user_yaml)
+    parser.set_defaults(**layers)
+    args = parser.parse_args(argv)
+    args.demo_corpus = not named_data
+    validate(args)
+    return args
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Cross-flag checks: combinations that cannot apply are refused with what would work."""
+    if args.accelerator == "tpu":
+        raise ConfigError("--accelerator tpu is not supported: use cuda, cpu or mps")
+    if args.data_type == "codon":
+        if args.tokenizer != "3mer":
+            raise ConfigError(
+                "--data-type codon reads codons: use it with --tokenizer 3mer (the default)"
+            )
+    if args.bidirectional is None:
+        args.bidirectional = args.mode == "mlm"
+    if args.bidirectional and args.mode == "clm":
+        raise ConfigError(
+            "--bidirectional with --mode clm would let each position see its own target; drop one"
+        )
+    if args.ssm_layer is not None and args.model_name != "mamba":
+        raise ConfigError(f"--ssm_layer applies to --model_name mamba only, not {args.model_name}")
+    if args.pos_embedding == "rotary" and args.model_name not in ("gpt2", "bert"):
+        raise ConfigError(
+            "--pos_embedding rotary needs attention: use --model_name gpt2 or bert, or another embedding"
+        )
+    if args.distributed_backend not in ("auto", "ddp", "nccl", "gloo"):
+        raise ConfigError(
+            f"--distributed-backend {args.distributed_backend!r}: use auto, nccl or gloo (ddp means auto)"
+        )
+    if args.distributed_backend == "ddp":
+        args.distributed_backend = "auto"
+    checks = [
+        ("--masking_ratio", 0.0 < args.masking_ratio < 1.0, "must be in (0, 1)"),
+        ("--max_seq_len", args.max_seq_len >= 4, "must be >= 4"),
+        ("--batch_size", args.batch_size >= 1, "must be >= 1"),
+        ("--grad-accum-steps", args.grad_accum_steps >= 1, "must be >= 1"),
+        ("--epochs", args.epochs >= 1, "must be >= 1"),
+        ("--num_devices", args.num_devices >= 1, "must be >= 1"),
+        ("--num_nodes", args.num_nodes >= 1, "must be >= 1"),
+        ("--num_workers", args.num_workers >= 0, "must be >= 0"),
+        ("--log-interval", args.log_interval >= 1, "must be >= 1"),
+        ("--checkpoint-hist", args.checkpoint_hist >= 0, "must be >= 0"),
+        ("--model-ema-decay", 0.0 < args.model_ema_decay < 1.0, "must be in (0, 1)"),
+        ("--hxe-alpha", args.hxe_alpha >= 0, "must be >= 0"),
+        ("--soft-labels-beta", args.soft_labels_beta > 0, "must be > 0"),
+        ("--aa-loss-weight", args.aa_loss_weight >= 0, "must be >= 0"),
+        (
+            "--split",
+            len(args.split) == 3
+            and all(f >= 0 for f in args.split)
+            and abs(sum(args.split) - 1) < 1e-6,
+            "needs three non-negative fractions summing to 1",
+        ),
+        (
+            "--num_samples",
+            args.num_samples == -1 or args.num_samples >= 1,
+            "must be -1 (all) or >= 1",
+        ),
+    ]
+    for flag, ok, why in checks:
+        if not ok:
+            raise ConfigError(f"{flag} {why}; got {getattr(args, _key(flag))}")
+    if args.val_metric_mode is None:
+        args.val_metric_mode = "max" if args.eval_metric in _MAXIMISED else "min"
+    if args.num_samples == -1:
+        args.num_samples = None
+
+
+def to_dict(args: argparse.Namespace) -> dict[str, Any]:
+    """The resolved configuration (written next to the checkpoints and into each of them)."""
+    return {k: v for k, v in sorted(vars(args).items())}
