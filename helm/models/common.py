@@ -228,7 +228,7 @@ class LMHead(nn.Module):
 def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
     """GPT-2 style init: N(0, init_std) weights, zero biases, residual projections (modules flagged
     ``_residual_proj``) scaled by 1/sqrt(2 * num_layers) so the residual stream does not grow with depth.
-    Also tags every norm weight and every bias as no-weight-decay."""
+    Also tags every norm weight and every bias as no-weight-decay, and zeroes padded embedding rows."""
     for module in model.modules():
         if isinstance(module, nn.Linear):
             std = cfg.init_std
@@ -243,3 +243,9 @@ def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
         elif isinstance(module, (nn.LayerNorm, RMSNorm)):
             for p in module.parameters(recurse=False):
                 tag(p, no_weight_decay=True)
+    # Rows past the vocabulary are padding: zero, never indexed and never given probability, so
+    # they receive no gradient and decoupled weight decay keeps them exactly zero.
+    for module in model.modules():
+        if isinstance(module, Embeddings):
+            with torch.no_grad():
+                module.tok.weight[cfg.vocab_size :].zero_()

@@ -1,0 +1,123 @@
+"""Process-group setup for torchrun (and a local launcher for ``--num_devices N`` without torchrun).
+
+Ranks come from torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE). The backend is nccl on CUDA
+and gloo on CPU unless ``--distributed-backend`` names one. Only rank 0 logs and writes.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def resolve_device(accelerator: str, local_rank: int = 0) -> torch.device:
+    """``auto`` picks CUDA, then MPS, then CPU; an explicit choice that is unavailable is an error."""
+    if accelerator == "auto":
+        accelerator = (
+            "cuda"
+            if torch.cuda.is_available()
+            else "mps"
+            if torch.backends.mps.is_available()
+            else "cpu"
+        )
+    if accelerator == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("--accelerator cuda: no CUDA device is visible")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    if accelerator == "mps":
+        if not torch.backends.mps.is_available():
+            raise RuntimeError("--accelerator mps: MPS is not available on this machine")
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def init_distributed(accelerator: str, backend: str = "auto") -> DistInfo:
+    """Join the process group when launched with several ranks; a single process needs none."""
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    device = resolve_device(accelerator, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        if backend == "auto":
+            backend = "nccl" if device.type == "cuda" else "gloo"
+        if backend == "nccl" and device.type != "cuda":
+            raise RuntimeError("--distributed-backend nccl needs CUDA devices; use gloo on CPU")
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+    return DistInfo(rank, local_rank, world_size, device)
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """In-place sum across ranks (a no-op in a single process); returns the tensor."""
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawned(local_rank: int, world_size: int, port: int, fn: Callable, argv: list[str]) -> None:
+    os.environ.update(
+        RANK=str(local_rank),
+        LOCAL_RANK=str(local_rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    fn(argv)
+
+
+def spawn_local(num_devices: int, fn: Callable[[list[str]], None], argv: list[str]) -> None:
+    """Start ``num_devices`` local ranks running ``fn(argv)``, as torchrun would on one node."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_spawned, args=(num_devices, _free_port(), fn, argv), nprocs=num_devices, join=True)

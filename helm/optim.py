@@ -1,0 +1,191 @@
+"""Optimizers (``--opt``) with parameter groups for weight decay, layer decay and per-parameter hints.
+
+Weight decay skips parameters tagged ``_no_weight_decay`` (norms, biases, position tables, SSM A/D,
+Hyena filters; see helm.models.common.tag) and every 1-D tensor. The padded rows of the token
+embedding are initialised to zero and never receive gradient, so decoupled decay leaves them at zero.
+``--layer-decay d`` scales the lr of layer i (embeddings 0, blocks 1..L, head L+1) by d^(L+1-i).
+``p._optim`` hints (``lr_scale``, ``weight_decay``) override a parameter's group settings.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+import torch.nn as nn
+
+OPTIMIZERS = (
+    "adamw",
+    "adam",
+    "sgd",
+    "momentum",
+    "nesterov",
+    "rmsprop",
+    "adagrad",
+    "radam",
+    "nadam",
+    "adafactor",
+    "lamb",
+)
+_BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
+
+
+def layer_id(name: str, num_layers: int) -> int:
+    """0 for embeddings, i + 1 for ``blocks.i``, num_layers + 1 for the final norm and head."""
+    if name.startswith("embed.") or ".embed." in name:
+        return 0
+    m = _BLOCK.search(name)
+    return int(m.group(1)) + 1 if m else num_layers + 1
+
+
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    layer_decay: float | None = None,
+    num_layers: int | None = None,
+) -> list[dict]:
+    """Group parameters by (weight decay, lr scale); each group carries ``lr_scale`` for the scheduler."""
+    if layer_decay is not None and num_layers is None:
+        num_layers = len(getattr(model, "blocks", []))
+    groups: dict[tuple[float, float], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = getattr(p, "_no_weight_decay", False) or p.ndim <= 1
+        wd = 0.0 if no_decay else weight_decay
+        scale = 1.0
+        if layer_decay is not None:
+            scale = layer_decay ** (num_layers + 1 - layer_id(name, num_layers))
+        hints = getattr(p, "_optim", {})
+        wd = hints.get("weight_decay", wd)
+        scale *= hints.get("lr_scale", 1.0)
+        group = groups.setdefault(
+            (wd, scale), {"params": [], "names": [], "weight_decay": wd, "lr_scale": scale}
+        )
+        group["params"].append(p)
+        group["names"].append(name)
+    return list(groups.values())
+
+
+def build_optimizer(model: nn.Module, args, lr: float) -> torch.optim.Optimizer:
+    """timm-style optimizer factory over ``param_groups``; fused AdamW/Adam on CUDA."""
+    name = args.opt.lower()
+    groups = param_groups(model, args.weight_decay, args.layer_decay)
+    for g in groups:
+        g.pop("names")
+    kw: dict = {"lr": lr}
+    if args.opt_eps is not None:
+        kw["eps"] = args.opt_eps
+    betas = tuple(args.opt_betas) if args.opt_betas else None
+    if betas is not None and name not in ("adamw", "adam", "radam", "nadam", "lamb"):
+        raise ValueError(f"--opt-betas does not apply to --opt {name}")
+    if betas is not None and len(betas) != 2:
+        raise ValueError(f"--opt-betas needs two values, got {list(betas)}")
+    if betas is not None:
+        kw["betas"] = betas
+    on_cuda = all(p.is_cuda for g in groups for p in g["params"])
+    if name in ("adamw", "adam"):
+        cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
+        return cls(groups, fused=on_cuda or None, **kw)
+    if name in ("sgd", "nesterov", "momentum"):
+        kw.pop("eps", None)
+        # timm: sgd and nesterov are Nesterov momentum SGD; momentum is plain momentum SGD.
+        return torch.optim.SGD(groups, momentum=args.momentum, nesterov=name != "momentum", **kw)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(groups, alpha=0.9, momentum=args.momentum, **kw)
+    if name == "adagrad":
+        return torch.optim.Adagrad(groups, **kw)
+    if name == "radam":
+        return torch.optim.RAdam(groups, decoupled_weight_decay=True, **kw)
+    if name == "nadam":
+        return torch.optim.NAdam(groups, decoupled_weight_decay=True, **kw)
+    if name == "adafactor":
+        kw.pop("eps", None)
+        return torch.optim.Adafactor(groups, **kw)
+    if name == "lamb":
+        return Lamb(groups, **kw)
+    raise ValueError(f"--opt must be one of {', '.join(OPTIMIZERS)}; got {args.opt!r}")
+
+
+class Lamb(torch.optim.Optimizer):
+    """LAMB (You et al. 2020): Adam moments with decoupled decay, the update rescaled per tensor by
+    the trust ratio ||w|| / ||update|| (1 where either norm is zero)."""
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+    ):
+        super().__init__(
+            params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
+        )
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["m"] = torch.zeros_like(p)
+                    state["v"] = torch.zeros_like(p)
+                state["step"] += 1
+                m, v, t = state["m"], state["v"], state["step"]
+                m.mul_(b1).add_(p.grad, alpha=1 - b1)
+                v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                update = (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + group["eps"])
+                if group["weight_decay"]:
+                    update.add_(p, alpha=group["weight_decay"])
+                w_norm, u_norm = p.norm(), update.norm()
+                trust = torch.where(
+                    (w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm)
+                )
+                p.add_(update * trust, alpha=-group["lr"])
+        return loss
+
+
+def scaled_lr(args, global_batch: int) -> float:
+    """``--lr`` as given, or ``--lr-base`` scaled by global batch / ``--lr-base-size`` (timm):
+    sqrt scaling for adaptive optimizers, linear otherwise, unless ``--lr-base-scale`` says."""
+    if args.lr is not None:
+        return args.lr
+    mode = args.lr_base_scale or (
+        "sqrt" if any(k in args.opt.lower() for k in ("ada", "lamb")) else "linear"
+    )
+    ratio = global_batch / args.lr_base_size
+    return args.lr_base * (math.sqrt(ratio) if mode == "sqrt" else ratio)
+
+
+def clip_gradients(params, mode: str, value: float, eps: float = 1e-3) -> torch.Tensor | None:
+    """``--clip-mode norm|value|agc``; returns the total grad norm before clipping for norm mode."""
+    params = [p for p in params if p.grad is not None]
+    if mode == "norm":
+        return torch.nn.utils.clip_grad_norm_(params, value)
+    if mode == "value":
+        torch.nn.utils.clip_grad_value_(params, value)
+        return None
+    if mode == "agc":
+        # Adaptive gradient clipping (Brock et al. 2021): per unit, ||g|| <= value * max(||w||, eps).
+        for p in params:
+            dims = tuple(range(1, p.ndim)) if p.ndim > 1 else None
+            w_norm = (
+                p.detach().norm(dim=dims, keepdim=True).clamp_min(eps)
+                if dims
+                else p.detach().norm().clamp_min(eps)
+            )
+            g_norm = p.grad.norm(dim=dims, keepdim=True) if dims else p.grad.norm()
+            max_norm = w_norm * value
+            factor = torch.where(
+                g_norm > max_norm, max_norm / g_norm.clamp_min(1e-6), torch.ones_like(g_norm)
+            )
+            p.grad.mul_(factor)
+        return None
+    raise ValueError(f"--clip-mode must be norm, value or agc; got {mode!r}")

@@ -1,0 +1,247 @@
+"""Learning-rate schedules with timm's semantics, as pure functions of the step.
+
+``t`` counts epochs, or optimizer updates with ``--sched-on-updates`` (then every epoch-valued flag is
+multiplied by the updates per epoch, as in timm's ``create_scheduler_v2``). Warmup is linear from
+``--warmup-lr`` over ``warmup_t``; with ``--warmup-prefix`` the decay starts after it, otherwise the
+decay's clock includes the warmup. Noise (``--lr-noise``) multiplies the lr by (1 + n) inside its
+window, n ~ N(0, noise_std) resampled until |n| < noise_pct and seeded by (seed + t), so the value
+at t never depends on history. Each parameter group gets ``lr * group["lr_scale"]``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+SCHEDULES = ("cosine", "step", "multistep", "plateau", "poly", "tanh", "constant")
+
+
+@dataclass
+class Schedule:
+    kind: str
+    base_lr: float
+    t_initial: float  # length of the first cycle (cosine/poly/tanh)
+    lr_min: float = 0.0
+    warmup_t: float = 0
+    warmup_lr: float = 0.0
+    warmup_prefix: bool = False
+    cycle_mul: float = 1.0
+    cycle_decay: float = 1.0
+    cycle_limit: int = 1
+    k_decay: float = 1.0
+    decay_t: float = 1.0  # step
+    milestones: list[float] = field(default_factory=list)  # multistep
+    decay_rate: float = 0.1  # step/multistep/plateau factor; poly power
+    noise_range: tuple[float, float] | float | None = None
+    noise_pct: float = 0.67
+    noise_std: float = 1.0
+    noise_seed: int = 42
+
+    def __call__(self, t: float) -> float:
+        """The learning rate at t, noise included (plateau: the lr before any reductions)."""
+        return self._noise(self._lr(t), t)
+
+    # timm's _get_lr of each scheduler -------------------------------------------------------
+    def _lr(self, t: float) -> float:
+        if t < self.warmup_t:
+            return self.warmup_lr + t * (self.base_lr - self.warmup_lr) / self.warmup_t
+        if self.warmup_prefix:
+            t = t - self.warmup_t
+        if self.kind == "constant" or self.kind == "plateau":
+            return self.base_lr
+        if self.kind == "step":
+            return self.base_lr * self.decay_rate ** (t // self.decay_t)
+        if self.kind == "multistep":
+            # timm counts a milestone as passed one step early: bisect_right(milestones, t + 1).
+            return self.base_lr * self.decay_rate ** bisect.bisect_right(self.milestones, t + 1)
+        i, t_i, t_curr = self._cycle(t)
+        if i >= self.cycle_limit:
+            return self.lr_min
+        lr_max = self.base_lr * self.cycle_decay**i
+        k = self.k_decay
+        frac = t_curr**k / t_i**k
+        if self.kind == "cosine":
+            return self.lr_min + 0.5 * (lr_max - self.lr_min) * (1 + math.cos(math.pi * frac))
+        if self.kind == "poly":
+            return self.lr_min + (lr_max - self.lr_min) * (1 - frac) ** self.decay_rate
+        if self.kind == "tanh":  # timm's lb=-7, ub=3; the plain fraction (no k) as in timm
+            tr = t_curr / t_i
+            return self.lr_min + 0.5 * (lr_max - self.lr_min) * (
+                1 - math.tanh(-7 * (1 - tr) + 3 * tr)
+            )
+        raise ValueError(f"unknown schedule {self.kind!r}")
+
+    def _cycle(self, t: float) -> tuple[int, float, float]:
+        """(cycle index, cycle length, time within the cycle); cycles grow by cycle_mul."""
+        if self.cycle_mul != 1:
+            i = math.floor(math.log(1 - t / self.t_initial * (1 - self.cycle_mul), self.cycle_mul))
+            t_i = self.cycle_mul**i * self.t_initial
+            t_curr = t - (1 - self.cycle_mul**i) / (1 - self.cycle_mul) * self.t_initial
+        else:
+            i = int(t // self.t_initial)
+            t_i = self.t_initial
+            t_curr = t - self.t_initial * i
+        return i, t_i, t_curr
+
+    def _noise(self, lr: float, t: float) -> float:
+        if self.noise_range is None:
+            return lr
+        if isinstance(self.noise_range, tuple):
+            inside = self.noise_range[0] <= t < self.noise_range[1]
+        else:
+            inside = t >= self.noise_range
+        if not inside:
+            return lr
+        g = torch.Generator().manual_seed(int(self.noise_seed + t))
+        while True:  # resample until inside the percent limit (rarely more than a few draws)
+            n = torch.randn(1, generator=g).item() * self.noise_std
+            if abs(n) < self.noise_pct:
+                return lr * (1 + n)
+
+    def cycle_length(self) -> float:
+        """Steps covered by the decay cycles (timm's get_cycle_length), warmup included if prefixed."""
+        if self.kind not in ("cosine", "poly", "tanh"):
+            return self.t_initial
+        cycles = max(1, self.cycle_limit)
+        if self.cycle_mul == 1.0:
+            t = self.t_initial * cycles
+        else:
+            t = math.floor(-self.t_initial * (self.cycle_mul**cycles - 1) / (1 - self.cycle_mul))
+        return t + self.warmup_t if self.warmup_prefix else t
+
+
+class LRScheduler:
+    """Drives an optimizer from a ``Schedule``: ``step(epoch, metric)`` at epoch ends and
+    ``step_update(num_updates)`` after each optimizer update; only the one matching ``on_updates``
+    acts. Plateau reduces the lr by ``decay_rate`` after ``patience`` epochs without improvement."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        schedule: Schedule,
+        *,
+        on_updates: bool,
+        plateau_mode: str = "min",
+        patience: int = 10,
+        threshold: float = 1e-4,
+    ):
+        self.optimizer = optimizer
+        self.schedule = schedule
+        self.on_updates = on_updates
+        self.plateau_mode = plateau_mode
+        self.patience = patience
+        self.threshold = threshold
+        self.plateau_scale = 1.0  # product of plateau reductions so far
+        self.best: float | None = None
+        self.bad_epochs = 0
+        self.lr = schedule(0)
+        self._apply(self.lr)
+
+    def _apply(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+
+    def _set(self, t: float) -> None:
+        lr = self.schedule(t)
+        if self.schedule.kind == "plateau" and t >= self.schedule.warmup_t:
+            lr = max(lr * self.plateau_scale, self.schedule.lr_min)
+        self.lr = lr
+        self._apply(lr)
+
+    def step(self, epoch: int, metric: float | None = None) -> None:
+        """Call after finishing epoch ``epoch - 1`` with ``epoch`` the next one (timm's convention)."""
+        if (
+            self.schedule.kind == "plateau"
+            and metric is not None
+            and epoch > self.schedule.warmup_t
+        ):
+            self._plateau(metric)
+        if not self.on_updates:
+            self._set(epoch)
+
+    def step_update(self, num_updates: int) -> None:
+        if self.on_updates:
+            self._set(num_updates)
+
+    def _plateau(self, metric: float) -> None:
+        # torch's ReduceLROnPlateau rule with a relative threshold, as timm wraps it.
+        if self.best is None:
+            improved = True
+        elif self.plateau_mode == "min":
+            improved = metric < self.best * (1 - self.threshold)
+        else:
+            improved = metric > self.best * (1 + self.threshold)
+        if improved:
+            self.best, self.bad_epochs = metric, 0
+        else:
+            self.bad_epochs += 1
+            if self.bad_epochs > self.patience:
+                self.plateau_scale *= self.schedule.decay_rate
+                self.bad_epochs = 0
+
+    def state_dict(self) -> dict:
+        return {
+            "plateau_scale": self.plateau_scale,
+            "best": self.best,
+            "bad_epochs": self.bad_epochs,
+            "lr": self.lr,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.plateau_scale = state["plateau_scale"]
+        self.best = state["best"]
+        self.bad_epochs = state["bad_epochs"]
+        self.lr = state["lr"]
+        self._apply(self.lr)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, args, base_lr: float, updates_per_epoch: int
+) -> tuple[LRScheduler, int]:
+    """timm's create_scheduler_v2: returns the scheduler and the number of epochs to train
+    (``--epochs``, or the decay cycles for cosine/poly/tanh, plus ``--cooldown-epochs``)."""
+    on_updates = bool(args.sched_on_updates)
+    if args.sched == "plateau" and on_updates:
+        raise ValueError(
+            "--sched plateau reacts to validation metrics once per epoch: drop --sched-on-updates"
+        )
+    scale = updates_per_epoch if on_updates else 1
+    noise = None
+    if args.lr_noise:
+        ends = [n * args.epochs * scale for n in args.lr_noise]
+        noise = ends[0] if len(ends) == 1 else (ends[0], ends[1])
+    schedule = Schedule(
+        kind=args.sched,
+        base_lr=base_lr,
+        t_initial=args.epochs * scale,
+        lr_min=args.min_lr,
+        warmup_t=args.warmup_epochs * scale,
+        warmup_lr=args.warmup_lr,
+        warmup_prefix=args.warmup_prefix,
+        cycle_mul=args.lr_cycle_mul,
+        cycle_decay=args.lr_cycle_decay,
+        cycle_limit=args.lr_cycle_limit,
+        k_decay=args.lr_k_decay,
+        decay_t=args.decay_epochs * scale,
+        milestones=[m * scale for m in args.decay_milestones],
+        decay_rate=args.decay_rate,
+        noise_range=noise,
+        noise_pct=args.lr_noise_pct,
+        noise_std=args.lr_noise_std,
+        noise_seed=args.seed,
+    )
+    sched = LRScheduler(
+        optimizer,
+        schedule,
+        on_updates=on_updates,
+        plateau_mode=args.val_metric_mode,
+        patience=args.patience_epochs,
+    )
+    # Cycle schedules train for their cycles (timm's get_cycle_length); every schedule then adds
+    # the cooldown, during which cycle schedules sit at --min-lr and the others continue their rule.
+    total = schedule.cycle_length() + args.cooldown_epochs * scale
+    epochs = int(math.ceil(total / scale))
+    return sched, epochs
