@@ -1,0 +1,299 @@
+"""Mamba backbone: Mamba-1 (selective SSM) or Mamba-2 (SSD) mixers, each with a gated MLP.
+
+Block (pre-norm): ``x = x + Mixer(RMSNorm(x)); x = x + MLP(RMSNorm(x))``. The MLP is ``common.MLP``
+with ``cfg.activation``; MambaConfig defaults to ``swiglu`` (a gated MLP of width ``d_ff``, default
+4 * d_model), unlike the ModelConfig default ``gelu``: pass ``activation="gelu"`` (``--activation``)
+for a plain MLP, and ``d_ff=0`` for the original Mamba block without an MLP.
+
+Bidirectional (``cfg.bidirectional``, MLM): each layer runs its mixer on the sequence and a second
+mixer on every row's real tokens reversed (right padding stays in place), flips that output back the
+same way and combines the two ("add": sum, "ew_multiply": product, as in Caduceus). The reverse
+mixer has its own parameters; ``bidirectional_weight_tie=True`` shares its in_proj and out_proj with
+the forward mixer (Caduceus's tying), keeping conv, dt, A and D per direction. Padding never reaches
+a real position: pads trail the real tokens in both scan directions and every operator is causal.
+Causal (CLM) models ignore ``attention_mask`` for the same reason.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from helm.models.common import MLP, Embeddings, LMHead, ModelConfig, RMSNorm, init_weights, tag
+from helm.models.ssm import (
+    FAST_PATHS,
+    causal_conv1d,
+    resolve_fast_path,
+    selective_scan,
+    ssd_chunk_scan,
+)
+
+SSM_LAYERS = ("mamba", "mamba2")
+BIDIRECTIONAL_STRATEGIES = ("add", "ew_multiply")
+
+
+@dataclass
+class MambaConfig(ModelConfig):
+    pos_embedding: str = "none"
+    activation: str = "swiglu"  # the block's gated MLP; d_ff = 0: no MLP
+    ssm_layer: str = "mamba"  # "mamba" (Mamba-1) | "mamba2" (SSD)
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2  # d_inner = expand * d_model
+    dt_rank: int | str = "auto"  # Mamba-1: "auto" = ceil(d_model / 16)
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+    headdim: int = 64  # Mamba-2: channels per head; must divide d_inner
+    ngroups: int = 1  # Mamba-2: groups of heads sharing B and C
+    chunk_size: int | None = None  # PyTorch scan chunk; None: 16 (mamba), 64 (mamba2)
+    bidirectional_strategy: str = "add"
+    bidirectional_weight_tie: bool = False
+    use_fast_path: str = "auto"  # "auto" | "always" | "never": mamba-ssm kernels on CUDA
+
+    def __post_init__(self) -> None:
+        no_mlp = self.d_ff == 0  # the shared check wants d_ff >= 1; 0 means "no MLP" here
+        if no_mlp:
+            self.d_ff = 1
+        super().__post_init__()
+        if no_mlp:
+            self.d_ff = 0
+        for name, value, choices in (
+            ("ssm_layer", self.ssm_layer, SSM_LAYERS),
+            ("bidirectional_strategy", self.bidirectional_strategy, BIDIRECTIONAL_STRATEGIES),
+            ("use_fast_path", self.use_fast_path, FAST_PATHS),
+        ):
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+        if self.pos_embedding == "rotary":
+            raise ValueError("pos_embedding=rotary applies to attention only; mamba has none")
+        if self.dt_rank == "auto":
+            self.dt_rank = math.ceil(self.d_model / 16)
+        if self.chunk_size is None:
+            self.chunk_size = 16 if self.ssm_layer == "mamba" else 64
+        for name in ("d_state", "d_conv", "expand", "dt_rank", "headdim", "ngroups", "chunk_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not 0 < self.dt_min <= self.dt_max:
+            raise ValueError(f"need 0 < dt_min <= dt_max, got {self.dt_min}, {self.dt_max}")
+        if self.ssm_layer == "mamba2":
+            if self.d_inner % self.headdim:
+                raise ValueError(f"headdim={self.headdim} must divide d_inner={self.d_inner}")
+            nheads = self.d_inner // self.headdim
+            if nheads % self.ngroups:
+                raise ValueError(f"ngroups={self.ngroups} must divide nheads={nheads}")
+
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.d_model
+
+
+def _inverse_softplus_dt(n: int, cfg: MambaConfig) -> torch.Tensor:
+    """(n,) biases b with softplus(b) = dt ~ log-uniform in [dt_min, dt_max] (floored)."""
+    log_dt = torch.rand(n) * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min)
+    dt = log_dt.exp().clamp(min=cfg.dt_init_floor)
+    return dt + torch.log(-torch.expm1(-dt))  # softplus^-1(dt) = log(exp(dt) - 1)
+
+
+class _Mixer(nn.Module):
+    """What both mixers share: the fast-path decision."""
+
+    def __init__(self, cfg: MambaConfig, kernels: bool):
+        super().__init__()
+        self.use_fast_path = cfg.use_fast_path
+        self.kernels = kernels
+
+    def _fast(self, x: torch.Tensor) -> bool:
+        if self.kernels and x.is_cuda:
+            return True
+        if self.use_fast_path == "always":
+            raise RuntimeError("use_fast_path='always' runs CUDA kernels and needs CUDA tensors")
+        return False
+
+
+class MambaMixer(_Mixer):
+    """Mamba-1 mixer (B, T, D) -> (B, T, D): in_proj to (x, z), causal conv + SiLU on x, selective
+    scan with input-dependent (dt, B, C), gate silu(z), out_proj."""
+
+    def __init__(self, cfg: MambaConfig, kernels: bool):
+        super().__init__(cfg, kernels)
+        self.cfg = cfg
+        d_inner, N, R = cfg.d_inner, cfg.d_state, cfg.dt_rank
+        self.in_proj = nn.Linear(cfg.d_model, 2 * d_inner, bias=False)
+        self.conv1d = nn.Conv1d(d_inner, d_inner, cfg.d_conv, groups=d_inner)
+        tag(self.conv1d.bias, no_weight_decay=True)
+        self.x_proj = nn.Linear(d_inner, R + 2 * N, bias=False)
+        self.dt_proj = nn.Linear(R, d_inner)
+        self.A_log = tag(nn.Parameter(torch.empty(d_inner, N)), no_weight_decay=True)
+        self.D = tag(nn.Parameter(torch.empty(d_inner)), no_weight_decay=True)
+        self.out_proj = nn.Linear(d_inner, cfg.d_model, bias=False)
+        self.out_proj._residual_proj = True
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self) -> None:
+        """Mamba's init, re-applied after the generic ``init_weights``: dt_proj weight uniform with
+        std dt_rank^-0.5, dt bias = softplus^-1 of a log-uniform dt, S4D-real A = -(1, 2, ..., N)."""
+        cfg = self.cfg
+        bound = cfg.dt_rank**-0.5
+        nn.init.uniform_(self.dt_proj.weight, -bound, bound)
+        self.dt_proj.bias.copy_(_inverse_softplus_dt(cfg.d_inner, cfg))
+        A = torch.arange(1, cfg.d_state + 1, dtype=torch.float32).repeat(cfg.d_inner, 1)
+        self.A_log.copy_(A.log())  # (d_inner, N)
+        self.D.fill_(1.0)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        fast = self._fast(hidden)
+        R, N = self.cfg.dt_rank, self.cfg.d_state
+        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (B, d_inner, T) each
+        x = causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, fast)
+        dt, B, C = self.x_proj(x.transpose(1, 2)).split([R, N, N], dim=-1)  # (B, T, R | N | N)
+        dt = (dt @ self.dt_proj.weight.T).transpose(1, 2)  # (B, d_inner, T); bias added in scan
+        A = -torch.exp(self.A_log.float())  # (d_inner, N), negative: a decaying state
+        y = selective_scan(
+            x, dt, A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z,
+            delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+            chunk_size=self.cfg.chunk_size, fast=fast,
+        )  # fmt: skip
+        return self.out_proj(y.transpose(1, 2))  # (B, T, D)
+
+
+class GatedRMSNorm(nn.Module):
+    """Mamba-2's output norm: RMSNorm(y * silu(z)) over groups of d_inner / ngroups channels."""
+
+    def __init__(self, dim: int, group_size: int, eps: float):
+        super().__init__()
+        self.group_size, self.eps = group_size, eps
+        self.weight = tag(nn.Parameter(torch.ones(dim)), no_weight_decay=True)
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        g = (y.float() * F.silu(z.float())).unflatten(-1, (-1, self.group_size))  # (..., G, gs)
+        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
+        return g.flatten(-2).type_as(y) * self.weight
+
+
+class Mamba2Mixer(_Mixer):
+    """Mamba-2 (SSD) mixer (B, T, D) -> (B, T, D): one in_proj to (z, x, B, C, dt), causal conv +
+    SiLU over (x, B, C), SSD scan with a scalar A per head, gated RMSNorm, out_proj."""
+
+    def __init__(self, cfg: MambaConfig, kernels: bool):
+        super().__init__(cfg, kernels)
+        self.cfg = cfg
+        d_inner, G, N = cfg.d_inner, cfg.ngroups, cfg.d_state
+        self.nheads = d_inner // cfg.headdim
+        self.conv_dim = d_inner + 2 * G * N
+        self.in_proj = nn.Linear(cfg.d_model, d_inner + self.conv_dim + self.nheads, bias=False)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, cfg.d_conv, groups=self.conv_dim)
+        tag(self.conv1d.bias, no_weight_decay=True)
+        self.dt_bias = tag(nn.Parameter(torch.empty(self.nheads)), no_weight_decay=True)
+        self.A_log = tag(nn.Parameter(torch.empty(self.nheads)), no_weight_decay=True)
+        self.D = tag(nn.Parameter(torch.empty(self.nheads)), no_weight_decay=True)
+        self.norm = GatedRMSNorm(d_inner, d_inner // G, cfg.norm_eps)
+        self.out_proj = nn.Linear(d_inner, cfg.d_model, bias=False)
+        self.out_proj._residual_proj = True
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self) -> None:
+        """Mamba-2's init: dt bias as Mamba-1, A ~ U[1, 16] per head (A_log = log A), D = 1."""
+        self.dt_bias.copy_(_inverse_softplus_dt(self.nheads, self.cfg))
+        self.A_log.copy_(torch.empty(self.nheads).uniform_(1.0, 16.0).log())
+        self.D.fill_(1.0)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        fast = self._fast(hidden)
+        Bsz, T, _ = hidden.shape
+        G, N, P = self.cfg.ngroups, self.cfg.d_state, self.cfg.headdim
+        d_inner = self.cfg.d_inner
+        z, xBC, dt = self.in_proj(hidden).split([d_inner, self.conv_dim, self.nheads], dim=-1)
+        w = self.conv1d.weight.squeeze(1)
+        xBC = causal_conv1d(xBC.transpose(1, 2), w, self.conv1d.bias, fast).transpose(1, 2)
+        x, B, C = xBC.split([d_inner, G * N, G * N], dim=-1)  # (B, T, d_inner | G N | G N)
+        y = ssd_chunk_scan(
+            x.reshape(Bsz, T, self.nheads, P), dt, -torch.exp(self.A_log.float()),
+            B.reshape(Bsz, T, G, N), C.reshape(Bsz, T, G, N), self.cfg.chunk_size,
+            D=self.D.float(), dt_bias=self.dt_bias.float(), dt_softplus=True, fast=fast,
+        )  # fmt: skip
+        y = self.norm(y.reshape(Bsz, T, d_inner), z)  # (B, T, d_inner)
+        return self.out_proj(y)  # (B, T, D)
+
+
+def reversal_index(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, T) index reversing each row's real tokens, leaving its right padding in place:
+    t -> len_b - 1 - t for t < len_b, t otherwise. It is its own inverse."""
+    B, T = input_ids.shape
+    t = torch.arange(T, device=input_ids.device).expand(B, T)
+    if attention_mask is None:
+        return T - 1 - t
+    lengths = attention_mask.long().sum(dim=1, keepdim=True)  # (B, 1)
+    return torch.where(t < lengths, lengths - 1 - t, t)
+
+
+def reverse_real_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x: (B, T, D) gathered along T by a ``reversal_index``; applying it twice is the identity."""
+    return x.gather(1, index[..., None].expand_as(x))
+
+
+class MambaBlock(nn.Module):
+    def __init__(self, cfg: MambaConfig, kernels: bool):
+        super().__init__()
+        mixer_cls = MambaMixer if cfg.ssm_layer == "mamba" else Mamba2Mixer
+        self.bidirectional, self.strategy = cfg.bidirectional, cfg.bidirectional_strategy
+        self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer = mixer_cls(cfg, kernels)
+        self.mixer_rev = mixer_cls(cfg, kernels) if cfg.bidirectional else None
+        if self.mixer_rev is not None and cfg.bidirectional_weight_tie:
+            self.mixer_rev.in_proj.weight = self.mixer.in_proj.weight
+            self.mixer_rev.out_proj.weight = self.mixer.out_proj.weight
+        self.drop = nn.Dropout(cfg.dropout)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.d_ff else None
+        self.mlp = MLP(cfg) if cfg.d_ff else None
+
+    def forward(self, x: torch.Tensor, rev_index: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, T, D); rev_index: (B, T) from ``reversal_index`` (bidirectional only)."""
+        h = self.mixer_norm(x)
+        y = self.mixer(h)  # (B, T, D)
+        if self.mixer_rev is not None:
+            y_rev = self.mixer_rev(reverse_real_tokens(h, rev_index))  # on reversed real tokens
+            y_rev = reverse_real_tokens(y_rev, rev_index)  # back to the original order
+            y = y + y_rev if self.strategy == "add" else y * y_rev
+        x = x + self.drop(y)
+        if self.mlp is not None:
+            x = x + self.mlp(self.mlp_norm(x))
+        return x
+
+
+class Mamba(nn.Module):
+    """Embeddings -> MambaBlocks -> final RMSNorm. ``forward`` returns hidden states (B, T, D); the
+    LM head (``lm_head``) is applied by the caller."""
+
+    def __init__(self, cfg: MambaConfig):
+        super().__init__()
+        self.cfg = cfg
+        kernels = resolve_fast_path(cfg.use_fast_path, cfg.ssm_layer)
+        self.embed = Embeddings(cfg)
+        self.blocks = nn.ModuleList(MambaBlock(cfg, kernels) for _ in range(cfg.num_layers))
+        self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = LMHead(cfg, self.embed.tok)
+        init_weights(self, cfg)
+        for module in self.modules():
+            if isinstance(module, (MambaMixer, Mamba2Mixer)):
+                module.reset_ssm_parameters()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids, attention_mask (1 real, 0 right padding): (B, T) -> hidden (B, T, D)."""
+        x = self.embed(input_ids, position_ids)  # (B, T, D)
+        rev_index = reversal_index(input_ids, attention_mask) if self.cfg.bidirectional else None
+        for block in self.blocks:
+            x = block(x, rev_index)
+        return self.norm_f(x)

@@ -1,0 +1,320 @@
+"""Selective state-space scans for the Mamba mixers: PyTorch references and the CUDA fast path.
+
+Mamba-1, per channel d and state n (zero-order hold on A, Euler on B, as in the Mamba paper):
+
+    h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t,    y_t = C_t . h_t + D u_t,    out_t = y_t * silu(z_t)
+
+Mamba-2 (SSD) is the same recurrence with one scalar A per head and an x of width ``headdim`` per
+head sharing B and C. Three PyTorch implementations live here:
+
+- ``selective_scan_ref``: one step per token, vectorised over batch, channels and states. The oracle.
+- ``selective_scan_chunked``: the CPU path of Mamba-1. Within a chunk of Tc tokens the recurrence is
+  unrolled with the cumulative log-decays ``S_t = sum_{k<=t} dt_k A`` (``segsum``); chunks pass their
+  final state on, so the Python loop runs T / Tc times, not T times.
+- ``ssd_chunk_scan_ref``: the chunked SSD algorithm of the Mamba-2 paper (its minimal listing), the
+  CPU path of Mamba-2, with ``mamba_chunk_scan_combined``'s signature.
+
+Numerical care (all three): the maths runs in fp32 (fp64 stays fp64) whatever the input dtype. The
+chunked forms never exponentiate a cumulative sum on its own (``exp(-S_s)`` overflows once a chunk
+decays by more than ~88 nats); they exponentiate differences ``S_t - S_s`` with s <= t, which are sums
+of log-decays dt A <= 0, hence <= 0 (and stay <= 0 in floating point, where a cumulative sum of
+non-positive terms is non-increasing). Entries with s > t are set to -inf *before* ``exp`` so that
+neither the forward nor the backward pass meets an overflow.
+
+The dispatchers ``causal_conv1d``, ``selective_scan`` and ``ssd_chunk_scan`` call the mamba-ssm and
+causal-conv1d kernels (an optional CUDA extra) when the caller asks for them, the references
+otherwise; ``resolve_fast_path`` decides once per model and raises if "always" cannot be honoured.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+# Optional CUDA kernels; importing them can fail with more than ImportError on a machine without CUDA.
+_IMPORT_ERRORS: dict[str, str] = {}
+try:
+    from causal_conv1d import causal_conv1d_fn
+except (ImportError, OSError, RuntimeError) as err:
+    causal_conv1d_fn = None
+    _IMPORT_ERRORS["causal_conv1d"] = repr(err)
+try:
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+except (ImportError, OSError, RuntimeError) as err:
+    selective_scan_fn = None
+    _IMPORT_ERRORS["mamba_ssm.selective_scan_fn"] = repr(err)
+try:
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+except (ImportError, OSError, RuntimeError) as err:
+    mamba_chunk_scan_combined = None
+    _IMPORT_ERRORS["mamba_ssm.mamba_chunk_scan_combined"] = repr(err)
+
+FAST_PATHS = ("auto", "always", "never")
+_logged: set[str] = set()
+
+
+def fast_path_available(ssm_layer: str) -> bool:
+    """Whether the CUDA kernels that ``ssm_layer`` ("mamba" or "mamba2") needs could be imported."""
+    scan = selective_scan_fn if ssm_layer == "mamba" else mamba_chunk_scan_combined
+    return causal_conv1d_fn is not None and scan is not None
+
+
+def resolve_fast_path(use_fast_path: str, ssm_layer: str) -> bool:
+    """True when the mixers should run the CUDA kernels on CUDA tensors.
+
+    "auto" uses them when importable, "never" never does, "always" raises here when they are missing.
+    The choice is logged once per process.
+    """
+    available = fast_path_available(ssm_layer)
+    if use_fast_path == "always" and not available:
+        reasons = "; ".join(f"{k}: {v}" for k, v in _IMPORT_ERRORS.items())
+        raise RuntimeError(
+            f"use_fast_path='always' needs the CUDA kernels of mamba-ssm and causal-conv1d for "
+            f"ssm_layer={ssm_layer!r}, and they could not be imported ({reasons}). Install the CUDA "
+            "extra (pip install mamba-ssm causal-conv1d) on a CUDA machine, or set use_fast_path to "
+            "'auto' (kernels when available) or 'never' (PyTorch scan)."
+        )
+    use = use_fast_path != "never" and available
+    if use:
+        msg = f"{ssm_layer}: mamba-ssm / causal-conv1d CUDA kernels on CUDA tensors"
+    elif available:
+        msg = f"{ssm_layer}: PyTorch chunked scan (use_fast_path='never')"
+    else:
+        msg = f"{ssm_layer}: PyTorch chunked scan (mamba-ssm / causal-conv1d not importable)"
+    if msg not in _logged:
+        _logged.add(msg)
+        logger.info(msg)
+    return use
+
+
+# Shared pieces ----------------------------------------------------------------------------------
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)  # fp32 maths; fp64 stays fp64
+
+
+def segsum(a: torch.Tensor) -> torch.Tensor:
+    """a: (..., Q) log-decays -> (..., Q, Q) with [t, s] = a_{s+1} + ... + a_t for s <= t, -inf above.
+
+    ``exp(segsum(a))`` is the lower-triangular matrix of decays from step s to step t.
+    """
+    Q = a.shape[-1]
+    S = a.cumsum(-1)
+    seg = S[..., :, None] - S[..., None, :]  # (..., Q, Q): S_t - S_s
+    causal = torch.ones(Q, Q, dtype=torch.bool, device=a.device).tril()
+    return seg.masked_fill(~causal, float("-inf"))
+
+
+def causal_conv1d(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fast: bool = False
+) -> torch.Tensor:
+    """Depthwise causal convolution + SiLU. x: (B, C, T); weight: (C, K); bias: (C,) -> (B, C, T).
+
+    y[c, t] = silu(bias[c] + sum_k weight[c, k] x[c, t - K + 1 + k]) with x = 0 before t = 0.
+    """
+    if fast:
+        return causal_conv1d_fn(x.contiguous(), weight, bias, activation="silu")
+    K = weight.shape[-1]
+    y = F.conv1d(F.pad(x, (K - 1, 0)), weight[:, None, :], bias, groups=x.shape[1])
+    return F.silu(y)
+
+
+# Mamba-1 ----------------------------------------------------------------------------------------
+
+
+def _prepare_delta(
+    delta: torch.Tensor, delta_bias: torch.Tensor | None, delta_softplus: bool, acc: torch.dtype
+) -> torch.Tensor:
+    delta = delta.to(acc)
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(acc)[:, None]
+    return F.softplus(delta) if delta_softplus else delta
+
+
+def _finish(
+    y: torch.Tensor,
+    u: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """y (B, Dch, T) -> y + D u, gated by silu(z), cast back to the input dtype."""
+    if D is not None:
+        y = y + u * D.to(y.dtype)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(y.dtype))
+    return y.to(dtype)
+
+
+def selective_scan_ref(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+) -> torch.Tensor:
+    """Sequential selective scan (the oracle). u, delta, z: (B, Dch, T); A: (Dch, N);
+    B, C: (B, N, T); D, delta_bias: (Dch,). Returns (B, Dch, T) in u's dtype."""
+    acc = _acc_dtype(u)
+    dt = _prepare_delta(delta, delta_bias, delta_softplus, acc)
+    uf, A, B, C = u.to(acc), A.to(acc), B.to(acc), C.to(acc)
+    decay = torch.exp(dt[:, :, :, None] * A[None, :, None, :])  # (B, Dch, T, N): exp(dt_t A)
+    inp = (dt * uf)[:, :, :, None] * B.transpose(1, 2)[:, None]  # (B, Dch, T, N): dt_t B_t u_t
+    h = uf.new_zeros(u.shape[0], u.shape[1], A.shape[1])  # (B, Dch, N)
+    ys = []
+    for t in range(u.shape[-1]):
+        h = decay[:, :, t] * h + inp[:, :, t]
+        ys.append(torch.einsum("bdn,bn->bd", h, C[:, :, t]))
+    y = torch.stack(ys, dim=-1)  # (B, Dch, T)
+    return _finish(y, uf, D, z, u.dtype)
+
+
+def selective_scan_chunked(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    chunk_size: int = 16,
+) -> torch.Tensor:
+    """``selective_scan_ref`` computed chunk by chunk (same arguments, plus ``chunk_size`` = Tc).
+
+    Within a chunk, with a_t = dt_t A <= 0 and S_t = a_1 + ... + a_t, the state entering as h_0 gives
+
+        h_t = exp(S_t) h_0 + sum_{s<=t} exp(S_t - S_s) dt_s B_s u_s,    y_t = C_t . h_t.
+
+    A depends on (channel, state), so the decay matrix is (B, Dch, N, Tc, Tc): memory grows with
+    Tc^2, which is why Mamba-1's chunks stay short.
+    """
+    acc = _acc_dtype(u)
+    dt = _prepare_delta(delta, delta_bias, delta_softplus, acc)
+    uf, A, B, C = u.to(acc), A.to(acc), B.to(acc), C.to(acc)
+    h = uf.new_zeros(u.shape[0], u.shape[1], A.shape[1])  # (B, Dch, N)
+    ys = []
+    for start in range(0, u.shape[-1], chunk_size):
+        span = slice(start, start + chunk_size)
+        a = dt[:, :, None, span] * A[None, :, :, None]  # (B, Dch, N, Tc) log-decays
+        inp = (dt[..., span] * uf[..., span])[:, :, None] * B[:, None, :, span]  # (B, Dch, N, Tc)
+        L = segsum(a).exp()  # (B, Dch, N, Tc, Tc): exp(S_t - S_s), zero above the diagonal
+        hs = (L @ inp[..., None]).squeeze(-1) + a.cumsum(-1).exp() * h[..., None]  # (B,Dch,N,Tc)
+        ys.append(torch.einsum("bdnt,bnt->bdt", hs, C[..., span]))
+        h = hs[..., -1]
+    y = torch.cat(ys, dim=-1)  # (B, Dch, T)
+    return _finish(y, uf, D, z, u.dtype)
+
+
+def selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    chunk_size: int = 16,
+    fast: bool = False,
+) -> torch.Tensor:
+    """mamba-ssm's ``selective_scan_fn`` when ``fast``, ``selective_scan_chunked`` otherwise."""
+    if fast:
+        return selective_scan_fn(
+            u, delta, A, B.contiguous(), C.contiguous(), D, z, delta_bias, delta_softplus
+        )
+    return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_size)
+
+
+# Mamba-2 (SSD) ----------------------------------------------------------------------------------
+
+
+def ssd_chunk_scan_ref(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    D: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+) -> torch.Tensor:
+    """Chunked SSD. x: (B, T, H, P); dt: (B, T, H); A, D, dt_bias: (H,); B, C: (B, T, G, N) with
+    head h reading group h // (H / G). Returns y (B, T, H, P) in x's dtype, where per head
+
+        h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T  (P, N),    y_t = h_t C_t + D x_t.
+    """
+    acc = _acc_dtype(x)
+    Bsz, T, H, P = x.shape
+    G = B.shape[2]
+    Q = chunk_size
+    dt = dt.to(acc)
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(acc)
+    if dt_softplus:
+        dt = F.softplus(dt)
+    xf = x.to(acc)
+    Bh = B.to(acc).repeat_interleave(H // G, dim=2)  # (B, T, H, N)
+    Ch = C.to(acc).repeat_interleave(H // G, dim=2)
+    xd = xf * dt[..., None]  # (B, T, H, P): the input term dt_t x_t
+    a = dt * A.to(acc)  # (B, T, H) log-decays <= 0
+    # Zero padding to whole chunks: dt = 0 there (no decay, no input); only later steps would see it.
+    pad = (-T) % Q
+    if pad:
+        xd, a = F.pad(xd, (0, 0, 0, 0, 0, pad)), F.pad(a, (0, 0, 0, pad))
+        Bh, Ch = F.pad(Bh, (0, 0, 0, 0, 0, pad)), F.pad(Ch, (0, 0, 0, 0, 0, pad))
+    c = (T + pad) // Q
+    xd, Bh, Ch = (t.reshape(Bsz, c, Q, H, -1) for t in (xd, Bh, Ch))  # (B, c, Q, H, P or N)
+    a = a.reshape(Bsz, c, Q, H).permute(0, 3, 1, 2)  # (B, H, c, Q)
+    S = a.cumsum(-1)  # (B, H, c, Q): cumulative log-decay within each chunk
+
+    # 1. Within chunks: y_t = sum_{s<=t} (C_t . B_s) exp(S_t - S_s) dt_s x_s.
+    L = segsum(a).exp()  # (B, H, c, Q, Q)
+    y_diag = torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", Ch, Bh, L, xd)
+    # 2. Each chunk's own contribution to the state at its end: sum_s exp(S_end - S_s) dt_s x_s B_s^T.
+    decay_to_end = torch.exp(S[..., -1:] - S)  # (B, H, c, Q), exponents <= 0
+    states = torch.einsum("bclhn,bhcl,bclhp->bchpn", Bh, decay_to_end, xd)  # (B, c, H, P, N)
+    # 3. Pass states across chunks: the state entering chunk k is sum_{j<k} of chunk j's state decayed
+    #    by the total log-decay of chunks j+1 .. k-1, again a segsum (over chunk totals).
+    states = torch.cat([torch.zeros_like(states[:, :1]), states], dim=1)  # (B, c+1, H, P, N)
+    decay_chunks = segsum(F.pad(S[..., -1], (1, 0))).exp()  # (B, H, c+1, c+1)
+    states = torch.einsum("bhzc,bchpn->bzhpn", decay_chunks, states)[:, :-1]  # entering each chunk
+    # 4. The entering state's share of each output: C_t . exp(S_t) h_in.
+    y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", Ch, states, S.exp())
+
+    y = (y_diag + y_off).reshape(Bsz, c * Q, H, P)[:, :T]
+    if D is not None:
+        y = y + xf * D.to(acc)[:, None]
+    return y.to(x.dtype)
+
+
+def ssd_chunk_scan(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    D: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    fast: bool = False,
+) -> torch.Tensor:
+    """mamba-ssm's ``mamba_chunk_scan_combined`` when ``fast``, ``ssd_chunk_scan_ref`` otherwise."""
+    if fast:
+        return mamba_chunk_scan_combined(
+            x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus
+        )
+    return ssd_chunk_scan_ref(x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus)

@@ -1,0 +1,330 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helm.models import ssm
+from helm.models.mamba import (
+    Mamba,
+    Mamba2Mixer,
+    MambaConfig,
+    MambaMixer,
+    reversal_index,
+    reverse_real_tokens,
+)
+from helm.models.ssm import (
+    fast_path_available,
+    selective_scan_chunked,
+    selective_scan_ref,
+    ssd_chunk_scan_ref,
+)
+
+VOCAB = 69
+
+
+def tiny(ssm_layer: str = "mamba", **kw) -> Mamba:
+    torch.manual_seed(0)
+    extra = {"headdim": 8, "chunk_size": 4} if ssm_layer == "mamba2" else {"chunk_size": 3}
+    base = dict(vocab_size=VOCAB, d_model=16, num_layers=2, d_state=4, d_ff=32, ssm_layer=ssm_layer)
+    return Mamba(MambaConfig(**{**base, **extra, **kw})).eval()
+
+
+# Scans against naive per-token recurrences ------------------------------------------------------
+
+
+def naive_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=False):
+    """h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t; y_t = C_t . h_t + D u_t; y_t *= silu(z_t)."""
+    Bsz, Dch, T = u.shape
+    out = torch.zeros_like(u)
+    for b in range(Bsz):
+        for d in range(Dch):
+            h = torch.zeros(A.shape[1], dtype=u.dtype)
+            for t in range(T):
+                dt = delta[b, d, t] + (delta_bias[d] if delta_bias is not None else 0.0)
+                if softplus:
+                    dt = torch.log1p(torch.exp(dt))
+                h = torch.exp(dt * A[d]) * h + dt * B[b, :, t] * u[b, d, t]
+                y = (C[b, :, t] * h).sum()
+                if D is not None:
+                    y = y + D[d] * u[b, d, t]
+                if z is not None:
+                    y = y * z[b, d, t] * torch.sigmoid(z[b, d, t])
+                out[b, d, t] = y
+    return out
+
+
+def scan_inputs(Bsz=2, Dch=3, N=4, T=13, dtype=torch.float64, dt_scale=1.0):
+    g = torch.Generator().manual_seed(1)
+    u = torch.randn(Bsz, Dch, T, generator=g, dtype=dtype)
+    delta = torch.rand(Bsz, Dch, T, generator=g, dtype=dtype) * dt_scale
+    A = -torch.rand(Dch, N, generator=g, dtype=dtype) * 2 - 0.1
+    B = torch.randn(Bsz, N, T, generator=g, dtype=dtype)
+    C = torch.randn(Bsz, N, T, generator=g, dtype=dtype)
+    D = torch.randn(Dch, generator=g, dtype=dtype)
+    z = torch.randn(Bsz, Dch, T, generator=g, dtype=dtype)
+    bias = torch.randn(Dch, generator=g, dtype=dtype) * 0.5
+    return u, delta, A, B, C, D, z, bias
+
+
+@pytest.mark.parametrize("extras", [False, True])
+def test_selective_scan_ref_matches_naive(extras):
+    u, delta, A, B, C, D, z, bias = scan_inputs()
+    kw = dict(D=D, z=z, delta_bias=bias, delta_softplus=True) if extras else {}
+    got = selective_scan_ref(u, delta, A, B, C, **kw)
+    want = naive_selective_scan(
+        u, delta, A, B, C, *((D, z, bias, True) if extras else (None, None, None, False))
+    )
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 4, 13, 16])
+def test_chunked_scan_matches_ref(chunk_size):
+    u, delta, A, B, C, D, z, bias = scan_inputs(T=13)
+    args = dict(D=D, z=z, delta_bias=bias, delta_softplus=True)
+    want = selective_scan_ref(u, delta, A, B, C, **args)
+    got = selective_scan_chunked(u, delta, A, B, C, **args, chunk_size=chunk_size)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_chunked_scan_gradients_match_ref():
+    inputs = scan_inputs(T=10)
+    grads = []
+    for fn in (selective_scan_ref, lambda *a, **k: selective_scan_chunked(*a, **k, chunk_size=4)):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        u, delta, A, B, C, D, z, bias = leaves
+        fn(u, delta, A, B, C, D, z, bias, True).square().sum().backward()
+        grads.append([t.grad for t in leaves])
+    for g_ref, g_chunk in zip(*grads):
+        torch.testing.assert_close(g_chunk, g_ref, rtol=1e-9, atol=1e-9)
+
+
+def test_chunked_scan_is_stable_under_strong_decay():
+    # Chunk decays of several hundred nats: exp(-cumsum) alone would overflow fp32 (> 88 nats).
+    u, delta, A, B, C, *_ = scan_inputs(T=32, dtype=torch.float32, dt_scale=30.0)
+    want = selective_scan_ref(u.double(), delta.double(), A.double(), B.double(), C.double())
+    u, delta, A, B, C = (t.requires_grad_() for t in (u, delta, A, B, C))
+    got = selective_scan_chunked(u, delta, A, B, C, chunk_size=16)
+    got.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (u, delta, A, B, C))
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+def naive_ssd(x, dt, A, B, C, D):
+    """Per head: h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T (P, N); y_t = h_t C_t + D x_t."""
+    Bsz, T, H, P = x.shape
+    per_group = H // B.shape[2]
+    y = torch.zeros_like(x)
+    for b in range(Bsz):
+        for hd in range(H):
+            g = hd // per_group
+            h = torch.zeros(P, B.shape[3], dtype=x.dtype)
+            for t in range(T):
+                h = torch.exp(dt[b, t, hd] * A[hd]) * h + dt[b, t, hd] * torch.outer(
+                    x[b, t, hd], B[b, t, g]
+                )
+                y[b, t, hd] = h @ C[b, t, g] + D[hd] * x[b, t, hd]
+    return y
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 5, 16])
+def test_ssd_chunked_matches_naive(chunk_size):
+    g = torch.Generator().manual_seed(2)
+    Bsz, T, H, P, G, N = 2, 11, 4, 3, 2, 5
+    x = torch.randn(Bsz, T, H, P, generator=g, dtype=torch.float64)
+    dt_raw = torch.randn(Bsz, T, H, generator=g, dtype=torch.float64)
+    A = -torch.rand(H, generator=g, dtype=torch.float64) * 4 - 0.5
+    B = torch.randn(Bsz, T, G, N, generator=g, dtype=torch.float64)
+    C = torch.randn(Bsz, T, G, N, generator=g, dtype=torch.float64)
+    D = torch.randn(H, generator=g, dtype=torch.float64)
+    dt_bias = torch.randn(H, generator=g, dtype=torch.float64)
+    got = ssd_chunk_scan_ref(x, dt_raw, A, B, C, chunk_size, D, dt_bias, dt_softplus=True)
+    want = naive_ssd(x, F.softplus(dt_raw + dt_bias), A, B, C, D)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+# Backbone behaviour -----------------------------------------------------------------------------
+
+LAYERS = ["mamba", "mamba2"]
+
+
+@pytest.mark.parametrize("ssm_layer", LAYERS)
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_output_shape(ssm_layer, bidirectional):
+    model = tiny(ssm_layer, bidirectional=bidirectional)
+    hidden = model(torch.randint(5, VOCAB, (3, 10)))
+    assert hidden.shape == (3, 10, 16)
+    assert model.lm_head(hidden).shape == (3, 10, 72)  # vocabulary padded to a multiple of 8
+
+
+@pytest.mark.parametrize("ssm_layer", LAYERS)
+def test_causal(ssm_layer):
+    model = tiny(ssm_layer)
+    ids = torch.randint(5, VOCAB, (2, 12))
+    changed = ids.clone()
+    changed[:, 7:] = torch.randint(5, VOCAB, (2, 5))
+    changed[:, 7] = (ids[:, 7] - 5 + 1) % (VOCAB - 5) + 5  # certainly different at t = 7
+    with torch.no_grad():
+        a, b = model(ids), model(changed)
+    torch.testing.assert_close(a[:, :7], b[:, :7], rtol=0, atol=0)
+    assert (a[:, 7:] - b[:, 7:]).abs().amax() > 1e-4
+
+
+@pytest.mark.parametrize("ssm_layer", LAYERS)
+@pytest.mark.parametrize("strategy", ["add", "ew_multiply"])
+def test_bidirectional_sees_both_sides(ssm_layer, strategy):
+    # A product of two small mixer outputs hides under fp32 rounding at the default init: scale up.
+    init_std = 0.5 if strategy == "ew_multiply" else 0.02
+    model = tiny(ssm_layer, bidirectional=True, bidirectional_strategy=strategy, init_std=init_std)
+    ids = torch.randint(5, VOCAB, (1, 12))
+    changed = ids.clone()
+    changed[0, 6] = (ids[0, 6] - 5 + 1) % (VOCAB - 5) + 5
+    with torch.no_grad():
+        diff = (model(ids) - model(changed)).abs().amax(-1)[0]  # (T,)
+    assert diff[:6].min() > 1e-6 and diff[7:].min() > 1e-6
+
+
+@pytest.mark.parametrize("ssm_layer", LAYERS)
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_right_padding_is_invisible(ssm_layer, bidirectional):
+    model = tiny(ssm_layer, bidirectional=bidirectional)
+    lengths, T = [9, 5, 1], 9
+    torch.manual_seed(3)
+    rows = [torch.randint(5, VOCAB, (n,)) for n in lengths]
+    ids = torch.randint(5, VOCAB, (len(rows), T))  # arbitrary tokens under the padding
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+    with torch.no_grad():
+        batch = model(ids, mask)
+        for i, row in enumerate(rows):
+            alone = model(row[None])[0]
+            torch.testing.assert_close(batch[i, : len(row)], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_reversal_reverses_only_real_tokens():
+    ids = torch.zeros(3, 5, dtype=torch.long)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    index = reversal_index(ids, mask)
+    assert index.tolist() == [[2, 1, 0, 3, 4], [4, 3, 2, 1, 0], [0, 1, 2, 3, 4]]
+    assert reversal_index(ids, None).tolist() == [[4, 3, 2, 1, 0]] * 3
+    x = torch.arange(15.0).reshape(3, 5, 1)
+    rev = reverse_real_tokens(x, index)
+    assert rev[0, :, 0].tolist() == [2.0, 1.0, 0.0, 3.0, 4.0]
+    torch.testing.assert_close(reverse_real_tokens(rev, index), x)
+
+
+@pytest.mark.parametrize("ssm_layer", LAYERS)
+def test_bidirectional_weight_tie(ssm_layer):
+    untied = tiny(ssm_layer, bidirectional=True)
+    tied = tiny(ssm_layer, bidirectional=True, bidirectional_weight_tie=True)
+    for block in untied.blocks:
+        fwd = {id(p) for p in block.mixer.parameters()}
+        assert not fwd & {id(p) for p in block.mixer_rev.parameters()}
+    for block in tied.blocks:
+        assert block.mixer_rev.in_proj.weight is block.mixer.in_proj.weight
+        assert block.mixer_rev.out_proj.weight is block.mixer.out_proj.weight
+        assert block.mixer_rev.A_log is not block.mixer.A_log
+        assert block.mixer_rev.conv1d.weight is not block.mixer.conv1d.weight
+    n_untied = sum(p.numel() for p in untied.parameters())
+    n_tied = sum(p.numel() for p in tied.parameters())
+    in_out = sum(
+        b.mixer.in_proj.weight.numel() + b.mixer.out_proj.weight.numel() for b in tied.blocks
+    )
+    assert n_untied - n_tied == in_out
+
+
+@pytest.mark.parametrize("ssm_layer", LAYERS)
+def test_fast_path_always_raises_without_kernels(ssm_layer):
+    if fast_path_available(ssm_layer):
+        pytest.skip("mamba-ssm kernels are importable here")
+    with pytest.raises(RuntimeError, match="use_fast_path='always'.*mamba-ssm"):
+        tiny(ssm_layer, use_fast_path="always")
+    assert ssm.resolve_fast_path("auto", ssm_layer) is False
+
+
+@pytest.mark.parametrize("ssm_layer", LAYERS)
+def test_no_weight_decay_tags(ssm_layer):
+    model = tiny(ssm_layer, bidirectional=True)
+    nwd = {n for n, p in model.named_parameters() if getattr(p, "_no_weight_decay", False)}
+    for name, _ in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        expected = (
+            leaf in ("A_log", "D", "dt_bias", "bias") or "norm" in name or name == "norm_f.weight"
+        )
+        assert (name in nwd) == expected, name
+    assert "blocks.0.mixer.A_log" in nwd and "blocks.1.mixer_rev.D" in nwd
+
+
+@pytest.mark.parametrize("ssm_layer", LAYERS)
+def test_gradients_reach_every_parameter(ssm_layer):
+    model = tiny(ssm_layer, bidirectional=True).train()
+    ids = torch.randint(5, VOCAB, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    model.lm_head(model(ids, mask)).logsumexp(-1).sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_ssm_init():
+    model = tiny("mamba")
+    mixer = model.blocks[0].mixer
+    assert isinstance(mixer, MambaMixer)
+    dt = F.softplus(mixer.dt_proj.bias)
+    assert dt.min() >= 1e-4 * 0.999 and dt.max() <= 0.1 * 1.001
+    torch.testing.assert_close(mixer.A_log[0].exp(), torch.arange(1.0, 5.0))
+    assert torch.all(mixer.D == 1)
+    mixer2 = tiny("mamba2").blocks[0].mixer
+    assert isinstance(mixer2, Mamba2Mixer)
+    assert mixer2.A_log.exp().min() >= 1 and mixer2.A_log.exp().max() <= 16
+
+
+def test_config_choices():
+    cfg = MambaConfig(d_model=256)
+    assert cfg.dt_rank == 16 and cfg.pos_embedding == "none" and cfg.activation == "swiglu"
+    assert cfg.d_ff == 1024 and cfg.chunk_size == 16
+    with pytest.raises(ValueError, match="headdim"):
+        MambaConfig(d_model=16, ssm_layer="mamba2", headdim=12)
+    with pytest.raises(ValueError, match="rotary"):
+        MambaConfig(pos_embedding="rotary")
+    with pytest.raises(ValueError, match="ssm_layer"):
+        MambaConfig(ssm_layer="s4")
+    no_mlp = tiny("mamba", d_ff=0)
+    assert no_mlp.blocks[0].mlp is None and no_mlp(torch.randint(5, VOCAB, (1, 4))).shape[-1] == 16
+
+
+# Parameter counts of the recipes (vocabulary 69, padded to 72) -----------------------------------
+
+
+def mamba1_mixer_params(d=256, N=16, expand=2, K=4) -> int:
+    e, R = expand * d, math.ceil(d / 16)
+    # in_proj + conv (w, b) + x_proj + dt_proj (w, b) + A_log + D + out_proj
+    return d * 2 * e + e * (K + 1) + e * (R + 2 * N) + (R * e + e) + e * N + e + e * d
+
+
+def swiglu_mlp_params(d=256, d_ff=1024) -> int:
+    return (d * 2 * d_ff + 2 * d_ff) + (d_ff * d + d)
+
+
+def recipe_params(**kw) -> int:
+    with torch.device("meta"):
+        model = Mamba(MambaConfig(vocab_size=VOCAB, d_model=256, d_ff=1024, **kw))
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_param_count_mamba_clm_40x256():
+    n = recipe_params(num_layers=40)
+    block = mamba1_mixer_params() + swiglu_mlp_params() + 2 * 256
+    assert n == 40 * block + 72 * 256 + 256 == 49_099_008
+    assert abs(n - 50e6) / 50e6 < 0.10
+
+
+def test_param_count_bimamba_mlm_20x256():
+    # Two untied mixers and one gated MLP per layer: 33.3M, a third short of 50M (see the report).
+    n = recipe_params(num_layers=20, bidirectional=True)
+    block = 2 * mamba1_mixer_params() + swiglu_mlp_params() + 2 * 256
+    assert n == 20 * block + 72 * 256 + 256 == 33_314_048
+    tied = recipe_params(num_layers=20, bidirectional=True, bidirectional_weight_tie=True)
+    assert n - tied == 20 * (256 * 1024 + 512 * 256)
