@@ -1,0 +1,177 @@
+"""GPT-2: a pre-LN transformer over codon tokens, causal (CLM) or bidirectional (MLM).
+
+Block: ``x = x + Attn(LN(x)); x = x + MLP(LN(x))``, then a final LayerNorm. Attention goes
+through ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels on CUDA, a fused kernel
+on CPU).
+``SelfAttention`` and ``sdpa_mask`` are shared with BERT (``helm.models.bert``).
+
+Masks handed to SDPA (built once per forward by ``sdpa_mask``):
+- no ``attention_mask``, causal: ``is_causal=True`` and no mask tensor, the only form the flash
+  kernel accepts; the caller passes ``attention_mask=None`` for batches without padding to get it;
+- no ``attention_mask``, bidirectional: no mask at all;
+- with ``attention_mask``: a boolean (B, 1, T, T) mask, True = may attend, combining key padding
+  with the causal triangle. Every query row also sees itself, so rows of padding are never fully
+  masked (a fully-masked row is a softmax over nothing: NaN on some kernels). Those rows are padding
+  and their outputs are discarded; no real row ever attends to a pad key, so pads cannot leak into
+  real positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from helm.models.common import (
+    MLP,
+    Embeddings,
+    LMHead,
+    ModelConfig,
+    Rotary,
+    init_weights,
+    positions_like,
+)
+
+
+def check_attention_config(cfg: ModelConfig) -> None:
+    """Errors for head counts that cannot split the width (shared by the attention models)."""
+    if cfg.d_model % cfg.num_heads:
+        raise ValueError(
+            f"num_heads={cfg.num_heads} must divide hidden_size={cfg.d_model} "
+            f"(each head gets hidden_size / num_heads channels)"
+        )
+    if cfg.pos_embedding == "rotary" and (cfg.d_model // cfg.num_heads) % 2:
+        raise ValueError(
+            f"pos_embedding=rotary needs an even head dimension; hidden_size / num_heads = "
+            f"{cfg.d_model // cfg.num_heads}"
+        )
+
+
+@dataclass
+class GPT2Config(ModelConfig):
+    """GPT-2 options: all of ``ModelConfig`` (``bidirectional=False`` is the causal CLM model)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_attention_config(self)
+
+
+def sdpa_mask(
+    attention_mask: torch.Tensor | None, T: int, causal: bool
+) -> tuple[torch.Tensor | None, bool]:
+    """(mask, is_causal) for ``F.scaled_dot_product_attention`` (see the module docstring).
+
+    attention_mask: (B, T), 1 = real token, 0 = padding, or None. Returns a boolean (B, 1, T, T)
+    mask (True = may attend) or None, and whether to pass ``is_causal=True``.
+    """
+    if attention_mask is None:
+        return None, causal
+    device = attention_mask.device
+    allowed = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T): key padding
+    if causal:
+        allowed = allowed & torch.ones(T, T, dtype=torch.bool, device=device).tril()  # (B, 1, T, T)
+    allowed = allowed | torch.eye(T, dtype=torch.bool, device=device)  # (B, 1, T, T)
+    return allowed, False
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection and optional rotary positions."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        check_attention_config(cfg)
+        self.num_heads = cfg.num_heads
+        self.head_dim = cfg.d_model // cfg.num_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.proj._residual_proj = True
+        self.rotary = (
+            Rotary(self.head_dim, cfg.max_seq_len) if cfg.pos_embedding == "rotary" else None
+        )
+        self.attn_dropout = cfg.attn_dropout
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        is_causal: bool,
+        position_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        """x: (B, T, D); mask and is_causal from ``sdpa_mask``; position_ids: (B, T)."""
+        B, T, D = x.shape
+        qkv = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim)  # (B, T, 3, H, hd)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, T, hd)
+        if self.rotary is not None:
+            q, k = self.rotary(q, k, position_ids)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.attn_dropout if self.training else 0.0,
+            is_causal=is_causal,
+        )  # (B, H, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
+        return self.drop(self.proj(y))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: ``x + Attn(LN(x))`` then ``x + MLP(LN(x))``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = SelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        is_causal: bool,
+        position_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), mask, is_causal, position_ids)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT2(nn.Module):
+    """GPT-2 backbone: ``forward(input_ids, attention_mask, position_ids) -> hidden (B, T, D)``.
+
+    The LM head (``self.lm_head``) is not applied here: the trainer projects only the positions that
+    carry a target.
+    """
+
+    def __init__(self, cfg: GPT2Config):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = Embeddings(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm_f = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.lm_head = LMHead(cfg, self.embed.tok)
+        self.init_weights(cfg)
+
+    def init_weights(self, cfg: ModelConfig) -> None:
+        """GPT-2 init from ``common.init_weights`` (scaled residual projections, no-decay tags)."""
+        init_weights(self, cfg)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids, attention_mask (1 = real, 0 = pad), position_ids: (B, T) -> (B, T, D)."""
+        T = input_ids.shape[1]
+        if position_ids is None:
+            position_ids = positions_like(input_ids)
+        mask, is_causal = sdpa_mask(attention_mask, T, causal=not self.cfg.bidirectional)
+        x = self.drop(self.embed(input_ids, position_ids))  # (B, T, D)
+        for block in self.blocks:
+            x = block(x, mask, is_causal, position_ids)
+        return self.norm_f(x)
