@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helm.models import ssm
+from helm.models import model_config, ssm
+from helm.models.common import ModelConfig
 from helm.models.mamba import (
     Mamba,
     Mamba2Mixer,
@@ -146,6 +147,9 @@ def test_ssd_chunked_matches_naive(chunk_size):
 # Backbone behaviour -----------------------------------------------------------------------------
 
 LAYERS = ["mamba", "mamba2"]
+BI_MLPS = ["per_direction", "shared"]
+# (bidirectional, bidirectional_mlp): the causal layer and both kinds of bidirectional layer
+VARIANTS = [(False, "per_direction"), (True, "per_direction"), (True, "shared")]
 
 
 @pytest.mark.parametrize("ssm_layer", LAYERS)
@@ -171,11 +175,18 @@ def test_causal(ssm_layer):
 
 
 @pytest.mark.parametrize("ssm_layer", LAYERS)
+@pytest.mark.parametrize("bi_mlp", BI_MLPS)
 @pytest.mark.parametrize("strategy", ["add", "ew_multiply"])
-def test_bidirectional_sees_both_sides(ssm_layer, strategy):
-    # A product of two small mixer outputs hides under fp32 rounding at the default init: scale up.
+def test_bidirectional_sees_both_sides(ssm_layer, bi_mlp, strategy):
+    # A product of two small updates hides under fp32 rounding at the default init: scale up.
     init_std = 0.5 if strategy == "ew_multiply" else 0.02
-    model = tiny(ssm_layer, bidirectional=True, bidirectional_strategy=strategy, init_std=init_std)
+    model = tiny(
+        ssm_layer,
+        bidirectional=True,
+        bidirectional_mlp=bi_mlp,
+        bidirectional_strategy=strategy,
+        init_std=init_std,
+    )
     ids = torch.randint(5, VOCAB, (1, 12))
     changed = ids.clone()
     changed[0, 6] = (ids[0, 6] - 5 + 1) % (VOCAB - 5) + 5
@@ -185,9 +196,9 @@ def test_bidirectional_sees_both_sides(ssm_layer, strategy):
 
 
 @pytest.mark.parametrize("ssm_layer", LAYERS)
-@pytest.mark.parametrize("bidirectional", [False, True])
-def test_right_padding_is_invisible(ssm_layer, bidirectional):
-    model = tiny(ssm_layer, bidirectional=bidirectional)
+@pytest.mark.parametrize("bidirectional, bi_mlp", VARIANTS)
+def test_right_padding_is_invisible(ssm_layer, bidirectional, bi_mlp):
+    model = tiny(ssm_layer, bidirectional=bidirectional, bidirectional_mlp=bi_mlp)
     lengths, T = [9, 5, 1], 9
     torch.manual_seed(3)
     rows = [torch.randint(5, VOCAB, (n,)) for n in lengths]
@@ -215,18 +226,31 @@ def test_reversal_reverses_only_real_tokens():
     torch.testing.assert_close(reverse_real_tokens(rev, index), x)
 
 
+def _ids(module) -> set[int]:
+    return {id(p) for p in module.parameters()}
+
+
 @pytest.mark.parametrize("ssm_layer", LAYERS)
-def test_bidirectional_weight_tie(ssm_layer):
-    untied = tiny(ssm_layer, bidirectional=True)
-    tied = tiny(ssm_layer, bidirectional=True, bidirectional_weight_tie=True)
+@pytest.mark.parametrize("bi_mlp", BI_MLPS)
+def test_bidirectional_weight_tie(ssm_layer, bi_mlp):
+    untied = tiny(ssm_layer, bidirectional=True, bidirectional_mlp=bi_mlp)
+    tied = tiny(
+        ssm_layer, bidirectional=True, bidirectional_mlp=bi_mlp, bidirectional_weight_tie=True
+    )
     for block in untied.blocks:
-        fwd = {id(p) for p in block.mixer.parameters()}
-        assert not fwd & {id(p) for p in block.mixer_rev.parameters()}
+        assert not _ids(block.mixer) & _ids(block.mixer_rev)
     for block in tied.blocks:
         assert block.mixer_rev.in_proj.weight is block.mixer.in_proj.weight
         assert block.mixer_rev.out_proj.weight is block.mixer.out_proj.weight
         assert block.mixer_rev.A_log is not block.mixer.A_log
         assert block.mixer_rev.conv1d.weight is not block.mixer.conv1d.weight
+    for block in (*untied.blocks, *tied.blocks):  # the tie never reaches norms or MLPs
+        if bi_mlp == "per_direction":
+            assert not _ids(block.mlp) & _ids(block.mlp_rev)
+            assert not _ids(block.mixer_norm) & _ids(block.mixer_norm_rev)
+            assert not _ids(block.mlp_norm) & _ids(block.mlp_norm_rev)
+        else:
+            assert not hasattr(block, "mlp_rev") and not hasattr(block, "mixer_norm_rev")
     n_untied = sum(p.numel() for p in untied.parameters())
     n_tied = sum(p.numel() for p in tied.parameters())
     in_out = sum(
@@ -246,7 +270,7 @@ def test_fast_path_always_raises_without_kernels(ssm_layer):
 
 @pytest.mark.parametrize("ssm_layer", LAYERS)
 def test_no_weight_decay_tags(ssm_layer):
-    model = tiny(ssm_layer, bidirectional=True)
+    model = tiny(ssm_layer, bidirectional=True)  # per_direction: norms and MLP biases per direction
     nwd = {n for n, p in model.named_parameters() if getattr(p, "_no_weight_decay", False)}
     for name, _ in model.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
@@ -255,11 +279,14 @@ def test_no_weight_decay_tags(ssm_layer):
         )
         assert (name in nwd) == expected, name
     assert "blocks.0.mixer.A_log" in nwd and "blocks.1.mixer_rev.D" in nwd
+    assert "blocks.1.mlp_norm_rev.weight" in nwd and "blocks.0.mlp_rev.fc_in.bias" in nwd
+    assert "blocks.0.mlp_rev.fc_in.weight" not in nwd
 
 
 @pytest.mark.parametrize("ssm_layer", LAYERS)
-def test_gradients_reach_every_parameter(ssm_layer):
-    model = tiny(ssm_layer, bidirectional=True).train()
+@pytest.mark.parametrize("bi_mlp", BI_MLPS)
+def test_gradients_reach_every_parameter(ssm_layer, bi_mlp):
+    model = tiny(ssm_layer, bidirectional=True, bidirectional_mlp=bi_mlp).train()
     ids = torch.randint(5, VOCAB, (2, 9))
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0
@@ -291,8 +318,75 @@ def test_config_choices():
         MambaConfig(pos_embedding="rotary")
     with pytest.raises(ValueError, match="ssm_layer"):
         MambaConfig(ssm_layer="s4")
-    no_mlp = tiny("mamba", d_ff=0)
-    assert no_mlp.blocks[0].mlp is None and no_mlp(torch.randint(5, VOCAB, (1, 4))).shape[-1] == 16
+    with pytest.raises(ValueError, match="bidirectional_mlp"):
+        MambaConfig(bidirectional_mlp="both")
+    assert MambaConfig().bidirectional_mlp == "per_direction"
+
+
+@pytest.mark.parametrize("bidirectional, bi_mlp", VARIANTS)
+def test_no_mlp(bidirectional, bi_mlp):
+    # d_ff = 0: Mamba's original mixer-only block; no MLP module is built in either direction.
+    model = tiny("mamba", d_ff=0, bidirectional=bidirectional, bidirectional_mlp=bi_mlp)
+    assert model.cfg.d_ff == 0
+    assert not any(".mlp" in name for name, _ in model.named_parameters())
+    assert all(b.mlp is None and b.mlp_norm is None for b in model.blocks)
+    with_mlp = tiny("mamba", bidirectional=bidirectional, bidirectional_mlp=bi_mlp)
+    n_dirs = 2 if bidirectional and bi_mlp == "per_direction" else 1
+    per_layer = n_dirs * (swiglu_mlp_params(16, 32) + 16)  # MLP + its norm, per direction
+    n, n_with = (sum(p.numel() for p in m.parameters()) for m in (model, with_mlp))
+    assert n_with - n == 2 * per_layer
+    assert model(torch.randint(5, VOCAB, (2, 5))).shape == (2, 5, 16)
+
+
+def test_d_ff_zero_only_where_allowed():
+    with pytest.raises(ValueError, match="d_ff must be >= 0"):
+        MambaConfig(d_ff=-1)
+    with pytest.raises(ValueError, match="d_ff=0 .*not supported by ModelConfig"):
+        ModelConfig(d_ff=0)
+    for name in ("gpt2", "bert", "hyena"):
+        with pytest.raises(ValueError, match="d_ff=0"):
+            model_config(name, d_ff=0)
+    assert ModelConfig(d_model=8).d_ff == 32  # None still means 4 * d_model
+
+
+# The per_direction layer is two whole blocks whose residual updates are added ---------------------
+
+
+def _pre_norm_block(x, mixer_norm, mixer, mlp_norm, mlp):
+    """The causal block written out: x + Mixer(norm(x)), then + MLP(norm(.))."""
+    h = x + mixer(mixer_norm(x))
+    return h + mlp(mlp_norm(h))
+
+
+@pytest.mark.parametrize("ssm_layer", LAYERS)
+@pytest.mark.parametrize("strategy", ["add", "ew_multiply"])
+def test_per_direction_layer_is_two_blocks(ssm_layer, strategy):
+    init_std = 0.5 if strategy == "ew_multiply" else 0.02  # a product of tiny updates is ~0
+    model = tiny(ssm_layer, bidirectional=True, bidirectional_strategy=strategy, init_std=init_std)
+    layer = model.blocks[0]
+
+    def fwd(x):
+        return _pre_norm_block(x, layer.mixer_norm, layer.mixer, layer.mlp_norm, layer.mlp)
+
+    def rev(x):
+        mods = (layer.mixer_norm_rev, layer.mixer_rev, layer.mlp_norm_rev, layer.mlp_rev)
+        return _pre_norm_block(x, *mods)
+
+    torch.manual_seed(4)
+    x = torch.randn(2, 7, 16)
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
+    index = reversal_index(mask, mask)
+    with torch.no_grad():
+        got = layer(x, index)
+        delta_f = fwd(x) - x
+        x_rev = reverse_real_tokens(x, index)
+        delta_r = reverse_real_tokens(rev(x_rev) - x_rev, index)
+        streams = fwd(x) + reverse_real_tokens(rev(x_rev), index)
+    combined = delta_f + delta_r if strategy == "add" else delta_f * delta_r
+    torch.testing.assert_close(got, x + combined, rtol=1e-5, atol=1e-5)
+    # Both updates matter: neither direction alone, nor the sum of the two streams, is the layer.
+    for wrong in (x + delta_f, x + delta_r, streams):
+        assert (got - wrong).abs().amax() > 1e-4
 
 
 # Parameter counts of the recipes (vocabulary 69, padded to 72) -----------------------------------
@@ -322,9 +416,22 @@ def test_param_count_mamba_clm_40x256():
 
 
 def test_param_count_bimamba_mlm_20x256():
-    # Two untied mixers and one gated MLP per layer: 33.3M, a third short of 50M (see the report).
+    # Default per_direction: each layer is two causal blocks, so 20 layers cost what 40 causal
+    # layers cost and land on the recipe's 50M.
     n = recipe_params(num_layers=20, bidirectional=True)
+    block = mamba1_mixer_params() + swiglu_mlp_params() + 2 * 256
+    assert n == 20 * 2 * block + 72 * 256 + 256 == recipe_params(num_layers=40) == 49_099_008
+    assert abs(n - 50e6) / 50e6 < 0.10
+    tied = recipe_params(num_layers=20, bidirectional=True, bidirectional_weight_tie=True)
+    assert n - tied == 20 * (256 * 1024 + 512 * 256)  # in_proj + out_proj of each reverse mixer
+
+
+def test_param_count_bimamba_shared_mlp_20x256():
+    # Two mixers and one gated MLP per layer: a third short of the recipe's 50M.
+    n = recipe_params(num_layers=20, bidirectional=True, bidirectional_mlp="shared")
     block = 2 * mamba1_mixer_params() + swiglu_mlp_params() + 2 * 256
     assert n == 20 * block + 72 * 256 + 256 == 33_314_048
-    tied = recipe_params(num_layers=20, bidirectional=True, bidirectional_weight_tie=True)
+    tied = recipe_params(
+        num_layers=20, bidirectional=True, bidirectional_mlp="shared", bidirectional_weight_tie=True
+    )
     assert n - tied == 20 * (256 * 1024 + 512 * 256)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -42,15 +43,24 @@ class ModelConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
 
+    # Whether the backbone builds its blocks without an MLP when d_ff == 0 (set by such configs).
+    allows_no_mlp: ClassVar[bool] = False
+
     def __post_init__(self) -> None:
         if self.d_ff is None:
             self.d_ff = 4 * self.d_model
         _check_choice("activation", self.activation, ACTIVATIONS)
         _check_choice("pos_embedding", self.pos_embedding, POS_EMBEDDINGS)
         _check_choice("pos_embedding_apply", self.pos_embedding_apply, POS_EMBEDDING_APPLY)
-        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_seq_len"):
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.d_ff < 0:
+            raise ValueError(f"d_ff must be >= 0, got {self.d_ff}")
+        if self.d_ff == 0 and not self.allows_no_mlp:
+            raise ValueError(
+                f"d_ff=0 (no MLP) is not supported by {type(self).__name__}; use d_ff >= 1"
+            )
         if self.pad_vocab_size_multiple < 1:
             raise ValueError("pad_vocab_size_multiple must be >= 1")
         for name in ("dropout", "attn_dropout"):
@@ -154,7 +164,10 @@ class Embeddings(nn.Module):
             raise ValueError(
                 f"position {int(position_ids.max())} is beyond max_seq_len={self.cfg.max_seq_len}"
             )
-        p = self.pos(position_ids) if self.pos is not None else self.sincos[position_ids].to(x.dtype)
+        if self.pos is not None:
+            p = self.pos(position_ids)
+        else:
+            p = self.sincos[position_ids].to(x.dtype)
         return torch.cat([x, p], dim=-1) if self.cfg.pos_embedding_apply == "concat" else x + p
 
 
@@ -199,7 +212,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
 
 
 class LMHead(nn.Module):

@@ -5,13 +5,15 @@ with ``cfg.activation``; MambaConfig defaults to ``swiglu`` (a gated MLP of widt
 4 * d_model), unlike the ModelConfig default ``gelu``: pass ``activation="gelu"`` (``--activation``)
 for a plain MLP, and ``d_ff=0`` for the original Mamba block without an MLP.
 
-Bidirectional (``cfg.bidirectional``, MLM): each layer runs its mixer on the sequence and a second
-mixer on every row's real tokens reversed (right padding stays in place), flips that output back the
-same way and combines the two ("add": sum, "ew_multiply": product, as in Caduceus). The reverse
-mixer has its own parameters; ``bidirectional_weight_tie=True`` shares its in_proj and out_proj with
-the forward mixer (Caduceus's tying), keeping conv, dt, A and D per direction. Padding never reaches
-a real position: pads trail the real tokens in both scan directions and every operator is causal.
-Causal (CLM) models ignore ``attention_mask`` for the same reason.
+Bidirectional (``cfg.bidirectional``, MLM): each layer reads the sequence forwards and every row's
+real tokens reversed (right padding stays in place), flips the reverse result back the same way and
+combines the two directions ("add": sum, "ew_multiply": product, as in Caduceus). What each
+direction holds is ``bidirectional_mlp`` (see MambaConfig): a whole block (mixer and MLP,
+"per_direction", the default) or a mixer only, the two sharing one MLP ("shared").
+``bidirectional_weight_tie=True`` shares the reverse mixer's in_proj and out_proj with the forward
+mixer (Caduceus's tying), keeping conv, dt, A and D per direction. Padding never reaches a real
+position: pads trail the real tokens in both scan directions, every mixer is causal and everything
+else acts per token. Causal (CLM) models ignore ``attention_mask`` for the same reason.
 """
 
 from __future__ import annotations
@@ -34,10 +36,38 @@ from helm.models.ssm import (
 
 SSM_LAYERS = ("mamba", "mamba2")
 BIDIRECTIONAL_STRATEGIES = ("add", "ew_multiply")
+BIDIRECTIONAL_MLPS = ("per_direction", "shared")
 
 
 @dataclass
 class MambaConfig(ModelConfig):
+    """Mamba backbone options on top of ModelConfig; ``d_ff = 0`` builds blocks without an MLP.
+
+    Bidirectional layers (``bidirectional=True``) come in two kinds, ``bidirectional_mlp``:
+
+    - "per_direction" (default): two whole blocks per layer, f (forward) and r (reverse), each
+      ``Delta(x) = a + MLP(RMSNorm(x + a))`` with ``a = Mixer(RMSNorm(x))``: the residual update
+      that block would add to x. With rev reversing each row's real tokens (its own inverse), the
+      layer is the residual map ``y = x + Delta_f(x) + rev(Delta_r(rev(x)))`` ("add"; "ew_multiply"
+      multiplies the two updates instead). Equivalently, each direction runs its block on the
+      residual stream and the two updates are summed, not the two streams (which would count x
+      twice).
+    - "shared": one block per layer whose mixer sub-block runs two mixers,
+      ``x = x + Mixer_f(h) + rev(Mixer_r(rev(h)))`` with ``h = RMSNorm(x)`` (one norm), followed by
+      one MLP sub-block as in a causal layer.
+
+    Parameters per layer (Mamba-1, d = d_model, e = expand * d, R = dt_rank, N = d_state,
+    K = d_conv, swiglu MLP of width f; norms have d weights):
+    mixer M = 2de + e(K + 1) + e(R + 2N) + (Re + e) + eN + e + ed, MLP F = 2df + 2f + fd + d;
+    causal layer = M + F + 2d; per_direction = 2 (M + F + 2d), exactly two causal layers;
+    shared = 2M + F + 2d (with d_ff = 0, F and one norm drop from each block). Tying
+    (``bidirectional_weight_tie``) removes 3de, the reverse in_proj and out_proj, from either.
+    So 20 per_direction layers of width 256 (f = 1024) cost what 40 causal layers cost: 49,099,008
+    parameters with the 72-row tied embedding, against 33,314,048 for "shared".
+    """
+
+    allows_no_mlp = True  # d_ff = 0: Mamba's original block, a mixer only
+
     pos_embedding: str = "none"
     activation: str = "swiglu"  # the block's gated MLP; d_ff = 0: no MLP
     ssm_layer: str = "mamba"  # "mamba" (Mamba-1) | "mamba2" (SSD)
@@ -53,18 +83,15 @@ class MambaConfig(ModelConfig):
     chunk_size: int | None = None  # PyTorch scan chunk; None: 16 (mamba), 64 (mamba2)
     bidirectional_strategy: str = "add"
     bidirectional_weight_tie: bool = False
+    bidirectional_mlp: str = "per_direction"  # "per_direction" | "shared": see the docstring
     use_fast_path: str = "auto"  # "auto" | "always" | "never": mamba-ssm kernels on CUDA
 
     def __post_init__(self) -> None:
-        no_mlp = self.d_ff == 0  # the shared check wants d_ff >= 1; 0 means "no MLP" here
-        if no_mlp:
-            self.d_ff = 1
         super().__post_init__()
-        if no_mlp:
-            self.d_ff = 0
         for name, value, choices in (
             ("ssm_layer", self.ssm_layer, SSM_LAYERS),
             ("bidirectional_strategy", self.bidirectional_strategy, BIDIRECTIONAL_STRATEGIES),
+            ("bidirectional_mlp", self.bidirectional_mlp, BIDIRECTIONAL_MLPS),
             ("use_fast_path", self.use_fast_path, FAST_PATHS),
         ):
             if value not in choices:
@@ -240,29 +267,64 @@ def reverse_real_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 class MambaBlock(nn.Module):
+    """One layer (B, T, D) -> (B, T, D): causal, or bidirectional of either kind (MambaConfig).
+
+    The forward direction's modules are ``mixer_norm``, ``mixer``, ``mlp_norm``, ``mlp`` (the MLP
+    pair is None when d_ff = 0); bidirectional layers add ``mixer_rev`` and, per_direction, the
+    reverse block's ``mixer_norm_rev``, ``mlp_norm_rev``, ``mlp_rev``.
+    """
+
     def __init__(self, cfg: MambaConfig, kernels: bool):
         super().__init__()
         mixer_cls = MambaMixer if cfg.ssm_layer == "mamba" else Mamba2Mixer
-        self.bidirectional, self.strategy = cfg.bidirectional, cfg.bidirectional_strategy
+        self.strategy = cfg.bidirectional_strategy
+        self.per_direction = cfg.bidirectional and cfg.bidirectional_mlp == "per_direction"
         self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mixer = mixer_cls(cfg, kernels)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.d_ff else None
+        self.mlp = MLP(cfg) if cfg.d_ff else None
         self.mixer_rev = mixer_cls(cfg, kernels) if cfg.bidirectional else None
         if self.mixer_rev is not None and cfg.bidirectional_weight_tie:
             self.mixer_rev.in_proj.weight = self.mixer.in_proj.weight
             self.mixer_rev.out_proj.weight = self.mixer.out_proj.weight
+        if self.per_direction:
+            self.mixer_norm_rev = RMSNorm(cfg.d_model, cfg.norm_eps)
+            self.mlp_norm_rev = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.d_ff else None
+            self.mlp_rev = MLP(cfg) if cfg.d_ff else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.d_ff else None
-        self.mlp = MLP(cfg) if cfg.d_ff else None
+
+    def _combine(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a + b if self.strategy == "add" else a * b
+
+    def _update(
+        self,
+        x: torch.Tensor,
+        mixer_norm: RMSNorm,
+        mixer: nn.Module,
+        mlp_norm: RMSNorm | None,
+        mlp: MLP | None,
+    ) -> torch.Tensor:
+        """What the pre-norm block (mixer_norm, mixer, mlp_norm, mlp) adds to x: block(x) - x."""
+        delta = self.drop(mixer(mixer_norm(x)))  # (B, T, D)
+        if mlp is not None:
+            delta = delta + mlp(mlp_norm(x + delta))
+        return delta
 
     def forward(self, x: torch.Tensor, rev_index: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, T, D); rev_index: (B, T) from ``reversal_index`` (bidirectional only)."""
+        if self.per_direction:
+            delta_f = self._update(x, self.mixer_norm, self.mixer, self.mlp_norm, self.mlp)
+            x_rev = reverse_real_tokens(x, rev_index)  # reversed real tokens, padding in place
+            delta_r = self._update(
+                x_rev, self.mixer_norm_rev, self.mixer_rev, self.mlp_norm_rev, self.mlp_rev
+            )
+            return x + self._combine(delta_f, reverse_real_tokens(delta_r, rev_index))
+        if self.mixer_rev is None:
+            return x + self._update(x, self.mixer_norm, self.mixer, self.mlp_norm, self.mlp)
+        # Shared MLP: the two mixers read one normalised input and make one residual update.
         h = self.mixer_norm(x)
-        y = self.mixer(h)  # (B, T, D)
-        if self.mixer_rev is not None:
-            y_rev = self.mixer_rev(reverse_real_tokens(h, rev_index))  # on reversed real tokens
-            y_rev = reverse_real_tokens(y_rev, rev_index)  # back to the original order
-            y = y + y_rev if self.strategy == "add" else y * y_rev
-        x = x + self.drop(y)
+        y_rev = reverse_real_tokens(self.mixer_rev(reverse_real_tokens(h, rev_index)), rev_index)
+        x = x + self.drop(self._combine(self.mixer(h), y_rev))
         if self.mlp is not None:
             x = x + self.mlp(self.mlp_norm(x))
         return x
