@@ -1,0 +1,56 @@
+"""Downstream evaluation: property-prediction tasks probed on frozen backbone features.
+
+Typical use (``extract`` maps sequences to per-token (T_i, D) hidden states)::
+
+    data = load_task("tc_riboswitches", data_dir=...)
+    splits = make_splits(data)
+    features = extract(data.codon_sequences())
+    results = {"helm": evaluate_probe(features, data, splits)}
+    results |= run_baselines(data, splits)
+    print(format_report(results, TASKS["tc_riboswitches"]))
+"""
+
+from helm.downstream.baselines import BASELINES, format_report, run_baselines, to_json
+from helm.downstream.heads import OneHotEncoder, TextCNN, codon_frequency_features, pad_features
+from helm.downstream.metrics import PRIMARY, compute_metrics
+from helm.downstream.protocol import (
+    ProbeResult,
+    Split,
+    evaluate_pooled,
+    evaluate_probe,
+    make_splits,
+    select_at_best_val,
+)
+from helm.downstream.tasks import (
+    TASKS,
+    TaskData,
+    TaskSpec,
+    fetch_task,
+    load_task,
+    load_task_file,
+)
+
+__all__ = [
+    "BASELINES",
+    "PRIMARY",
+    "TASKS",
+    "OneHotEncoder",
+    "ProbeResult",
+    "Split",
+    "TaskData",
+    "TaskSpec",
+    "TextCNN",
+    "codon_frequency_features",
+    "compute_metrics",
+    "evaluate_pooled",
+    "evaluate_probe",
+    "fetch_task",
+    "format_report",
+    "load_task",
+    "load_task_file",
+    "make_splits",
+    "pad_features",
+    "run_baselines",
+    "select_at_best_val",
+    "to_json",
+]

@@ -1,0 +1,155 @@
+"""No-pretraining baselines in the same harness and splits, and the markdown / JSON report.
+
+- ``onehot_textcnn``: the TextCNN of `evaluate_probe` on one-hot codons (`OneHotEncoder`), so the
+  only difference from a pretrained probe is where the token features come from;
+- ``codon_freq``: 64 codon frequencies per sequence into ridge regression (classification and
+  multilabel: L2 logistic regression), the penalty chosen on validation (`evaluate_pooled`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+
+from helm.downstream.heads import OneHotEncoder, codon_frequency_features
+from helm.downstream.metrics import LOWER_IS_BETTER
+from helm.downstream.protocol import ProbeResult, Split, evaluate_pooled, evaluate_probe
+from helm.downstream.tasks import TaskData, TaskSpec
+
+BASELINES = ("onehot_textcnn", "codon_freq")
+
+
+def run_baselines(
+    data: TaskData,
+    splits: Sequence[Split],
+    *,
+    methods: Sequence[str] = BASELINES,
+    lrs: Sequence[float] = (3e-4, 1e-4, 1e-5),
+    batch_sizes: Sequence[int] = (8, 16, 32, 64),
+    seeds: Sequence[int] = (0, 1, 2),
+    max_epochs: int = 100,
+    patience: int = 15,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict[str, ProbeResult]:
+    """Run the baselines named in `methods`; the TextCNN grid arguments are `evaluate_probe`'s."""
+    unknown = sorted(set(methods) - set(BASELINES))
+    if unknown:
+        raise ValueError(f"unknown baseline(s) {unknown}; known: {', '.join(BASELINES)}")
+    seqs = data.codon_sequences()
+    results = {}
+    if "onehot_textcnn" in methods:
+        results["onehot_textcnn"] = evaluate_probe(
+            OneHotEncoder()(seqs),
+            data,
+            splits,
+            lrs=lrs,
+            batch_sizes=batch_sizes,
+            seeds=seeds,
+            max_epochs=max_epochs,
+            patience=patience,
+            device=device,
+            progress=progress,
+            method="onehot_textcnn",
+        )
+    if "codon_freq" in methods:
+        x = codon_frequency_features(seqs)
+        results["codon_freq"] = evaluate_pooled(x, data, splits, method="codon_freq")
+    return results
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+
+
+def _task_info(info: TaskSpec | TaskData | dict | str | None) -> dict:
+    """A plain dict (name, task, description, coding) from whatever describes the task."""
+    if isinstance(info, TaskSpec):
+        return {
+            "name": info.name,
+            "task": info.task,
+            "description": info.description,
+            "coding": info.coding,
+            "file": info.file_name,
+        }
+    if isinstance(info, TaskData):
+        return {"name": info.source, "task": info.task, "coding": None}
+    if isinstance(info, str):
+        return {"name": info, "coding": None}
+    return dict(info or {})
+
+
+def _fmt(mean: float, std: float) -> str:
+    return "nan" if math.isnan(mean) else f"{mean:.4f} ± {std:.4f}"
+
+
+def _chosen(result: ProbeResult) -> str:
+    parts = []
+    for c in result.chosen:
+        params = ", ".join(
+            f"{'batch' if k == 'batch_size' else k} {v:g}" for k, v in c.items() if k != "split"
+        )
+        if params not in parts:
+            parts.append(params)
+    return "; ".join(parts)
+
+
+def format_report(
+    results: dict[str, ProbeResult], task_spec_or_info: TaskSpec | TaskData | dict | str | None
+) -> str:
+    """Markdown: one row per method with the primary test metric (mean ± std over runs), the
+    other metrics, the number of runs and the hyperparameters chosen on validation."""
+    info = _task_info(task_spec_or_info)
+    first = next(iter(results.values()), None)
+    metric = first.metric if first else "?"
+    task = info.get("task") or (first.task if first else "?")
+    direction = "lower" if metric in LOWER_IS_BETTER else "higher"
+    lines = [f"## Downstream task: {info.get('name', '?')}", ""]
+    if info.get("description"):
+        lines += [info["description"], ""]
+    lines.append(
+        f"{task}; primary metric {metric} ({direction} is better) on the test set at the epoch "
+        "of best validation metric, mean ± std over seeds and splits."
+    )
+    if info.get("coding") is False:
+        lines.append(
+            "Non-coding sequences: cut into consecutive 3-mers from the first nucleotide (a "
+            "trailing partial 3-mer dropped), as CodonBERT did, and read with the codon vocabulary."
+        )
+    lines += [
+        "",
+        f"| method | {metric} | runs | other test metrics | chosen |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        others = ", ".join(
+            f"{k} {_fmt(*v)}" for k, v in r.test_metrics.items() if k != r.metric and "/" not in k
+        )
+        lines.append(
+            f"| {name} | {_fmt(r.mean, r.std)} | {len(r.values)} | {others} | {_chosen(r)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _finite(obj):
+    # JSON has no nan: undefined metrics (e.g. a correlation of constant predictions) become null.
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def to_json(
+    results: dict[str, ProbeResult],
+    task_spec_or_info: TaskSpec | TaskData | dict | str | None = None,
+) -> str:
+    """The results and the task description as a JSON document (nan written as null)."""
+    doc = {
+        "task": _task_info(task_spec_or_info),
+        "results": {name: r.to_dict() for name, r in results.items()},
+    }
+    return json.dumps(_finite(doc), indent=2)

@@ -1,0 +1,419 @@
+"""The probing protocol of the HELM paper on frozen features: splits, grid, seeds, selection.
+
+For every split, learning rate and batch size, and every seed, a head is trained with Adam on the
+training records; after each epoch the validation and test metrics are recorded, training stops
+once the validation metric has not improved for `patience` epochs, and the run's result is the
+TEST metric at the epoch of best VALIDATION metric (`select_at_best_val`). The grid point with
+the best validation metric (mean over seeds) is chosen, and its test metrics are reported as mean
+and standard deviation over seeds (and folds). ``head="linear"`` replaces the TextCNN by ridge or
+L2 logistic regression on mean-pooled features, its penalty chosen on validation.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from helm.data.io import DataError
+from helm.downstream.heads import (
+    Standardizer,
+    TextCNN,
+    fit_logistic,
+    logistic_scores,
+    mean_pool,
+    pad_features,
+    ridge_path,
+)
+from helm.downstream.metrics import LOWER_IS_BETTER, PRIMARY, better, compute_metrics
+from helm.downstream.tasks import TaskData
+
+logger = logging.getLogger("helm")
+
+RIDGE_ALPHAS = (1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)
+LOGISTIC_L2 = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+_EVAL_BATCH = 64
+
+
+# --------------------------------------------------------------------------------------------------
+# Splits
+
+
+@dataclass(eq=False)
+class Split:
+    """Sorted record indices of a `TaskData` for training, model selection and testing."""
+
+    name: str
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{k} {len(getattr(self, k))}" for k in ("train", "val", "test"))
+        return f"Split({self.name!r}, {sizes})"
+
+
+def make_splits(
+    data: TaskData,
+    fractions: tuple[float, float, float] | None = (0.7, 0.15, 0.15),
+    *,
+    kfold: int | None = None,
+    seed: int = 0,
+    use_split_column: bool = True,
+) -> list[Split]:
+    """Train/val/test index sets of a task.
+
+    - ``kfold=k``: k splits; fold i is the test set, fold i+1 (mod k) the validation set and the
+      rest train. Records sharing a group (`data.groups`; each record its own group when None)
+      always land in the same fold, so no group straddles train and test.
+    - otherwise the file's split column when present (and `use_split_column`);
+    - otherwise a random split with `fractions`, group-aware when groups are given.
+    Every rule is deterministic given `seed`.
+    """
+    n = len(data)
+    groups = data.groups if data.groups is not None else np.arange(n)
+    uniq, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    rng = np.random.default_rng(seed)
+    if kfold is not None:
+        if kfold < 3 or kfold > len(uniq):
+            raise ValueError(f"kfold needs 3 <= k <= number of groups ({len(uniq)}), got {kfold}")
+        # Shuffle then place the largest groups first, each into the currently smallest fold: a
+        # seeded version of GroupKFold's greedy balancing (ties between equal groups are random).
+        order = rng.permutation(len(uniq))
+        order = order[np.argsort(-counts[order], kind="stable")]
+        fold_of_group, sizes = np.empty(len(uniq), dtype=np.int64), np.zeros(kfold, dtype=np.int64)
+        for g in order:
+            fold_of_group[g] = int(np.argmin(sizes))
+            sizes[fold_of_group[g]] += counts[g]
+        fold = fold_of_group[inverse]
+        return [
+            Split(
+                f"fold {i + 1}/{kfold}",
+                np.flatnonzero((fold != i) & (fold != (i + 1) % kfold)),
+                np.flatnonzero(fold == (i + 1) % kfold),
+                np.flatnonzero(fold == i),
+            )
+            for i in range(kfold)
+        ]
+    if data.splits is not None and use_split_column:
+        parts = [np.flatnonzero(data.splits == name) for name in ("train", "val", "test")]
+        empty = [name for name, p in zip(("train", "val", "test"), parts) if not len(p)]
+        if empty:
+            raise DataError(f"{data.source}: the split column has no {empty} records")
+        return [Split("fixed", *parts)]
+    if fractions is None or len(fractions) != 3 or abs(sum(fractions) - 1) > 1e-6:
+        raise ValueError(f"fractions must be three numbers summing to 1, got {fractions}")
+    # Whole groups are taken in a seeded order until test, then val, hold at least their share.
+    order = rng.permutation(len(uniq))
+    cum = np.concatenate([[0], np.cumsum(counts[order])])  # records in the first j groups
+    n_test, n_val = (max(1, round(n * f)) if f > 0 else 0 for f in (fractions[2], fractions[1]))
+    end_test = int(np.searchsorted(cum, n_test))
+    end_val = int(np.searchsorted(cum, cum[end_test] + n_val))
+    part = np.zeros(len(uniq), dtype=np.int64)  # 0 train, 1 val, 2 test
+    part[order[:end_test]], part[order[end_test:end_val]] = 2, 1
+    where = part[inverse]
+    return [Split(f"random(seed={seed})", *(np.flatnonzero(where == k) for k in range(3)))]
+
+
+def _check_splits(splits: Sequence[Split], n: int) -> None:
+    if not splits:
+        raise ValueError("no splits given")
+    for split in splits:
+        parts = (split.train, split.val, split.test)
+        if any(len(p) == 0 for p in parts):
+            raise DataError(f"{split!r}: train, val and test must each hold at least one record")
+        if max(int(p.max()) for p in parts) >= n:
+            raise DataError(f"{split!r} indexes past the {n} records of the task")
+
+
+# --------------------------------------------------------------------------------------------------
+# Selection and results
+
+
+def select_at_best_val(
+    val_curve: Sequence[float], test_curve: Sequence[float], mode: str = "max"
+) -> tuple[int, float]:
+    """(epoch, test value) at the epoch of best validation value; the earliest epoch wins ties.
+
+    `mode` is ``"max"`` or ``"min"``; nan validation values never win. Epochs count from 0.
+    """
+    if len(val_curve) != len(test_curve) or not len(val_curve):
+        raise ValueError("val_curve and test_curve must be non-empty and of equal length")
+    if mode not in ("max", "min"):
+        raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+    sign = 1.0 if mode == "max" else -1.0
+    keyed = [sign * v if not math.isnan(v) else -math.inf for v in val_curve]
+    epoch = int(np.argmax(keyed))  # argmax returns the first maximum
+    return epoch, float(test_curve[epoch])
+
+
+@dataclass
+class ProbeResult:
+    """Test metrics of one method on one task, over seeds (and folds), at the chosen grid point.
+
+    `values` holds the primary test metric of each run; `test_metrics` maps every metric to its
+    (mean, std); `chosen` the hyperparameters picked on validation for each split; `grid` one row
+    per split and grid point with its mean validation and test values over seeds.
+    """
+
+    method: str
+    task: str
+    metric: str
+    values: list[float]
+    test_metrics: dict[str, tuple[float, float]]
+    chosen: list[dict]
+    grid: list[dict] = field(default_factory=list)
+
+    @property
+    def mean(self) -> float:
+        """Mean of the primary test metric over runs."""
+        return float(np.mean(self.values))
+
+    @property
+    def std(self) -> float:
+        """Population standard deviation of the primary test metric over runs (0 for one run)."""
+        return float(np.std(self.values))
+
+    def to_dict(self) -> dict:
+        """JSON-able form, with the mean and std spelled out."""
+        return {**asdict(self), "mean": self.mean, "std": self.std}
+
+
+def _summarise(runs: list[dict[str, float]]) -> dict[str, tuple[float, float]]:
+    keys = sorted({k for r in runs for k in r})
+    return {
+        k: (float(np.mean(v)), float(np.std(v)))
+        for k in keys
+        if (v := [r[k] for r in runs if k in r])
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+
+
+def _targets(
+    data: TaskData, train: np.ndarray
+) -> tuple[np.ndarray, float | np.ndarray, float | np.ndarray]:
+    """Training-space targets and the (mean, std) that map predictions back to the data's units."""
+    y = data.targets
+    if data.task != "regression":
+        return y, 0.0, 1.0
+    # Standardise on train only, so no statistic of val or test leaks into training.
+    mu, sd = y[train].mean(axis=0), y[train].std(axis=0)
+    sd = np.where(sd > 1e-12, sd, 1.0)
+    return (y - mu) / sd, mu, sd
+
+
+def _loss(task: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if task == "regression":
+        return F.mse_loss(out.reshape(y.shape), y)
+    if task == "classification":
+        return F.cross_entropy(out, y)
+    return F.binary_cross_entropy_with_logits(out, y)
+
+
+@torch.no_grad()
+def _predict(
+    model: TextCNN, feats: list[torch.Tensor], idx: np.ndarray, task: str, device
+) -> np.ndarray:
+    model.eval()
+    outs = []
+    for start in range(0, len(idx), _EVAL_BATCH):
+        x, mask = pad_features([feats[i] for i in idx[start : start + _EVAL_BATCH]], device)
+        out = model(x, mask).float()
+        if task == "classification":
+            out = out.softmax(dim=-1)
+        elif task == "multilabel":
+            out = out.sigmoid()
+        outs.append(out.cpu().numpy().astype(np.float64))
+    return np.concatenate(outs)
+
+
+def _train_textcnn(
+    feats: list[torch.Tensor],
+    data: TaskData,
+    split: Split,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    max_epochs: int,
+    patience: int,
+    device: str,
+) -> tuple[float, dict[str, float], int]:
+    """One run: (best validation value, test metrics at that epoch, that epoch)."""
+    task, metric = data.task, PRIMARY[data.task]
+    y, mu, sd = _targets(data, split.train)
+    y_train = torch.as_tensor(y, dtype=torch.int64 if task == "classification" else torch.float32)
+    torch.manual_seed(seed)  # the head's initialisation and dropout
+    order = torch.Generator().manual_seed(seed)  # the epochs' shuffling
+    model = TextCNN(feats[0].shape[-1], data.num_outputs).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    val_curve, test_curve, test_runs = [], [], []
+    best, since_best = math.nan, 0
+    for _ in range(max_epochs):
+        model.train()
+        perm = split.train[torch.randperm(len(split.train), generator=order).numpy()]
+        for start in range(0, len(perm), batch_size):
+            idx = perm[start : start + batch_size]
+            x, mask = pad_features([feats[i] for i in idx], device)
+            loss = _loss(task, model(x, mask), y_train[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        scored = []
+        for part in (split.val, split.test):
+            pred = _predict(model, feats, part, task, device)
+            if task == "regression":
+                pred = pred.reshape(len(part), -1) * sd + mu
+                pred = pred[:, 0] if data.targets.ndim == 1 else pred
+            scored.append(compute_metrics(task, data.targets[part], pred))
+        val_curve.append(scored[0][metric])
+        test_curve.append(scored[1][metric])
+        test_runs.append(scored[1])
+        if better(metric, val_curve[-1], best):
+            best, since_best = val_curve[-1], 0
+        else:
+            since_best += 1
+            if since_best >= patience:
+                break
+    mode = "min" if metric in LOWER_IS_BETTER else "max"
+    epoch, _ = select_at_best_val(val_curve, test_curve, mode)
+    return val_curve[epoch], test_runs[epoch], epoch
+
+
+def _linear_probe(
+    x: np.ndarray, data: TaskData, split: Split
+) -> tuple[dict, dict[str, float], list[dict]]:
+    """Ridge / logistic regression on pooled features, penalty chosen on val.
+
+    Returns (chosen hyperparameters, test metrics, grid rows).
+    """
+    task, metric = data.task, PRIMARY[data.task]
+    scale = Standardizer(x[split.train])
+    x = scale(x)
+    rows = []
+    if task == "regression":
+        y, mu, sd = _targets(data, split.train)
+        fits = ridge_path(x[split.train], y[split.train], RIDGE_ALPHAS)
+        preds = [(x @ w + b) * sd + mu for w, b in fits]
+        grid = [({"alpha": a}, p) for a, p in zip(RIDGE_ALPHAS, preds)]
+    else:
+        multilabel = task == "multilabel"
+        grid = []
+        for l2 in LOGISTIC_L2:
+            model = fit_logistic(
+                x[split.train], data.targets[split.train], data.num_outputs, l2, multilabel
+            )
+            grid.append(({"l2": l2}, logistic_scores(model, x, multilabel)))
+    best = None
+    for params, pred in grid:
+        val = compute_metrics(task, data.targets[split.val], pred[split.val])
+        test = compute_metrics(task, data.targets[split.test], pred[split.test])
+        rows.append({"split": split.name, **params, "val": val[metric], "test": test[metric]})
+        if best is None or better(metric, val[metric], best[0]):
+            best = (val[metric], params, test)
+    return best[1], best[2], rows
+
+
+def evaluate_pooled(
+    x: np.ndarray, data: TaskData, splits: Sequence[Split], method: str = "linear"
+) -> ProbeResult:
+    """Ridge (regression) or L2 logistic regression on one (N, D) feature vector per record.
+
+    Features are standardised on train; the penalty is chosen on val per split. The fit is
+    deterministic, so each split contributes one run.
+    """
+    _check_splits(splits, len(data))
+    chosen, runs, grid = [], [], []
+    for split in splits:
+        params, test, rows = _linear_probe(np.asarray(x, dtype=np.float64), data, split)
+        chosen.append({"split": split.name, **params})
+        runs.append(test)
+        grid += rows
+    metric = PRIMARY[data.task]
+    values = [r[metric] for r in runs]
+    return ProbeResult(method, data.task, metric, values, _summarise(runs), chosen, grid)
+
+
+# --------------------------------------------------------------------------------------------------
+# The protocol
+
+
+def evaluate_probe(
+    features: Sequence[np.ndarray],
+    data: TaskData,
+    splits: Sequence[Split],
+    *,
+    task: str | None = None,
+    lrs: Sequence[float] = (3e-4, 1e-4, 1e-5),
+    batch_sizes: Sequence[int] = (8, 16, 32, 64),
+    seeds: Sequence[int] = (0, 1, 2),
+    max_epochs: int = 100,
+    patience: int = 15,
+    head: str = "textcnn",
+    device: str = "cpu",
+    progress: bool = True,
+    method: str | None = None,
+) -> ProbeResult:
+    """Evaluate frozen per-token features on a task with the paper's protocol (module docstring).
+
+    Args:
+        features: one (T_i, D) array per record of `data`, in the same order.
+        data: the task; `task` overrides its type (normally left None).
+        splits: from `make_splits`; several (k-fold) pool their runs into one mean and std.
+        lrs, batch_sizes: the grid searched for the TextCNN head.
+        seeds: one run per seed at every grid point; the linear head is deterministic and runs once.
+        max_epochs, patience: the epoch budget and early-stopping patience on the validation metric.
+        head: ``"textcnn"`` or ``"linear"``.
+        method: the name in the result (defaults to the head).
+    """
+    if len(features) != len(data):
+        raise DataError(f"{len(features)} feature arrays for {len(data)} records of {data.source}")
+    if task is not None and task != data.task:
+        data = TaskData(**{**data.__dict__, "task": task})
+    metric = PRIMARY[data.task]
+    _check_splits(splits, len(data))
+    empty = [i for i, f in enumerate(features) if len(f) == 0]
+    if empty:
+        raise DataError(f"records {empty[:5]} have no feature rows (empty after tokenization?)")
+    if head == "linear":
+        return evaluate_pooled(mean_pool(features), data, splits, method=method or "linear")
+    if head != "textcnn":
+        raise ValueError(f"head must be 'textcnn' or 'linear', got {head!r}")
+
+    feats = [torch.as_tensor(np.asarray(f), dtype=torch.float32) for f in features]
+    chosen, runs, grid = [], [], []
+    for split in splits:
+        best = None  # (mean val, params, test metrics of each seed)
+        for lr in lrs:
+            for batch_size in batch_sizes:
+                vals, tests = [], []
+                for seed in seeds:
+                    val, test, epoch = _train_textcnn(
+                        feats, data, split, lr, batch_size, seed, max_epochs, patience, device
+                    )
+                    vals.append(val)
+                    tests.append(test)
+                    if progress:
+                        logger.info(
+                            "%s lr %g batch %d seed %d: best val %s %.4f at epoch %d, test %.4f",
+                            split.name, lr, batch_size, seed, metric, val, epoch + 1, test[metric],
+                        )  # fmt: skip
+                val_mean = float(np.nanmean(vals)) if not np.isnan(vals).all() else math.nan
+                params = {"lr": lr, "batch_size": batch_size}
+                test_mean = float(np.mean([t[metric] for t in tests]))
+                grid.append({"split": split.name, **params, "val": val_mean, "test": test_mean})
+                if best is None or better(metric, val_mean, best[0]):
+                    best = (val_mean, params, tests)
+        chosen.append({"split": split.name, **best[1]})
+        runs += best[2]
+        if progress:
+            logger.info("%s: chose %s (val %s %.4f)", split.name, best[1], metric, best[0])
+    values = [r[metric] for r in runs]
+    return ProbeResult(method or head, data.task, metric, values, _summarise(runs), chosen, grid)

@@ -1,0 +1,477 @@
+"""Downstream property-prediction tasks: the CodonBERT benchmark registry, fetching and loading.
+
+`TASKS` lists the fine-tuning sets of the CodonBERT benchmark (Li et al. 2023) used by the HELM
+paper. `fetch_task` finds a set's file locally (``data_dir`` / ``$HELM_DATA_DIR``, flat or one
+folder per set), in the cache (``$HELM_CACHE_DIR`` or ``~/.cache/helm/downstream``) or downloads
+it, always checking its sha256. `load_task_file` reads any user table or FASTA file into a
+`TaskData` (sequences cleaned and validated by `helm.data.io`); `protocol.make_splits` splits it.
+
+Non-coding sets (UTRs, riboswitches) are read like coding ones: the model sees them cut into
+consecutive 3-mers from the first nucleotide, a trailing partial 3-mer dropped, as CodonBERT did
+(`TaskData.codon_sequences`).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import os
+import re
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from helm.data.io import (
+    _SPLIT_STEMS,
+    DataError,
+    ReadReport,
+    _open_text,
+    _validate,
+    clean_sequence,
+    detect_format,
+    iter_raw_records,
+)
+
+logger = logging.getLogger("helm")
+
+TASK_TYPES = ("regression", "classification", "multilabel")
+CODONBERT_COMMIT = "9c31ecc6631df08794c373c5d715235649e2181a"
+_CODONBERT_URL = (
+    "https://raw.githubusercontent.com/Sanofi-Public/CodonBERT/"
+    f"{CODONBERT_COMMIT}/benchmarks/CodonBERT/data/fine-tune/"
+)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One benchmark set: where its file comes from and how to read and score it.
+
+    `sha256` None means the hash is not pinned yet: it is verified on first download, recorded in
+    the cache beside the file (``<file>.sha256``) and checked against that record afterwards.
+    `split_column` None means the file has no split: a seeded random 0.7/0.15/0.15 split is used.
+    """
+
+    name: str
+    file_name: str
+    sha256: str | None
+    task: str
+    metric: str
+    coding: bool
+    description: str
+    sequence_column: str = "Sequence"
+    target_columns: tuple[str, ...] = ("Value",)
+    split_column: str | None = "Split"
+    url: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.url:
+            object.__setattr__(self, "url", _CODONBERT_URL + self.file_name)
+
+
+def _spec(name: str, file_name: str, sha256: str | None, coding: bool, text: str, **kw) -> TaskSpec:
+    kw.setdefault("task", "regression")
+    kw.setdefault("metric", "spearman" if kw["task"] == "regression" else "accuracy")
+    return TaskSpec(name, file_name, sha256, coding=coding, description=text, **kw)
+
+
+TASKS: dict[str, TaskSpec] = {
+    s.name: s
+    for s in (
+        _spec("mrfp_expression", "mRFP_Expression.csv",
+              "ed32c1e547ca4db464ef873768fcc6b3f4738704981a88bd9b842bd4e630ed99", True,
+              "mRFP protein expression of synonymous CDS variants in E. coli (Nieuwkoop 2023)"),
+        _spec("cov_vaccine_degradation", "CoV_Vaccine_Degradation.csv",
+              "361828d96bfc52d91d74bc11042e399e2aea78a7d83b352227aca7f3bf43420c", False,
+              "mean deg_Mg_50C degradation of OpenVaccine RNA constructs (Wayment-Steele 2022)"),
+        _spec("tc_riboswitches", "Tc-Riboswitches.csv",
+              "707ffde524aa790647cffa6bce787f981c9fd0a095bee953657688f461c4678c", False,
+              "switching factor of tetracycline riboswitches (Groher 2018)"),
+        _spec("mlos", "MLOS.csv",
+              "25fcddaad8eb387de72df5323b90d62e76c7a3b28634df1b696f7d64ae26725b", True,
+              "flu vaccine HA antigen expression (Sanofi); no split column",
+              sequence_column="CDS", split_column=None),
+        # Not pinned: verified on first download (the hash is then recorded and reported).
+        _spec("ecoli_proteins", "E.Coli_proteins.csv", None, True,
+              "E. coli protein expression class low/medium/high (MPEPE, Ding 2022)",
+              task="classification"),
+        _spec("fungal_expression", "Fungal_expression.csv", None, True,
+              "protein expression of fungal genes (Wint 2022)"),
+        _spec("mrna_stability", "mRNA_Stability.csv", None, True,
+              "mRNA half-life across species (iCodon, Diez 2022)"),
+    )
+}  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------
+# Fetching
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check(path: Path, expected: str | None, spec: TaskSpec, delete: bool) -> None:
+    if expected is None:
+        return
+    actual = _sha256(path)
+    if actual != expected:
+        if delete:
+            path.unlink(missing_ok=True)
+        raise DataError(
+            f"{path}: sha256 mismatch for task {spec.name!r}: expected {expected}, got {actual}"
+            + (" (the file was deleted)" if delete else "; is it a modified copy?")
+        )
+
+
+def default_cache_dir() -> Path:
+    """``$HELM_CACHE_DIR`` or ``~/.cache/helm/downstream``."""
+    return Path(os.environ.get("HELM_CACHE_DIR") or Path.home() / ".cache/helm/downstream")
+
+
+def fetch_task(
+    name: str | TaskSpec,
+    data_dir: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> Path:
+    """Path of a task's file, verified against its checksum; downloaded into the cache if needed.
+
+    Looks in `data_dir` (default ``$HELM_DATA_DIR``) for ``<file>`` or ``<any folder>/<file>``, then
+    in the cache, then downloads ``spec.url`` to a temporary file in the cache and renames it into
+    place, so an interrupted download never leaves a file that looks complete.
+    """
+    spec = name if isinstance(name, TaskSpec) else TASKS.get(name)
+    if spec is None:
+        raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
+    data_dir = data_dir or os.environ.get("HELM_DATA_DIR")
+    if data_dir:
+        root = Path(data_dir)
+        if not root.is_dir():
+            raise DataError(f"data_dir {root} is not a directory")
+        for path in [root / spec.file_name, *sorted(root.glob(f"*/{spec.file_name}"))]:
+            if path.is_file():
+                _check(path, spec.sha256, spec, delete=False)
+                return path
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path, record = cache / spec.file_name, cache / f"{spec.file_name}.sha256"
+    expected = spec.sha256 or (record.read_text().strip() if record.is_file() else None)
+    if path.is_file():
+        _check(path, expected, spec, delete=True)
+        return path
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=cache, prefix=f".{spec.file_name}.", delete=False) as tmp:
+        try:
+            with urllib.request.urlopen(spec.url, timeout=60) as response:
+                for chunk in iter(lambda: response.read(1 << 20), b""):
+                    tmp.write(chunk)
+        except (urllib.error.URLError, OSError) as err:
+            tmp.close()
+            Path(tmp.name).unlink(missing_ok=True)
+            where = f" (looked in {data_dir})" if data_dir else ""
+            raise DataError(
+                f"could not download task {spec.name!r} from {spec.url}: {err}. Without network "
+                f"access, pass --data_dir DIR holding a local copy of {spec.file_name}{where}"
+            ) from err
+    _check(Path(tmp.name), expected, spec, delete=True)
+    os.replace(tmp.name, path)
+    if expected is None:
+        actual = _sha256(path)
+        record.write_text(actual + "\n")
+        logger.warning(
+            "task %s: downloaded %s with sha256 %s (not pinned; recorded in %s)",
+            spec.name, spec.file_name, actual, record,
+        )  # fmt: skip
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+@dataclass
+class TaskData:
+    """A loaded task: cleaned sequences, targets and optional fixed split and groups.
+
+    `targets` is float (n,) or (n, k) for regression, int (n,) class ids for classification and
+    0/1 float (n, k) for multilabel. `label_names` are the class names (classification: id i is
+    ``label_names[i]``), the label names (multilabel) or the target columns (regression).
+    """
+
+    sequences: list[str]
+    targets: np.ndarray
+    task: str
+    label_names: list[str]
+    splits: np.ndarray | None = None  # "train" / "val" / "test" per record
+    groups: np.ndarray | None = None
+    ids: list[str] = field(default_factory=list)
+    source: str = ""
+    report: ReadReport | None = None
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    @property
+    def num_outputs(self) -> int:
+        """Width of a prediction head: classes, labels or regression targets."""
+        if self.task == "classification" or self.targets.ndim == 2:
+            return len(self.label_names)
+        return 1
+
+    def codon_sequences(self) -> list[str]:
+        """Sequences cut to whole 3-mers (a trailing 1-2 nucleotides dropped), as fed to models."""
+        return [s[: len(s) - len(s) % 3] for s in self.sequences]
+
+
+_FASTA_HEADER = re.compile(r"record \d+ \(>(.*)\)$")
+_SEPARATORS = {"tab": "\t", "\\t": "\t", "comma": ",", "semicolon": ";", "pipe": "|"}
+
+
+def _table_rows(path: Path, gz: bool, fmt: str, sep: str | None):
+    """(header, iterator of (line, row)) of a delimited file; the separator given or sniffed."""
+    if sep is None:
+        with _open_text(path, gz) as f:
+            sample = "".join(line for _, line in zip(range(20), f))
+        try:
+            sep = csv.Sniffer().sniff(sample, delimiters=",\t;|").delimiter
+        except csv.Error:
+            sep = "\t" if fmt == "tsv" else ","
+    csv.field_size_limit(2**31 - 1)  # sequences can exceed the default 128 KiB field limit
+    f = _open_text(path, gz)
+    reader = csv.reader(f, delimiter=_SEPARATORS.get(sep, sep))
+    header = [h.strip() for h in next(reader, [])]
+
+    def rows():
+        with f:
+            for row in reader:
+                if any(cell.strip() for cell in row):
+                    yield reader.line_num, row
+
+    return header, rows()
+
+
+def _fasta_fields(path: Path, label_file: str | os.PathLike | None):
+    """Records of a FASTA file as dicts: ``id``, ``sequence`` and the labels of header or side file.
+
+    Header labels: ``>id key=value key2=value2`` (whitespace-separated pairs) or ``>id|value``
+    (the value under the key ``label``). A `label_file` (csv/tsv, first column or ``id``: the
+    record id) supplies columns by id instead.
+    """
+    side: dict[str, dict[str, str]] = {}
+    if label_file is not None:
+        fmt, gz = detect_format(label_file)
+        header, rows = _table_rows(Path(label_file), gz, fmt, None)
+        key = header.index("id") if "id" in header else 0
+        side = {row[key].strip(): dict(zip(header, (c.strip() for c in row))) for _, row in rows}
+    for location, raw in iter_raw_records(path, file_extension="fasta" + ".gz" * _gz(path)):
+        match = _FASTA_HEADER.search(location)
+        header = match.group(1).strip() if match else ""
+        first, _, rest = header.partition(" ")
+        record_id, _, piped = first.partition("|")
+        fields = {"id": record_id}
+        if piped:
+            fields["label"] = piped
+        for token in rest.split():
+            k, eq, v = token.partition("=")
+            if eq:
+                fields[k] = v
+        if label_file is not None:
+            if record_id not in side:
+                fields["__missing__"] = f"id {record_id!r} not in {label_file}"
+            fields.update(side.get(record_id, {}))
+        fields["sequence"] = raw
+        yield location, fields
+
+
+def _gz(path: Path) -> bool:
+    return Path(path).name.lower().endswith(".gz")
+
+
+def load_task_file(
+    path: str | os.PathLike,
+    *,
+    sequence_column: str = "Sequence",
+    target_columns: str | tuple[str, ...] | list[str] = ("Value",),
+    task: str = "regression",
+    split_column: str | None = None,
+    group_column: str | None = None,
+    fmt: str | None = None,
+    sep: str | None = None,
+    on_invalid: str = "error",
+    label_file: str | os.PathLike | None = None,
+    require_codons: bool = False,
+) -> TaskData:
+    """Read a labelled sequence file: csv, tsv or any delimited table, or FASTA; optionally ``.gz``.
+
+    Tables need a header; `sep` forces the separator, otherwise it is sniffed. FASTA labels come
+    from the header (``>id label=0.3`` or ``>id|0.3``; other ``key=value`` pairs serve as split or
+    group columns) or from `label_file`. Sequences are cleaned (upper case, U read as T) and
+    validated by `helm.data.io`; regression targets must be numbers; classification labels are
+    mapped to ids in sorted order (numeric order when all are numbers); multilabel targets are
+    several 0/1 columns or one column of ``;``-separated label names. Invalid records raise
+    `DataError` naming file, line and reason (``on_invalid="skip"`` drops and counts them).
+    """
+    if task not in TASK_TYPES:
+        raise ValueError(f"task must be one of {TASK_TYPES}, got {task!r}")
+    if on_invalid not in ("error", "skip"):
+        raise ValueError(f"on_invalid must be 'error' or 'skip', got {on_invalid!r}")
+    targets = [target_columns] if isinstance(target_columns, str) else list(target_columns)
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} does not exist")
+    if fmt is None:
+        try:
+            fmt = detect_format(path)[0]
+        except DataError:
+            fmt = "table"  # an unknown extension (.psv, .dat, ...) is read as a delimited table
+    fasta = fmt in ("fasta", "fa", "fna")
+    if fasta:
+        records = _fasta_fields(path, label_file)
+        seq_key = "sequence"
+    else:
+        header, rows = _table_rows(path, _gz(path), fmt, sep)
+        wanted = [sequence_column, *targets, *filter(None, (split_column, group_column))]
+        missing = [c for c in wanted if c not in header]
+        if missing:
+            raise DataError(f"{path}: no column(s) {missing}; the header has {header}")
+        records = (
+            (f"{path}:{line}", dict(zip(header, row))) for line, row in rows
+        )  # fmt: skip
+        seq_key = sequence_column
+
+    report = ReadReport(str(path))
+    seqs, raw_targets, split_values, group_values, ids = [], [], [], [], []
+    for location, fields in records:
+        report.num_records += 1
+        if "__missing__" in fields:
+            report.add_invalid(location, "missing label", fields["__missing__"])
+            continue
+        absent = [c for c in (*targets, split_column, group_column) if c and c not in fields]
+        if absent:
+            report.add_invalid(location, "missing field", ", ".join(absent))
+            continue
+        seq, reason, detail = _validate(clean_sequence(fields[seq_key]), require_codons, "nuc")
+        if reason is not None:
+            report.add_invalid(location, reason, detail)
+            continue
+        values = [fields[c].strip() for c in targets]
+        if task == "regression":
+            bad = next((v for v in values if not _is_float(v)), None)
+            if bad is not None:
+                report.add_invalid(location, "non-numeric target", repr(bad))
+                continue
+        elif any(not v for v in values) and task == "classification":
+            report.add_invalid(location, "missing label", "")
+            continue
+        split = None
+        if split_column is not None:
+            split = _SPLIT_STEMS.get(fields[split_column].strip().lower())
+            if split is None:
+                report.add_invalid(location, "unknown split", repr(fields[split_column]))
+                continue
+        report.num_valid += 1
+        seqs.append(seq)
+        raw_targets.append(values)
+        split_values.append(split)
+        group_values.append(fields[group_column].strip() if group_column else None)
+        ids.append(fields.get("id", location.rsplit(":", 1)[-1]))
+    if report.num_invalid:
+        if on_invalid == "error":
+            listed = "\n  ".join(report.examples)
+            raise DataError(
+                f"{report.num_invalid:,} invalid record(s) in {path} (first {len(report.examples)})"
+                f":\n  {listed}\nfix the file or pass on_invalid='skip' (--on-invalid skip)"
+            )
+        logger.warning("%s", report.summary())
+    if not seqs:
+        raise DataError(f"{path}: no usable records")
+    y, names = _encode_targets(raw_targets, targets, task, path)
+    return TaskData(
+        sequences=seqs,
+        targets=y,
+        task=task,
+        label_names=names,
+        splits=np.array(split_values) if split_column else None,
+        groups=np.array(group_values) if group_column else None,
+        ids=ids,
+        source=str(path),
+        report=report,
+    )
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return text.lower() not in ("nan", "inf", "-inf", "+inf")
+
+
+def _sort_labels(labels: set[str]) -> list[str]:
+    if all(_is_float(v) for v in labels):
+        return sorted(labels, key=float)
+    return sorted(labels)
+
+
+def _encode_targets(
+    values: list[list[str]], columns: list[str], task: str, path: Path
+) -> tuple[np.ndarray, list[str]]:
+    if task == "regression":
+        y = np.array(values, dtype=np.float64)
+        return (y[:, 0] if len(columns) == 1 else y), list(columns)
+    if task == "classification":
+        if len(columns) != 1:
+            raise DataError(f"{path}: classification takes one target column, got {columns}")
+        # "1" and "1.0" are one class: numeric labels are compared by value.
+        labels = [_canonical(v[0]) for v in values]
+        names = _sort_labels(set(labels))
+        index = {name: i for i, name in enumerate(names)}
+        logger.info("%s: class labels -> ids %s", path, index)
+        return np.array([index[v] for v in labels], dtype=np.int64), names
+    if len(columns) > 1:
+        try:
+            y = np.array([[float(v) for v in row] for row in values])
+        except ValueError as err:
+            raise DataError(f"{path}: multilabel columns {columns} must hold 0/1: {err}") from None
+        if not np.isin(y, (0.0, 1.0)).all():
+            raise DataError(f"{path}: multilabel columns {columns} must hold only 0 or 1")
+        return y, list(columns)
+    sets = [{t.strip() for t in v[0].split(";") if t.strip()} for v in values]
+    names = _sort_labels(set().union(*sets))
+    y = np.array([[float(name in s) for name in names] for s in sets])
+    return y, names
+
+
+def _canonical(label: str) -> str:
+    if _is_float(label) and float(label).is_integer():
+        return str(int(float(label)))
+    return label
+
+
+def load_task(
+    name: str | TaskSpec,
+    data_dir: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    on_invalid: str = "error",
+) -> TaskData:
+    """Fetch a registered task and load it with its registry columns.
+
+    Lengths are not required to be whole codons even for coding sets: like CodonBERT, every record
+    is kept and cut into 3-mers (`TaskData.codon_sequences`), so results stay comparable.
+    """
+    spec = name if isinstance(name, TaskSpec) else TASKS[name]
+    return load_task_file(
+        fetch_task(spec, data_dir, cache_dir),
+        sequence_column=spec.sequence_column,
+        target_columns=spec.target_columns,
+        task=spec.task,
+        split_column=spec.split_column,
+        on_invalid=on_invalid,
+    )

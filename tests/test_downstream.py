@@ -1,0 +1,438 @@
+"""Downstream evaluation (helm.downstream): registry and fetching, loading, splits, metrics, heads,
+the probing protocol, baselines and the report. No test touches the network."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import itertools
+import json
+import shutil
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from helm.data.io import DataError
+from helm.downstream import (
+    TASKS,
+    OneHotEncoder,
+    TaskSpec,
+    TextCNN,
+    codon_frequency_features,
+    compute_metrics,
+    evaluate_probe,
+    fetch_task,
+    format_report,
+    load_task,
+    load_task_file,
+    make_splits,
+    pad_features,
+    run_baselines,
+    select_at_best_val,
+    to_json,
+)
+from helm.downstream.metrics import auroc, f1_macro, mcc
+from helm.downstream.tasks import CODONBERT_COMMIT, TaskData
+
+LOCAL = {
+    "mrfp_expression": "codonbert_mrfp_expression",
+    "cov_vaccine_degradation": "codonbert_cov_vaccine_degradation",
+    "tc_riboswitches": "codonbert_tc_riboswitches",
+    "mlos": "codonbert_mlos",
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The heads here are tiny: one thread avoids intra-op contention on a shared 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ---- registry and fetching --------------------------------------------------------------------
+
+
+def test_registry_entries():
+    assert {"ecoli_proteins", "fungal_expression", "mrna_stability", *LOCAL} <= set(TASKS)
+    for name, spec in TASKS.items():
+        assert spec.name == name
+        assert spec.url.endswith(
+            f"{CODONBERT_COMMIT}/benchmarks/CodonBERT/data/fine-tune/{spec.file_name}"
+        )
+        assert spec.task in ("regression", "classification", "multilabel")
+        assert (spec.sha256 is None) == (name not in LOCAL)
+    assert TASKS["mlos"].split_column is None and TASKS["mlos"].sequence_column == "CDS"
+    assert TASKS["ecoli_proteins"].task == "classification"
+    assert not TASKS["tc_riboswitches"].coding and TASKS["mrfp_expression"].coding
+
+
+@pytest.mark.parametrize("name", sorted(LOCAL))
+def test_checksums_match_local_files_in_both_layouts(shared_data, tmp_path, name):
+    spec = TASKS[name]
+    nested = shared_data / LOCAL[name] / spec.file_name
+    assert sha(nested) == spec.sha256
+    assert fetch_task(name, data_dir=shared_data) == nested
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    shutil.copy(nested, flat / spec.file_name)
+    assert fetch_task(name, data_dir=flat, cache_dir=tmp_path / "cache") == flat / spec.file_name
+
+
+def test_fetch_uses_env_data_dir_and_rejects_a_modified_copy(tmp_path, monkeypatch):
+    spec = TaskSpec("toy", "toy.csv", sha256=None, task="regression", metric="spearman",
+                    coding=True, description="", url="file:///nonexistent")  # fmt: skip
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "toy.csv").write_text("Sequence,Value\nATG,1\n")
+    monkeypatch.setenv("HELM_DATA_DIR", str(tmp_path))
+    assert fetch_task(spec) == tmp_path / "sub" / "toy.csv"
+    pinned = TaskSpec(**{**spec.__dict__, "sha256": "0" * 64})
+    with pytest.raises(DataError, match="expected 0{64}, got [0-9a-f]{64}"):
+        fetch_task(pinned)
+    assert (tmp_path / "sub" / "toy.csv").exists()  # a user's copy is never deleted
+
+
+def _served(tmp_path: Path, text: str, sha256: str | None) -> TaskSpec:
+    src = tmp_path / "remote" / "toy.csv"
+    src.parent.mkdir(exist_ok=True)
+    src.write_text(text)
+    return TaskSpec("toy", "toy.csv", sha256, "regression", "spearman", True, "", url=src.as_uri())
+
+
+def test_download_verifies_and_caches(tmp_path, monkeypatch):
+    monkeypatch.delenv("HELM_DATA_DIR", raising=False)
+    text = "Sequence,Value\nATGAAA,1.5\n"
+    spec = _served(tmp_path, text, hashlib.sha256(text.encode()).hexdigest())
+    cache = tmp_path / "cache"
+    path = fetch_task(spec, cache_dir=cache)
+    assert path == cache / "toy.csv" and path.read_text() == text
+    assert sorted(p.name for p in cache.iterdir()) == ["toy.csv"]  # no temp file left behind
+    (tmp_path / "remote" / "toy.csv").unlink()
+    assert fetch_task(spec, cache_dir=cache) == path  # served from the cache
+
+
+def test_download_checksum_mismatch_deletes_and_names_both(tmp_path, monkeypatch):
+    monkeypatch.delenv("HELM_DATA_DIR", raising=False)
+    spec = _served(tmp_path, "Sequence,Value\nATG,1\n", "a" * 64)
+    actual = sha(tmp_path / "remote" / "toy.csv")
+    with pytest.raises(DataError, match=f"expected a{{64}}, got {actual}"):
+        fetch_task(spec, cache_dir=tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_unpinned_download_records_its_hash(tmp_path, monkeypatch):
+    monkeypatch.delenv("HELM_DATA_DIR", raising=False)
+    spec = _served(tmp_path, "Sequence,Value\nATG,1\n", None)
+    cache = tmp_path / "cache"
+    path = fetch_task(spec, cache_dir=cache)
+    assert (cache / "toy.csv.sha256").read_text().strip() == sha(path)
+    path.write_text("tampered")
+    with pytest.raises(DataError, match="sha256 mismatch"):
+        fetch_task(spec, cache_dir=cache)
+
+
+def test_network_failure_says_to_pass_data_dir(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.delenv("HELM_DATA_DIR", raising=False)
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(DataError, match="--data_dir") as err:
+        fetch_task("tc_riboswitches", cache_dir=tmp_path)
+    assert "Tc-Riboswitches.csv" in str(err.value) and list(tmp_path.iterdir()) == []
+
+
+# ---- loading ----------------------------------------------------------------------------------
+
+ROWS = [
+    ("AUGAAA", "1.5", "a", "train"),
+    ("atgccc", "2.5", "b", "val"),
+    ("ATGGGG", "-1", "a", "test"),
+]
+
+
+def _table(sep: str) -> str:
+    lines = [sep.join(("id", "Sequence", "Value", "Split"))]
+    lines += [sep.join((f"r{i}", s, v, split)) for i, (s, v, _, split) in enumerate(ROWS)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize(
+    "name, sep, given",
+    [("d.csv", ",", None), ("d.tsv", "\t", None), ("d.txt", ";", None), ("d.psv", "|", "|"),
+     ("d.csv.gz", ",", None), ("d.dat", ";", None)],
+)  # fmt: skip
+def test_load_tables(tmp_path, name, sep, given):
+    path = tmp_path / name
+    text = _table(sep)
+    if name.endswith(".gz"):
+        with gzip.open(path, "wt") as f:
+            f.write(text)
+    else:
+        path.write_text(text)
+    fmt = "table" if name.endswith(".txt") else None  # .txt alone means one sequence a line
+    data = load_task_file(path, target_columns="Value", split_column="Split", sep=given, fmt=fmt)
+    assert data.sequences == ["ATGAAA", "ATGCCC", "ATGGGG"]  # cleaned: U -> T, upper case
+    np.testing.assert_allclose(data.targets, [1.5, 2.5, -1.0])
+    assert data.splits.tolist() == ["train", "val", "test"] and data.num_outputs == 1
+
+
+def test_load_fasta_header_labels_and_side_file(tmp_path):
+    fa = tmp_path / "d.fa"
+    fa.write_text(">s1 label=0.5 split=train\nATGA\nAA\n>s2|2.0\nATGCCC\n")
+    data = load_task_file(fa, target_columns="label")
+    assert data.sequences == ["ATGAAA", "ATGCCC"] and data.ids == ["s1", "s2"]
+    np.testing.assert_allclose(data.targets, [0.5, 2.0])
+
+    fa.write_text(">s1 some text\nATGAAA\n>s2\nATGCCC\n>s3\nATGTTT\n")
+    side = tmp_path / "labels.tsv"
+    side.write_text("id\tclass\ts2_unused\ns2\thigh\tx\ns1\tlow\tx\ns3\thigh\tx\n")
+    data = load_task_file(fa, target_columns="class", task="classification", label_file=side)
+    assert data.label_names == ["high", "low"] and data.targets.tolist() == [1, 0, 0]
+    side.write_text("id\tclass\ns1\tlow\n")
+    with pytest.raises(DataError, match="'s2' not in"):
+        load_task_file(fa, target_columns="class", task="classification", label_file=side)
+
+
+def test_classification_and_multilabel_encoding(tmp_path):
+    path = tmp_path / "c.csv"
+    path.write_text("Sequence,Value,Tags\nATG,2.0,x;y\nATG,10,\nATG,1,y\nATG,2,x\n")
+    data = load_task_file(path, task="classification")
+    assert data.label_names == ["1", "2", "10"]  # numeric order; "2.0" and "2" are one class
+    assert data.targets.tolist() == [1, 2, 0, 1]
+    data = load_task_file(path, target_columns="Tags", task="multilabel")
+    assert data.label_names == ["x", "y"]
+    np.testing.assert_array_equal(data.targets, [[1, 1], [0, 0], [0, 1], [1, 0]])
+
+
+def test_clear_errors(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("Seq,Value\nATG,1\n")
+    with pytest.raises(
+        DataError, match=r"no column\(s\) \['Sequence'\]; the header has \['Seq', 'Value'\]"
+    ):
+        load_task_file(path)
+    path.write_text("Sequence,Value\nATG,1\nATG,high\nATXG,2\n,3\n")
+    with pytest.raises(DataError) as err:
+        load_task_file(path)
+    msg = str(err.value)
+    assert f"{path}:3: non-numeric target: 'high'" in msg
+    assert f"{path}:4: invalid character" in msg and f"{path}:5: empty" in msg
+    data = load_task_file(path, on_invalid="skip")
+    assert len(data) == 1 and data.report.num_invalid == 3
+
+
+# ---- splits -----------------------------------------------------------------------------------
+
+
+def _toy(n: int, groups=None) -> TaskData:
+    return TaskData(["ATG"] * n, np.arange(n, dtype=float), "regression", ["Value"], groups=groups)
+
+
+def test_random_splits_deterministic_disjoint_sized():
+    data = _toy(100)
+    (a,), (b,), (c,) = (
+        make_splits(data, seed=3),
+        make_splits(data, seed=3),
+        make_splits(data, seed=4),
+    )
+    assert (len(a.train), len(a.val), len(a.test)) == (70, 15, 15)
+    assert np.array_equal(a.test, b.test) and not np.array_equal(a.test, c.test)
+    assert np.array_equal(np.sort(np.concatenate([a.train, a.val, a.test])), np.arange(100))
+
+
+def test_kfold_groups_never_straddle():
+    groups = np.repeat(np.arange(20), np.arange(1, 21) % 4 + 1)
+    data = _toy(len(groups), groups=groups)
+    folds = make_splits(data, kfold=5, seed=0)
+    assert len(folds) == 5
+    tests = np.concatenate([f.test for f in folds])
+    assert np.array_equal(np.sort(tests), np.arange(len(groups)))  # each record tested once
+    for f in folds:
+        assert set(groups[f.train]).isdisjoint(groups[f.test])
+        assert set(groups[f.val]).isdisjoint(groups[f.test]) and set(groups[f.val]).isdisjoint(
+            groups[f.train]
+        )
+    again = make_splits(data, kfold=5, seed=0)
+    assert all(np.array_equal(x.test, y.test) for x, y in zip(folds, again))
+    (rand,) = make_splits(data, seed=1)  # random fractions respect groups too
+    assert set(groups[rand.train]).isdisjoint(groups[rand.test])
+
+
+# ---- selection and metrics --------------------------------------------------------------------
+
+
+def test_select_at_best_val():
+    val = [0.1, 0.3, 0.5, 0.7, 0.6, 0.65]
+    test = [
+        0.0,
+        0.2,
+        0.4,
+        0.5,
+        0.6,
+        0.9,
+    ]  # test peaks later than val: the answer is test at val's peak
+    assert select_at_best_val(val, test, "max") == (3, 0.5)
+    assert select_at_best_val([float("nan"), 0.2, 0.2], [9.0, 1.0, 2.0]) == (1, 1.0)
+    assert select_at_best_val([3.0, 1.0, 2.0], [0.0, 5.0, 6.0], "min") == (1, 5.0)
+
+
+def test_regression_metrics_against_scipy():
+    rng = np.random.default_rng(0)
+    y, p = rng.normal(size=50), rng.normal(size=50)
+    m = compute_metrics("regression", y, p)
+    assert m["spearman"] == pytest.approx(stats.spearmanr(p, y)[0])
+    assert m["pearson"] == pytest.approx(stats.pearsonr(p, y)[0])
+    assert m["rmse"] == pytest.approx(np.sqrt(np.mean((y - p) ** 2)))
+    assert m["r2"] == pytest.approx(1 - np.sum((y - p) ** 2) / np.sum((y - y.mean()) ** 2))
+    assert np.isnan(compute_metrics("regression", y, np.ones(50))["spearman"])
+
+
+def _brute_auroc(y, s):
+    pos, neg = s[y == 1], s[y == 0]
+    return np.mean(
+        [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in itertools.product(pos, neg)]
+    )
+
+
+def test_classification_metrics_by_hand():
+    y, pred = np.array([0, 0, 1, 1, 2, 2]), np.array([0, 1, 1, 1, 2, 0])
+    assert f1_macro(y, pred) == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
+    assert mcc(y, pred) == pytest.approx(12 / np.sqrt(22 * 24))
+    assert mcc(np.array([1, 1, 0, 0]), np.array([1, 0, 0, 0])) == pytest.approx(2 / np.sqrt(12))
+    assert auroc(np.array([0, 0, 1, 1]), np.array([0.1, 0.5, 0.5, 0.9])) == pytest.approx(0.875)
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 3, size=40)
+    scores = rng.integers(0, 4, size=(40, 3)).astype(float)  # many ties
+    m = compute_metrics("classification", labels, scores)
+    ovr = np.mean([_brute_auroc((labels == k).astype(int), scores[:, k]) for k in range(3)])
+    assert m["auroc"] == pytest.approx(ovr)
+    assert m["accuracy"] == pytest.approx(np.mean(scores.argmax(1) == labels))
+    binary = compute_metrics("classification", labels % 2, scores[:, :2])
+    assert binary["auroc"] == pytest.approx(_brute_auroc(labels % 2, scores[:, 1]))
+    ml = compute_metrics(
+        "multilabel",
+        np.array([[1, 0], [0, 0], [1, 1]]),
+        np.array([[0.9, 0.2], [0.1, 0.3], [0.8, 0.1]]),
+    )
+    assert ml["auroc/0"] == 1.0 and ml["auroc/1"] == 0.0 and ml["auroc_mean"] == 0.5
+
+
+# ---- heads ------------------------------------------------------------------------------------
+
+
+def test_textcnn_shapes_and_padding_invariance():
+    torch.manual_seed(0)
+    model = TextCNN(8, 3).eval()
+    feats = [
+        np.random.default_rng(i).normal(size=(t, 8)).astype(np.float32)
+        for i, t in enumerate((1, 4, 9))
+    ]
+    x, mask = pad_features(feats)
+    assert x.shape == (3, 9, 8) and mask.sum(1).tolist() == [1, 4, 9]
+    out = model(x, mask)
+    assert out.shape == (3, 3) and torch.isfinite(out).all()
+    alone = torch.cat([model(*pad_features([f])) for f in feats])
+    torch.testing.assert_close(out, alone)
+    x_junk = torch.cat([x, torch.randn(3, 5, 8)], dim=1)  # more padding, filled with garbage
+    x_junk[:, :9][~mask] = 100.0
+    mask_junk = torch.cat([mask, torch.zeros(3, 5, dtype=torch.bool)], dim=1)
+    torch.testing.assert_close(model(x_junk, mask_junk), out)
+
+
+def test_onehot_and_codon_frequencies():
+    (onehot,) = OneHotEncoder()(["AAAAACTTTNAAGG"])  # AAA AAC TTT NAA, then a partial codon
+    assert onehot.shape == (4, 65) and onehot.argmax(1).tolist() == [0, 1, 63, 64]
+    freq = codon_frequency_features(["AAAAAATTTNAA"])
+    assert (
+        freq.shape == (1, 64)
+        and freq[0, 0] == pytest.approx(2 / 3)
+        and freq[0, 63] == pytest.approx(1 / 3)
+    )
+
+
+# ---- protocol and baselines -------------------------------------------------------------------
+
+
+def _synthetic(n: int = 120, d: int = 6, seed: int = 0):
+    """Per-token features = a per-sequence vector + noise; the target is linear in their mean."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(n, d))
+    feats = [
+        (z[i] + 0.1 * rng.normal(size=(rng.integers(4, 12), d))).astype(np.float32)
+        for i in range(n)
+    ]
+    w = rng.normal(size=d)
+    y = np.stack([f.mean(0) for f in feats]) @ w
+    codons = ["".join(rng.choice(list("ACGT"), size=3 * 10)) for _ in range(n)]
+    return feats, TaskData(codons, y, "regression", ["Value"])
+
+
+def test_evaluate_probe_learns_a_linear_target():
+    feats, data = _synthetic()
+    splits = make_splits(data, seed=0)
+    result = evaluate_probe(feats, data, splits, lrs=(3e-3,), batch_sizes=(16,), seeds=(0,),
+                            max_epochs=25, patience=8, progress=False)  # fmt: skip
+    assert result.metric == "spearman" and len(result.values) == 1
+    assert result.mean > 0.8, result
+    assert result.chosen == [{"split": splits[0].name, "lr": 3e-3, "batch_size": 16}]
+    linear = evaluate_probe(feats, data, splits, head="linear")
+    assert linear.mean > 0.95 and "alpha" in linear.chosen[0]
+    untrained = evaluate_probe(feats, data, splits, lrs=(1e-9,), batch_sizes=(16,), seeds=(0,),
+                               max_epochs=1, progress=False)  # fmt: skip
+    assert untrained.mean < result.mean  # the score reflects training, not the harness
+
+
+def test_linear_probe_classification():
+    feats, data = _synthetic(seed=1)
+    labels = (data.targets > np.median(data.targets)).astype(np.int64)
+    cls = TaskData(data.sequences, labels, "classification", ["lo", "hi"])
+    result = evaluate_probe(feats, cls, make_splits(cls, seed=0), head="linear")
+    assert result.metric == "accuracy" and result.mean > 0.8
+    assert "auroc" in result.test_metrics and "l2" in result.chosen[0]
+
+
+def test_baselines_on_a_tiny_task():
+    rng = np.random.default_rng(0)
+    seqs = ["".join(rng.choice(list("ACGT"), size=60)) for _ in range(100)]
+    codons = [[s[i : i + 3] for i in range(0, 60, 3)] for s in seqs]
+    y = np.array([c.count("GCC") - c.count("AAA") + 0.1 * rng.normal() for c in codons])
+    data = TaskData(seqs, y, "regression", ["Value"])
+    results = run_baselines(data, make_splits(data, seed=0), lrs=(1e-3,), batch_sizes=(16,),
+                            seeds=(0, 1), max_epochs=3, patience=2, progress=False)  # fmt: skip
+    assert set(results) == {"onehot_textcnn", "codon_freq"}
+    assert len(results["onehot_textcnn"].values) == 2 and len(results["codon_freq"].values) == 1
+    assert results["codon_freq"].mean > 0.5  # codon counts carry the target
+    report = format_report(results, {"name": "toy", "coding": False})
+    assert "| onehot_textcnn |" in report and "3-mers" in report
+    doc = json.loads(to_json(results, "toy"))
+    assert doc["results"]["codon_freq"]["mean"] == pytest.approx(results["codon_freq"].mean)
+
+
+def test_tc_riboswitches_loads_with_splits_and_runs(shared_data):
+    data = load_task("tc_riboswitches", data_dir=shared_data)
+    assert len(data) == 355 and data.task == "regression"
+    (split,) = make_splits(data)
+    assert (len(split.train), len(split.val), len(split.test)) == (248, 53, 54)
+    assert all(set(s) <= set("ACGT") for s in data.sequences)
+    results = run_baselines(data, [split], lrs=(1e-3,), batch_sizes=(64,), seeds=(0,),
+                            max_epochs=2, patience=2, progress=False)  # fmt: skip
+    assert all(np.isfinite(r.mean) for r in results.values())
+    assert "3-mers" in format_report(results, TASKS["tc_riboswitches"])
+
+
+def test_mlos_has_no_split_column_and_gets_a_random_split(shared_data):
+    data = load_task("mlos", data_dir=shared_data)
+    assert len(data) == 167 and data.splits is None
+    (split,) = make_splits(data, seed=0)
+    assert (len(split.train), len(split.val), len(split.test)) == (117, 25, 25)
