@@ -94,17 +94,21 @@ class CheckpointManager:
             return True
         return metric < self.best_metric if self.mode == "min" else metric > self.best_metric
 
-    def save_epoch(self, state: dict[str, Any], epoch: int, metric: float | None) -> bool:
-        """Write the end-of-epoch checkpoint; returns True when it became the new best."""
+    def update_best(self, metric: float | None, epoch: int) -> bool:
+        """Record an epoch's metric (every rank calls this); True when it is the new best."""
+        if metric is None or not self.is_better(metric):
+            return False
+        self.best_metric, self.best_epoch = metric, epoch
+        return True
+
+    def save_epoch(self, state: dict[str, Any], epoch: int, is_best: bool) -> None:
+        """Write the end-of-epoch checkpoint, refresh ``last.pt`` (and ``best.pt``), prune history."""
         epoch_path = self.folder / f"epoch-{epoch:04d}.pt"
         atomic_save(state, epoch_path)
         _atomic_copy(epoch_path, self.last)
-        improved = metric is not None and self.is_better(metric)
-        if improved:
-            self.best_metric, self.best_epoch = metric, epoch
+        if is_best:
             _atomic_copy(epoch_path, self.best)
         self._prune()
-        return improved
 
     def save_last(self, state: dict[str, Any]) -> Path:
         """Mid-epoch checkpoint (interrupts, periodic saves): only ``last.pt`` changes."""

@@ -198,7 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dropout", type=float, default=0.0)
     g.add_argument("--attn_dropout", type=float, default=0.0)
     g.add_argument(
-        "--activation", default="gelu", choices=["gelu", "gelu_tanh", "relu", "silu", "swiglu"]
+        "--activation",
+        default=None,
+        choices=["gelu", "gelu_tanh", "relu", "silu", "swiglu"],
+        help="MLP activation (default: the model's own: gelu; swiglu for mamba's gated MLP)",
     )
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
 
@@ -448,6 +451,12 @@ def validate(args: argparse.Namespace) -> None:
             raise ConfigError(
                 "--data-type codon reads codons: use it with --tokenizer 3mer (the default)"
             )
+    if args.loss != "XE" and (args.tokenizer != "3mer" or args.overlap != 0 or args.data_type == "aa"):
+        raise ConfigError(
+            f"--loss {args.loss} needs the codon tree, which only the codon tokenizer has (got "
+            f"--tokenizer {args.tokenizer} --overlap {args.overlap} --data-type {args.data_type}): use "
+            "--tokenizer 3mer --overlap 0 (--data-type nuc or codon), or --loss XE"
+        )
     if args.bidirectional is None:
         args.bidirectional = args.mode == "mlm"
     if args.bidirectional and args.mode == "clm":

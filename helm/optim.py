@@ -52,14 +52,13 @@ def param_groups(
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        no_decay = getattr(p, "_no_weight_decay", False) or p.ndim <= 1
-        wd = 0.0 if no_decay else weight_decay
-        scale = 1.0
-        if layer_decay is not None:
-            scale = layer_decay ** (num_layers + 1 - layer_id(name, num_layers))
         hints = getattr(p, "_optim", {})
-        wd = hints.get("weight_decay", wd)
-        scale *= hints.get("lr_scale", 1.0)
+        # A no-weight-decay tag wins over a hint's weight decay (a filter bias stays undecayed).
+        no_decay = getattr(p, "_no_weight_decay", False) or p.ndim <= 1
+        wd = 0.0 if no_decay else hints.get("weight_decay", weight_decay)
+        scale = hints.get("lr_scale", 1.0)
+        if layer_decay is not None:
+            scale *= layer_decay ** (num_layers + 1 - layer_id(name, num_layers))
         group = groups.setdefault(
             (wd, scale), {"params": [], "names": [], "weight_decay": wd, "lr_scale": scale}
         )

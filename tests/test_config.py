@@ -91,6 +91,9 @@ def test_bad_yaml_is_named(tmp_path, text, match):
         (["--distributed-backend", "horovod"], "--distributed-backend"),
         (["--masking_ratio", "1.5"], "--masking_ratio"),
         (["--split", "0.5,0.2,0.2"], "--split"),
+        (["--tokenizer", "nuc", "--loss", "HXE"], "needs the codon tree"),
+        (["--overlap", "1", "--loss", "soft_labels"], "--tokenizer 3mer --overlap 0"),
+        (["--data-type", "aa", "--loss", "aa_loss_add"], "needs the codon tree"),
     ],
 )
 def test_bad_combinations_are_refused(argv, match):

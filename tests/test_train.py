@@ -1,0 +1,361 @@
+"""End-to-end tests of train.py on the demo corpus (CPU, tiny models)."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helm.checkpoint import CheckpointManager, atomic_save, load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("helm_train_script", ROOT / "train.py")
+train = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(train)
+
+TINY = [
+    "--num_layers",
+    "2",
+    "--hidden_size",
+    "32",
+    "--num_heads",
+    "2",
+    "--intermediate_size",
+    "64",
+    "--max_seq_len",
+    "48",
+    "--batch_size",
+    "8",
+    "--num_samples",
+    "96",
+    "--num_workers",
+    "0",
+    "--log-interval",
+    "1",
+    "--warmup-epochs",
+    "0",
+    "--sched-on-updates",
+]
+
+
+@pytest.fixture
+def run(tmp_path, monkeypatch):
+    """Run train.main in-process with a per-test cache; returns (exit code, output folder)."""
+    monkeypatch.setenv("HELM_CACHE_DIR", str(tmp_path / "cache"))
+
+    def _run(*argv, out="run"):
+        out_dir = tmp_path / out
+        code = train.main([*TINY, "--output", str(out_dir), *argv])
+        return code, out_dir
+
+    return _run
+
+
+def read_log(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(out_dir: Path) -> list[float]:
+    return [r["train/loss"] for r in read_log(out_dir) if "train/loss" in r]
+
+
+@pytest.mark.parametrize("mode", ["mlm", "clm"])
+@pytest.mark.parametrize("model", ["gpt2", "bert", "mamba", "hyena"])
+def test_loss_falls(run, model, mode):
+    code, out = run(
+        "--model_name", model, "--mode", mode, "--epochs", "3", "--lr", "3e-3", "--loss", "XE"
+    )
+    assert code == 0
+    losses = train_losses(out)
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < first - 0.05, (model, mode, losses)
+    # The demo corpus draws amino acids independently, so the best attainable loss is the entropy of
+    # codon usage (about 4.0 nats); a model that learned nothing stays at ln(69) = 4.23.
+    val = [r for r in read_log(out) if "val_xe" in r][-1]
+    assert val["val_xe"] < math.log(69) - 0.1, val
+    assert (out / "checkpoints" / "last.pt").exists() and (out / "config.yaml").exists()
+    assert (out / "tokenizer").is_dir() and any((out / "tb").iterdir())
+
+
+def test_quickstart_defaults_build_the_demo_run(run):
+    code, out = run("--epochs", "1")
+    assert code == 0
+    records = read_log(out)
+    assert any("val_loss" in r for r in records) and any("test_loss" in r for r in records)
+    val = next(r for r in records if "val_loss" in r)
+    for key in (
+        "val_accuracy",
+        "val_aa_accuracy",
+        "val_mistake_severity",
+        "val_dist@1",
+        "val_dist@5",
+    ):
+        assert key in val
+    ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
+    for key in (
+        "model",
+        "optimizer",
+        "scheduler",
+        "scaler",
+        "rng",
+        "config",
+        "tokenizer",
+        "hierarchy",
+    ):
+        assert key in ckpt
+    assert ckpt["config"]["loss"] == "HXE"  # the quickstart base layer
+
+
+def test_resume_mid_epoch_equals_uninterrupted(run, monkeypatch):
+    args = [
+        "--model_name",
+        "gpt2",
+        "--mode",
+        "mlm",
+        "--epochs",
+        "2",
+        "--dropout",
+        "0.1",
+        "--model-ema",
+        "--model-ema-decay",
+        "0.9",
+    ]
+    code, full = run(*args, out="full")
+    assert code == 0
+
+    # Interrupt the second run inside epoch 0 through the real Ctrl-C path, then resume.
+    calls = {"n": 0}
+    real = train.to_device
+
+    def interrupting(batch, device, **kw):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(batch, device, **kw)
+
+    monkeypatch.setattr(train, "to_device", interrupting)
+    code, part = run(*args, out="part")
+    assert code == 130
+    ckpt = load_checkpoint(part / "checkpoints" / "last.pt")
+    assert ckpt["epoch"] == 0 and ckpt["batches_done"] == 3 and ckpt["step"] == 3
+    monkeypatch.setattr(train, "to_device", real)
+    code, part = run(*args, "--resume", "auto", out="part")
+    assert code == 0
+
+    assert train_losses(part) == pytest.approx(train_losses(full), rel=0, abs=0)
+    a = load_checkpoint(full / "checkpoints" / "last.pt")
+    b = load_checkpoint(part / "checkpoints" / "last.pt")
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+        assert torch.equal(a["ema"][key], b["ema"][key]), key
+
+
+def _ddp_worker(rank: int, world: int, port: int, batch, out_path: str) -> None:
+    """One gloo rank: forward_backward on its half of `batch`, then one SGD step."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world)
+    )
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    model, loss_fn = _tiny_lm()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    half = {k: v[rank::world] for k, v in batch.items()}
+    micro = [
+        {k: v[:2] for k, v in half.items()},
+        {k: v[2:] for k, v in half.items()},
+    ]  # accumulation
+    _step(ddp, model, micro, loss_fn, world)
+    if rank == 0:
+        torch.save(model.state_dict(), out_path)
+    torch.distributed.destroy_process_group()
+
+
+def _tiny_lm():
+    from helm.hierarchy import build_hierarchy
+    from helm.losses import HelmLoss, loss_tables
+    from helm.models import build_model
+    from helm.training import LanguageModel
+
+    torch.manual_seed(0)
+    backbone = build_model(
+        "gpt2", vocab_size=69, d_model=16, num_layers=1, num_heads=2, d_ff=32, bidirectional=True
+    )
+    loss_fn = HelmLoss("HXE", loss_tables("HXE", build_hierarchy(), vocab_size=69), impl="torch")
+    return LanguageModel(backbone), loss_fn
+
+
+def _step(train_model, model, micro, loss_fn, world):
+    import contextlib
+
+    from helm.training import forward_backward
+
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    forward_backward(train_model, micro, loss_fn, scaler, contextlib.nullcontext, world)
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= 0.5 * p.grad
+
+
+def _masked_batch(B=8, T=12):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 69, (B, T), generator=g)
+    lengths = torch.randint(6, T + 1, (B,), generator=g)
+    attn = (torch.arange(T)[None] < lengths[:, None]).long()
+    ids = ids * attn  # pad id 0
+    labels = torch.where(
+        (torch.rand(B, T, generator=g) < 0.3) & attn.bool(), ids, torch.full_like(ids, -100)
+    )
+    labels[:, 0] = ids[:, 0]  # every row has a target; rows differ in their counts
+    return {"input_ids": ids, "labels": labels, "attention_mask": attn}
+
+
+def test_two_gloo_ranks_with_half_batches_equal_one_rank(tmp_path):
+    import torch.multiprocessing as mp
+
+    from helm.distributed import _free_port
+
+    batch = _masked_batch()
+    out = tmp_path / "ddp.pt"
+    mp.spawn(_ddp_worker, args=(2, _free_port(), batch, str(out)), nprocs=2, join=True)
+    model, loss_fn = _tiny_lm()
+    # One rank, the same four micro-batches' rows, same normalisation: one update.
+    micro = [
+        {k: v[r::2][s] for k, v in batch.items()}
+        for r in (0, 1)
+        for s in (slice(0, 2), slice(2, None))
+    ]
+    _step(model, model, micro, loss_fn, world=1)
+    ddp_state = torch.load(out)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(ddp_state[k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_atomic_save_survives_a_crash_mid_write(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    atomic_save({"model": {"w": torch.ones(3)}}, path)
+
+    def broken_save(obj, f, *a, **k):
+        f.write(b"partial garbage")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        atomic_save({"model": {"w": torch.zeros(3)}}, path)
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
+
+
+def test_checkpoint_history_keeps_newest_and_best(tmp_path):
+    saver = CheckpointManager(tmp_path, keep=2, mode="min")
+    for epoch, metric in enumerate([3.0, 1.0, 2.0, 2.5]):
+        saver.save_epoch({"model": {}, "epoch": epoch}, epoch, saver.update_best(metric, epoch))
+    names = sorted(p.name for p in tmp_path.glob("*.pt"))
+    assert names == ["best.pt", "epoch-0002.pt", "epoch-0003.pt", "last.pt"]
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 3
+
+
+def test_many_flags_in_one_run(run):
+    code, out = run(
+        "--model_name",
+        "gpt2",
+        "--mode",
+        "clm",
+        "--epochs",
+        "2",
+        "--opt",
+        "lamb",
+        "--opt-betas",
+        "0.9",
+        "0.98",
+        "--sched",
+        "step",
+        "--decay-epochs",
+        "1",
+        "--decay-rate",
+        "0.5",
+        "--model-ema",
+        "--model-ema-force-cpu",
+        "--layer-decay",
+        "0.8",
+        "--clip-grad",
+        "0.05",
+        "--clip-mode",
+        "agc",
+        "--grad-accum-steps",
+        "2",
+        "--amp",
+        "--position_ids",
+        "--pos_embedding",
+        "rotary",
+        "--lr-noise",
+        "0.5",
+        "--activation",
+        "swiglu",
+        "--tie_embeddings",
+        "--pad_vocab_size_multiple",
+        "16",
+        "--loss",
+        "soft_labels",
+        "--hierarchy",
+        "random",
+        "--eval-metric",
+        "val_accuracy",
+        "--early-stop",
+        "--patience-epochs",
+        "5",
+        "--checkpoint-hist",
+        "1",
+        "--sync-bn",
+        "--worker-seeding",
+        "part",
+        "--truncation",
+        "random",
+    )
+    assert code == 0
+    ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert ckpt["config"]["opt"] == "lamb" and ckpt["hierarchy"]["kind"] == "random"
+    assert ckpt["model"]["embed.tok.weight"].shape[0] == 80  # 69 padded to a multiple of 16
+    assert len(list((out / "checkpoints").glob("epoch-*.pt"))) == 1
+
+
+def test_user_errors_are_reported_without_traceback(run, tmp_path, capsys):
+    bad = tmp_path / "bad.txt"
+    good = "ATGAAACCCGGGTTTAAA" * 3 + "TAA"
+    bad.write_text("\n".join([good] * 6 + ["ATGXXTAA"] + [good] * 40) + "\n")
+    code, _ = run("--train_file", str(bad))
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "bad.txt:7: invalid character" in err and "--on-invalid skip" in err and "Traceback" not in err
+    code, _ = run("--tokenizer", "nuc", "--loss", "HXE")
+    assert code == 2 and "--tokenizer 3mer" in capsys.readouterr().err
+    code, _ = run("--resume", str(tmp_path / "missing.pt"))
+    assert code == 2 and "does not exist" in capsys.readouterr().err
+    code, _ = run("--accelerator", "tpu")
+    assert code == 2 and "tpu" in capsys.readouterr().err
+
+
+def test_torchrun_two_processes(tmp_path):
+    env = {**os.environ, "HELM_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        str(ROOT / "train.py"),
+        *TINY,
+        "--epochs",
+        "1",
+        "--output",
+        str(tmp_path / "ddp"),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "ddp" / "checkpoints" / "last.pt").exists()
+    assert "world size 2" in proc.stderr
