@@ -103,6 +103,7 @@ def train(args) -> int:
         num_replicas=info.world_size,
         rank=info.rank,
         seed=args.seed,
+        repeats=args.epoch_repeats or 1.0,  # timm: 0 means one pass per epoch
     )
     loader_kw = dict(
         num_workers=args.num_workers,

@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--epoch-repeats",
         type=float,
         default=0.0,
-        help="repeat each epoch's data this many extra times",
+        help="passes over the data per epoch (0 or 1: one; 2.5: two and a half)",
     )
     g.add_argument(
         "--start-epoch", type=int, default=None, help="manual start epoch (resume overrides)"
@@ -451,7 +451,9 @@ def validate(args: argparse.Namespace) -> None:
             raise ConfigError(
                 "--data-type codon reads codons: use it with --tokenizer 3mer (the default)"
             )
-    if args.loss != "XE" and (args.tokenizer != "3mer" or args.overlap != 0 or args.data_type == "aa"):
+    if args.loss != "XE" and (
+        args.tokenizer != "3mer" or args.overlap != 0 or args.data_type == "aa"
+    ):
         raise ConfigError(
             f"--loss {args.loss} needs the codon tree, which only the codon tokenizer has (got "
             f"--tokenizer {args.tokenizer} --overlap {args.overlap} --data-type {args.data_type}): use "
@@ -481,6 +483,7 @@ def validate(args: argparse.Namespace) -> None:
         ("--batch_size", args.batch_size >= 1, "must be >= 1"),
         ("--grad-accum-steps", args.grad_accum_steps >= 1, "must be >= 1"),
         ("--epochs", args.epochs >= 1, "must be >= 1"),
+        ("--epoch-repeats", args.epoch_repeats >= 0, "must be >= 0 (0: one pass per epoch)"),
         ("--num_devices", args.num_devices >= 1, "must be >= 1"),
         ("--num_nodes", args.num_nodes >= 1, "must be >= 1"),
         ("--num_workers", args.num_workers >= 0, "must be >= 0"),

@@ -291,3 +291,16 @@ def test_invalid_arguments_are_refused():
         LMDataset(store, mode="mlm", max_seq_len=8, mask_replace="bert")
     with pytest.raises(ValueError, match="max_seq_len"):
         LMDataset(store, mode="mlm", max_seq_len=2)
+
+
+def test_repeated_pass_index_reads_the_same_record_with_its_own_mask():
+    store = ListStore([np.arange(5, 65) for _ in range(3)])
+    ds = LMDataset(store, mode="mlm", max_seq_len=100, masking_ratio=0.3, seed=0)
+    a, b = ds[1], ds[1 + len(ds)]
+
+    def unmasked(item):
+        return torch.where(item["labels"] != -100, item["labels"], item["input_ids"])
+
+    # Same record underneath (index i + n is record i in a repeated pass), different masks.
+    assert torch.equal(unmasked(a), unmasked(b))
+    assert not torch.equal(a["labels"], b["labels"])

@@ -203,3 +203,18 @@ def test_worker_seeding_follows_timm(worker_seeding):
         )
         numpy_seeded = np_draw == np.random.RandomState(seed % (2**32 - 1)).randint(2**31)
         assert numpy_seeded == (worker_seeding == "all")
+
+
+def test_epoch_repeats_make_extra_passes_with_fresh_indices():
+    lengths = np.arange(10, 50)
+    n = len(lengths)
+    one = LengthBucketSampler(lengths, 4, seed=3)
+    two = LengthBucketSampler(lengths, 4, seed=3, repeats=2.0)
+    half = LengthBucketSampler(lengths, 4, seed=3, repeats=1.5)
+    idx_two = np.concatenate([np.asarray(b) for b in two])
+    assert len(two) == 2 * len(one) and len(half) == 15
+    # Every record twice, as two distinct virtual indices (i and i + n).
+    assert sorted(idx_two.tolist()) == list(range(2 * n))
+    assert sorted((idx_two % n).tolist()) == sorted(list(range(n)) * 2)
+    with pytest.raises(ValueError, match="repeats"):
+        LengthBucketSampler(lengths, 4, repeats=0)

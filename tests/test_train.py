@@ -316,12 +316,16 @@ def test_many_flags_in_one_run(run):
         "part",
         "--truncation",
         "random",
+        "--epoch-repeats",
+        "1.5",
     )
     assert code == 0
     ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
     assert ckpt["config"]["opt"] == "lamb" and ckpt["hierarchy"]["kind"] == "random"
     assert ckpt["model"]["embed.tok.weight"].shape[0] == 80  # 69 padded to a multiple of 16
     assert len(list((out / "checkpoints").glob("epoch-*.pt"))) == 1
+    # 1.5 passes per epoch over 96 records in batches of 8 (12 batches), 2 per update.
+    assert ckpt["step"] == 2 * 9
 
 
 def test_user_errors_are_reported_without_traceback(run, tmp_path, capsys):

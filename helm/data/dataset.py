@@ -202,11 +202,13 @@ class LMDataset(Dataset):
         return framed - 1 if self.mode == "clm" else framed
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        """Item ``i``; indices past ``len(self)`` address repeated passes of one epoch
+        (``--epoch-repeats``): record ``i % len(self)`` with masks and crops of its own."""
         i = int(i)
         if i < 0:
             i += len(self)
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch, i]))
-        content = np.asarray(self.store[i], dtype=np.int64)
+        content = np.asarray(self.store[i % len(self)], dtype=np.int64)
         capacity = self.row_budget - 2
         cut = len(content) > capacity
         if cut:

@@ -54,6 +54,7 @@ class LengthBucketSampler(Sampler[list[int]]):
         drop_last: bool = False,
         bucket_size_multiplier: int = 100,
         max_tokens: int | None = None,
+        repeats: float = 1.0,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -61,6 +62,8 @@ class LengthBucketSampler(Sampler[list[int]]):
             raise ValueError(f"rank {rank} is outside [0, {num_replicas})")
         if bucket_size_multiplier < 1:
             raise ValueError(f"bucket_size_multiplier must be >= 1, got {bucket_size_multiplier}")
+        if repeats <= 0:
+            raise ValueError(f"repeats must be > 0, got {repeats}")
         if max_tokens is not None and max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         self.lengths = np.asarray(lengths, dtype=np.int64)
@@ -72,6 +75,7 @@ class LengthBucketSampler(Sampler[list[int]]):
         self.drop_last = drop_last
         self.bucket_size_multiplier = bucket_size_multiplier
         self.max_tokens = max_tokens
+        self.repeats = repeats
         self.epoch = 0
         self._start = 0  # batches to skip on the next __iter__ (set by load_state_dict)
         self._yielded = 0  # batches of the current epoch handed out so far
@@ -119,12 +123,15 @@ class LengthBucketSampler(Sampler[list[int]]):
     def _build(self, epoch: int) -> list[np.ndarray]:
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch]))
         n = len(self.lengths)
-        order = rng.permutation(n) if self.shuffle else np.arange(n)
-        chunk = self.batch_size * self.bucket_size_multiplier
-        batches: list[np.ndarray] = []
-        for lo in range(0, n, chunk):
-            idx = order[lo : lo + chunk]
-            batches += self._cut(idx[np.argsort(self.lengths[idx], kind="stable")])
+        batches = self._one_pass(rng, n, offset=0)
+        if self.repeats != 1.0:
+            # Extra passes (--epoch-repeats): own shuffles, and virtual indices i + p * n so that
+            # the dataset draws fresh masks for record i in pass p; then cut to repeats passes.
+            per_pass = len(batches)
+            for p in range(1, int(np.ceil(self.repeats))):
+                pass_rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, p]))
+                batches += self._one_pass(pass_rng, n, offset=p * n)
+            batches = batches[: max(1, round(per_pass * self.repeats))]
 
         R = self.num_replicas
         if self.drop_last:
@@ -137,6 +144,16 @@ class LengthBucketSampler(Sampler[list[int]]):
         steps = len(batches) // R
         step_order = rng.permutation(steps) if self.shuffle else range(steps)
         return [batches[s * R + self.rank] for s in step_order]
+
+    def _one_pass(self, rng: np.random.Generator, n: int, offset: int) -> list[np.ndarray]:
+        """Steps 1-3 of the module doc for one pass over the data."""
+        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        chunk = self.batch_size * self.bucket_size_multiplier
+        batches: list[np.ndarray] = []
+        for lo in range(0, n, chunk):
+            idx = order[lo : lo + chunk]
+            batches += self._cut(idx[np.argsort(self.lengths[idx], kind="stable")])
+        return [b + offset for b in batches] if offset else batches
 
     def _cut(self, idx: np.ndarray) -> list[np.ndarray]:
         """Cut indices sorted by ascending length into batches."""
