@@ -1,0 +1,568 @@
+#!/usr/bin/env python
+"""Evaluate a trained HELM checkpoint; the checkpoint alone supplies model, tokenizer and codon tree.
+
+    python eval.py pretrain   CKPT --file test.fasta            # LM loss, perplexity, tree metrics
+    python eval.py downstream CKPT --task tc_riboswitches       # probe frozen features (paper protocol)
+    python eval.py generate   CKPT --protein MKV... --num 4     # sample, or design a CDS (CLM only)
+    python eval.py embed      CKPT --file seqs.fasta --out e.npy  # one vector per sequence
+
+Every subcommand takes ``--ema`` (the EMA weights) and ``--device cpu|cuda|auto``. User mistakes end
+with one ``eval.py: error: ...`` line and exit code 2 (``HELM_TRACEBACK=1`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from helm.checkpoint import CheckpointError
+from helm.codon_usage import cai
+from helm.data.cache import build_token_cache
+from helm.data.dataset import LMDataset
+from helm.data.io import DataError
+from helm.data.sampler import LengthBucketSampler, build_dataloader
+from helm.downstream import (
+    TASKS,
+    evaluate_probe,
+    format_report,
+    load_task,
+    load_task_file,
+    make_splits,
+    run_baselines,
+    to_json,
+)
+from helm.downstream.tasks import TASK_TYPES
+from helm.embed import (
+    LONG_SEQS,
+    POOLS,
+    autocast_for,
+    cached_token_features,
+    extract,
+    feature_key,
+    read_records,
+    window_capacity,
+)
+from helm.generate import clean_protein, gc_content, protein_masks, sample
+from helm.losses import build_loss
+from helm.training import (
+    LanguageModel,
+    LoadedModel,
+    evaluate,
+    lm_collate,
+    load_checkpoint_model,
+    setup_logging,
+)
+from helm.vocab import translate
+
+log = logging.getLogger("helm")
+
+
+class EvalError(ValueError):
+    """A request this script cannot honour; the message says why and what to do instead."""
+
+
+def load(args) -> LoadedModel:
+    """The checkpoint's backbone (raw or EMA weights) on the chosen device, in eval mode."""
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise EvalError("--device cuda: no CUDA device is available (use --device cpu)")
+    loaded = load_checkpoint_model(args.checkpoint, ema=args.ema, device=device)
+    cfg = loaded.config
+    log.info(
+        "%s: %s %s, tokenizer %s, %s weights, device %s",
+        args.checkpoint,
+        loaded.checkpoint["model_name"],
+        cfg["mode"],
+        loaded.tokenizer.name,
+        "EMA" if args.ema else "raw",
+        device,
+    )
+    return loaded
+
+
+def data_type(loaded: LoadedModel) -> str:
+    """The reading mode of the model's training data (``codon`` reads as ``nuc``)."""
+    kind = loaded.config.get("data_type", "nuc")
+    return "nuc" if kind == "codon" else kind
+
+
+def write_json(doc: dict, out: str | None) -> None:
+    text = json.dumps(doc, indent=2)
+    if out is None:
+        print(text)
+    else:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
+        log.info("wrote %s", out)
+
+
+# pretrain: the training metrics on a sequence file --------------------------------------------------
+
+
+def pretrain(args) -> int:
+    loaded = load(args)
+    model, tokenizer, cfg = loaded.model, loaded.tokenizer, loaded.config
+    device = next(model.parameters()).device
+    max_seq_len = args.max_seq_len or model.cfg.max_seq_len
+    if max_seq_len > model.cfg.max_seq_len and model.cfg.pos_embedding in ("absolute", "sincos"):
+        raise EvalError(
+            f"--max_seq_len {max_seq_len} exceeds the {model.cfg.max_seq_len} positions the "
+            f"model's {model.cfg.pos_embedding} position embedding holds"
+        )
+
+    # Data: the trainer's token cache, framing, masking (seeded) or shift, length-sorted batches.
+    store = build_token_cache(
+        args.file,
+        tokenizer,
+        column_name=args.column_name,
+        on_invalid=args.on_invalid,
+        file_extension=args.file_extension,
+        data_type=data_type(loaded),
+    )
+    dataset = LMDataset(
+        store,
+        mode=cfg["mode"],
+        max_seq_len=max_seq_len,
+        truncation="head",
+        masking_strategy=cfg["masking_strategy"],
+        masking_ratio=cfg["masking_ratio"],
+        mask_replace=cfg["mask_replace"],
+        vocab_size=tokenizer.vocab_size,
+        seed=args.seed,
+        return_position_ids=cfg.get("position_ids", False),
+    )
+    sampler = LengthBucketSampler(dataset.lengths, args.batch_size, shuffle=False)
+    loader = build_dataloader(dataset, sampler, collate_fn=lm_collate)
+
+    # The checkpoint's loss and the tree metrics (codon tokenizers), summed over every target.
+    loss_fn = build_loss(argparse.Namespace(**cfg), tokenizer, loaded.hierarchy).to(device)
+    tree = loaded.hierarchy if tokenizer.is_codon else None
+    bar = tqdm(loader, desc="pretrain eval", unit="batch", disable=not sys.stderr.isatty())
+    metrics = evaluate(
+        LanguageModel(model),
+        bar,
+        loss_fn,
+        tree,
+        tokenizer.vocab_size,
+        device,
+        lambda: autocast_for(device),
+        prefix="eval",
+    )
+    doc = {
+        "checkpoint": str(args.checkpoint),
+        "file": str(args.file),
+        "weights": "ema" if args.ema else "raw",
+        "mode": cfg["mode"],
+        "loss": cfg["loss"],
+        "seed": args.seed if cfg["mode"] == "mlm" else None,
+        "max_seq_len": max_seq_len,
+        "records": len(store),
+        "tokens": store.num_tokens,
+        "metrics": {k.removeprefix("eval_"): v for k, v in metrics.items()},
+    }
+    write_json(doc, args.out)
+    return 0
+
+
+# downstream: probes on frozen features, with the paper's grid and the baselines -----------------
+
+
+def downstream(args) -> int:
+    if args.finetune:
+        raise EvalError(
+            "--finetune is not available: eval.py probes frozen features only (the paper's "
+            "protocol). Drop --finetune, or train the backbone on the task with your own loop"
+        )
+    data, info = load_downstream_task(args)
+    if args.kfold is not None:
+        splits = make_splits(data, kfold=args.kfold, seed=args.split_seed)
+    else:
+        splits = make_splits(
+            data,
+            args.split,
+            seed=args.split_seed,
+            use_split_column=args.split is None,
+        )
+    log.info("%d records, splits: %s", len(data), ", ".join(map(repr, splits)))
+    loaded = load(args)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    device = next(model.parameters()).device
+
+    # Model input: coding and non-coding sets alike are cut into consecutive 3-mers (CodonBERT).
+    seqs = data.codon_sequences()
+    if tokenizer.data_type == "aa":
+        seqs = [translate(s) for s in seqs]
+    token_ids = tokenizer.encode_batch(seqs)
+    capacity = window_capacity(model.cfg.max_seq_len, not model.cfg.bidirectional)
+    longer = sum(len(t) > capacity for t in token_ids)
+    if longer:
+        log.info(
+            "%d of %d records exceed the model's %d tokens: --long-seqs %s",
+            longer,
+            len(token_ids),
+            capacity,
+            args.long_seqs,
+        )
+
+    # Features once per (checkpoint, weights, sequences, long-seqs mode): the grid reuses them.
+    key = feature_key(
+        args.checkpoint,
+        seqs,
+        ema=args.ema,
+        long_seqs=args.long_seqs,
+        autocast=device.type == "cuda",
+    )
+    features = cached_token_features(
+        key,
+        lambda: extract(
+            model,
+            token_ids,
+            long_seqs=args.long_seqs,
+            batch_size=args.feature_batch_size,
+            device=device,
+        ),
+        args.feature_cache,
+    )
+
+    # The protocol: grid x seeds, early stopping on val, test at the best validation epoch.
+    grid = dict(
+        lrs=args.lrs,
+        batch_sizes=args.batch_sizes,
+        seeds=args.seeds,
+        max_epochs=args.max_epochs,
+        patience=args.patience,
+        device=str(device),
+    )
+    name = f"{loaded.checkpoint['model_name']}_{loaded.config['mode']}_{args.head}"
+    results = {name: evaluate_probe(features, data, splits, head=args.head, method=name, **grid)}
+    if args.baselines:
+        results |= run_baselines(data, splits, **grid)
+    print(format_report(results, info))
+    info |= {
+        "checkpoint": str(args.checkpoint),
+        "weights": "ema" if args.ema else "raw",
+        "head": args.head,
+        "features": "last hidden states of the frozen backbone at each token",
+        "model_input": "sequences cut into consecutive 3-mers from the first nucleotide, a "
+        "trailing partial 3-mer dropped (TaskData.codon_sequences), as CodonBERT did",
+        "long_seqs": args.long_seqs,
+        "records_longer_than_model": longer,
+        "splits": [repr(s) for s in splits],
+    }
+    out = args.out or f"downstream-{Path(str(info['name'])).stem}.json"
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(to_json(results, info) + "\n")
+    log.info("wrote %s", out)
+    return 0
+
+
+def load_downstream_task(args):
+    """(TaskData, task description dict) from ``--task`` or ``--file`` and its column flags."""
+    if (args.task is None) == (args.file is None):
+        raise EvalError("name a registered --task or give a --file (one of the two)")
+    if args.kfold is not None and args.split is not None:
+        raise EvalError("--kfold and --split are alternatives: give one")
+    if args.task is not None:
+        spec = TASKS.get(args.task)
+        if spec is None:
+            raise EvalError(f"unknown --task {args.task!r}; known tasks: {', '.join(TASKS)}")
+        data = load_task(spec, data_dir=args.data_dir, on_invalid=args.on_invalid)
+        info = {
+            "name": spec.name,
+            "task": spec.task,
+            "description": spec.description,
+            "coding": spec.coding,
+            "file": data.source,
+        }
+        return data, info
+    data = load_task_file(
+        args.file,
+        sequence_column=args.sequence_column,
+        target_columns=args.target_column,
+        task=args.task_type,
+        split_column=args.split_column,
+        group_column=args.group_column,
+        on_invalid=args.on_invalid,
+    )
+    return data, {"name": str(args.file), "task": args.task_type, "coding": None}
+
+
+# generate: sampling and protein-constrained design -------------------------------------------------
+
+
+def generate(args) -> int:
+    loaded = load(args)
+    model, tokenizer, cfg = loaded.model, loaded.tokenizer, loaded.config
+    device = next(model.parameters()).device
+    if cfg["mode"] != "clm" or model.cfg.bidirectional:
+        raise EvalError(
+            f"{args.checkpoint} is a masked (MLM) model: it is bidirectional and defines no "
+            "left-to-right distribution to sample from. Generate with a checkpoint trained with "
+            "--mode clm; use `eval.py embed` or `eval.py downstream` for this one"
+        )
+    if args.prefix is not None and args.prefix_file is not None:
+        raise EvalError("give --prefix or --prefix-file, not both")
+
+    # Prompts: designed proteins, or prefixes (none: generate from <cls> alone).
+    prompts = []  # (name, prefix ids, allowed-token masks or None)
+    if args.protein is not None:
+        if not tokenizer.is_codon:
+            raise EvalError(
+                f"--protein needs the codon tokenizer (3mer, overlap 0); this model uses "
+                f"{tokenizer.name}: sample without --protein"
+            )
+        if args.prefix is not None or args.prefix_file is not None:
+            raise EvalError("--protein designs the whole coding sequence: drop the prefix")
+        for name, protein in read_proteins(args.protein):
+            prompts.append((name, [], protein_masks(protein, tokenizer.vocab_size)))
+    else:
+        if args.prefix_file is not None:
+            records = zip(
+                *read_records(
+                    args.prefix_file,
+                    require_codons=tokenizer.is_codon,
+                    data_type=data_type(loaded),
+                )
+            )
+        else:
+            records = [("sample", args.prefix or "")]
+        for name, prefix in records:
+            prefix = "".join(prefix.split()).upper().replace("U", "T")
+            if tokenizer.is_codon and len(prefix) % 3:
+                raise EvalError(f"prefix {name!r}: length {len(prefix)} is not whole codons")
+            prompts.append((name, [int(i) for i in tokenizer.encode(prefix)], None))
+
+    generator = torch.Generator(device).manual_seed(args.seed)
+    lines = []
+    index = 0
+    for name, prefix_ids, allowed in prompts:
+        max_length = args.max_length or max(1, model.cfg.max_seq_len - 1 - len(prefix_ids))
+        samples = sample(
+            model,
+            prefix_ids,
+            args.num,
+            vocab_size=tokenizer.vocab_size,
+            max_length=max_length,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            generator=generator,
+            allowed=allowed,
+            device=device,
+        )
+        for s in samples:
+            seq = tokenizer.decode(s.ids)
+            fields = [f"source={name}", f"tokens={s.num_generated}"]
+            if tokenizer.data_type != "aa":
+                fields += [f"gc={gc_content(seq):.4f}", f"cai={cai(seq):.4f}"]
+            fields.append(f"loglik={s.log_likelihood:.4f}")
+            lines.append(f">gen{index} " + " ".join(fields))
+            lines += [seq[i : i + 80] for i in range(0, len(seq), 80)] or [""]
+            index += 1
+    text = "\n".join(lines) + "\n"
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+        log.info("wrote %d sequences to %s", index, args.out)
+    return 0
+
+
+def read_proteins(value: str) -> list[tuple[str, str]]:
+    """(name, protein) pairs from ``--protein``: a sequence, or a FASTA / one-per-line file."""
+    path = Path(value)
+    if not path.is_file():
+        return [("protein", clean_protein(value))]
+    text = path.read_text()
+    if text.lstrip().startswith(">"):
+        records, name = [], None
+        for line in text.splitlines():
+            if line.startswith(">"):
+                name = line[1:].strip() or f"protein{len(records)}"
+                records.append([name, ""])
+            elif records:
+                records[-1][1] += line.strip()
+    else:
+        records = [
+            [f"line{i}", line] for i, line in enumerate(text.splitlines(), 1) if line.strip()
+        ]
+    if not records:
+        raise EvalError(f"{path}: no protein sequences")
+    out = []
+    for name, protein in records:
+        try:
+            out.append((name, clean_protein(protein)))
+        except ValueError as exc:
+            raise EvalError(f"{path}: {name}: {exc}") from None
+    return out
+
+
+# embed: one vector per sequence ------------------------------------------------------------------
+
+
+def embed(args) -> int:
+    out = Path(args.out)
+    if out.suffix not in (".npy", ".pt"):
+        raise EvalError(f"--out {out}: the file must end in .npy or .pt")
+    loaded = load(args)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    if args.pool == "cls" and not model.cfg.bidirectional:
+        log.warning(
+            "--pool cls on a causal model: the <cls> state sees no other token, so every "
+            "sequence gets the same vector; --pool mean or last is what a causal model offers"
+        )
+    ids, seqs = read_records(
+        args.file,
+        args.column_name,
+        args.on_invalid,
+        file_extension=args.file_extension,
+        require_codons=tokenizer.is_codon,
+        data_type=data_type(loaded),
+    )
+    emb = extract(
+        model,
+        tokenizer.encode_batch(seqs),
+        pool=args.pool,
+        long_seqs=args.long_seqs,
+        batch_size=args.batch_size,
+        device=next(model.parameters()).device,
+    ).astype(np.float32)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".npy":
+        np.save(out, emb)
+        Path(f"{out}.ids.txt").write_text("".join(f"{i}\n" for i in ids))
+        log.info("wrote %s %s and %s.ids.txt", out, emb.shape, out)
+    else:
+        torch.save({"embeddings": torch.from_numpy(emb), "ids": ids}, out)
+        log.info("wrote %s (embeddings %s, ids)", out, tuple(emb.shape))
+    return 0
+
+
+# Command line ------------------------------------------------------------------------------------
+
+
+def _floats(text: str) -> tuple[float, float, float]:
+    try:
+        parts = tuple(float(p) for p in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected train,val,test fractions, got {text!r}"
+        ) from None
+    if len(parts) != 3 or min(parts) < 0 or not math.isclose(sum(parts), 1.0, abs_tol=1e-6):
+        raise argparse.ArgumentTypeError(f"expected three fractions summing to 1, got {text!r}")
+    return parts
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, func, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        p.add_argument("checkpoint", metavar="CKPT", help="a checkpoint written by train.py")
+        p.add_argument("--ema", action="store_true", help="use the EMA weights")
+        p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        return p
+
+    def reading(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--file", required=True, help="txt, csv/tsv or fasta, optionally .gz")
+        p.add_argument("--column_name", default=None, help="sequence column of csv/tsv files")
+        p.add_argument("--file_extension", default=None, help="format, e.g. fasta.gz")
+        p.add_argument("--on-invalid", default="error", choices=["error", "skip"])
+
+    p = command("pretrain", pretrain, "language-model metrics of a checkpoint on a sequence file")
+    reading(p)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--max_seq_len", type=int, default=None, help="default: the model's")
+    p.add_argument("--seed", type=int, default=0, help="seed of the MLM masks")
+    p.add_argument("--out", default=None, help="JSON file (default: stdout)")
+
+    p = command("downstream", downstream, "probe frozen features on a property-prediction task")
+    p.add_argument("--task", default=None, help=f"registered task: {', '.join(TASKS)}")
+    p.add_argument("--data_dir", default=None, help="folder holding the task files (offline)")
+    p.add_argument("--file", default=None, help="your own labelled table or FASTA file")
+    p.add_argument("--sequence-column", default="Sequence")
+    p.add_argument("--target-column", nargs="+", default=["Value"])
+    p.add_argument("--task-type", default="regression", choices=TASK_TYPES)
+    p.add_argument("--split-column", default=None, help="column holding train/val/test")
+    p.add_argument("--group-column", default=None, help="records of a group share a split/fold")
+    p.add_argument("--split", type=_floats, default=None, help="random split, e.g. 0.7,0.15,0.15")
+    p.add_argument("--kfold", type=int, default=None, help="k-fold cross-validation (k >= 3)")
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--on-invalid", default="error", choices=["error", "skip"])
+    p.add_argument("--head", default="textcnn", choices=["textcnn", "linear"])
+    p.add_argument("--finetune", action="store_true", help="not available (refused)")
+    p.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-4, 1e-5])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 16, 32, 64])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--max-epochs", type=int, default=100)
+    p.add_argument("--patience", type=int, default=15)
+    p.add_argument("--long-seqs", default="truncate", choices=LONG_SEQS)
+    p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--feature-batch-size", type=int, default=32)
+    p.add_argument("--feature-cache", default=None, help="default: $HELM_CACHE_DIR/features")
+    p.add_argument("--out", default=None, help="JSON report (default: downstream-<task>.json)")
+
+    p = command("generate", generate, "sample sequences from a causal (CLM) checkpoint")
+    p.add_argument("--prefix", default=None, help="sequence the samples continue")
+    p.add_argument("--prefix-file", default=None, help="a file of prefixes: --num samples each")
+    p.add_argument("--num", type=int, default=1, help="samples per prompt")
+    p.add_argument("--max-length", type=int, default=None, help="new tokens at most")
+    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--protein", default=None, help="design a CDS: a protein, or a file of them")
+    p.add_argument("--out", default=None, help="FASTA file (default: stdout)")
+
+    p = command("embed", embed, "one embedding per sequence of a file")
+    reading(p)
+    p.add_argument("--pool", default="mean", choices=POOLS)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--long-seqs", default="truncate", choices=LONG_SEQS)
+    p.add_argument("--out", default="embeddings.npy", help=".npy (+ .ids.txt) or .pt")
+    return parser
+
+
+USER_ERRORS = (EvalError, DataError, CheckpointError, ValueError, FileNotFoundError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    setup_logging(True, None)
+    try:
+        positive = {
+            "num": "--num",
+            "batch_size": "--batch_size",
+            "feature_batch_size": "--feature-batch-size",
+            "max_epochs": "--max-epochs",
+            "patience": "--patience",
+            "max_length": "--max-length",
+        }
+        for dest, flag in positive.items():
+            if (getattr(args, dest, None) or 1) < 1:
+                raise EvalError(f"{flag} must be >= 1")
+        return args.func(args)
+    except USER_ERRORS as exc:
+        if os.environ.get("HELM_TRACEBACK"):
+            raise
+        print(f"eval.py: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,309 @@
+"""End-to-end tests of eval.py on tiny checkpoints trained once per module (CPU)."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from helm.data.demo import demo_sequences
+from helm.embed import extract, window_capacity
+from helm.generate import filter_logits, protein_masks
+from helm.training import load_checkpoint_model
+from helm.vocab import AMINO_ACIDS, codon_id, translate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_script(name: str, file: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train = _load_script("helm_train_script", "train.py")
+evalpy = _load_script("helm_eval_script", "eval.py")
+
+TINY = [
+    "--num_layers", "2", "--hidden_size", "32", "--num_heads", "2", "--intermediate_size", "64",
+    "--max_seq_len", "48", "--batch_size", "8", "--num_samples", "96", "--num_workers", "0",
+    "--epochs", "1", "--warmup-epochs", "0", "--sched-on-updates", "--lr", "3e-3",
+]  # fmt: skip
+STOPS = {"TAA", "TAG", "TGA"}
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A module folder with its own cache, one MLM (with EMA) and one CLM checkpoint."""
+    root = tmp_path_factory.mktemp("eval")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HELM_CACHE_DIR", str(root / "cache"))
+        for mode, extra in (("mlm", ["--model-ema"]), ("clm", [])):
+            code = train.main([*TINY, "--mode", mode, "--output", str(root / mode), *extra])
+            assert code == 0
+    return root
+
+
+@pytest.fixture
+def run(work, monkeypatch, capsys):
+    """eval.main in-process: (exit code, stdout, stderr)."""
+    monkeypatch.setenv("HELM_CACHE_DIR", str(work / "cache"))
+    monkeypatch.delenv("HELM_TRACEBACK", raising=False)
+
+    def _run(*argv):
+        capsys.readouterr()
+        code = evalpy.main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return _run
+
+
+def ckpt(work: Path, mode: str) -> Path:
+    return work / mode / "checkpoints" / "last.pt"
+
+
+def write_fasta(path: Path, records: list[tuple[str, str]]) -> Path:
+    path.write_text("".join(f">{name}\n{seq}\n" for name, seq in records))
+    return path
+
+
+def read_fasta(text: str) -> list[tuple[str, str]]:
+    records = []
+    for line in text.splitlines():
+        if line.startswith(">"):
+            records.append([line[1:], ""])
+        elif line.strip():
+            records[-1][1] += line.strip()
+    return [tuple(r) for r in records]
+
+
+# pretrain -----------------------------------------------------------------------------------------
+
+TREE_KEYS = (
+    "loss",
+    "perplexity",
+    "accuracy",
+    "aa_accuracy",
+    "mistake_severity",
+    "dist@1",
+    "dist@5",
+)
+
+
+def test_pretrain_mlm_metrics_are_finite_and_seeded(work, run, tmp_path):
+    data = write_fasta(
+        tmp_path / "seqs.fasta", [(f"s{i}", s) for i, s in enumerate(demo_sequences(40, seed=5))]
+    )
+    docs = []
+    for seed in (3, 3, 4):
+        out = tmp_path / f"m{len(docs)}.json"
+        code, _, err = run(
+            "pretrain", ckpt(work, "mlm"), "--file", data, "--seed", seed, "--out", out
+        )
+        assert code == 0, err
+        docs.append(json.loads(out.read_text()))
+    m = docs[0]["metrics"]
+    for key in TREE_KEYS:
+        assert math.isfinite(m[key]), (key, m)
+    assert docs[0]["mode"] == "mlm" and docs[0]["loss"] == "HXE" and docs[0]["records"] == 40
+    assert 1 < m["perplexity"] < 200 and 0 <= m["accuracy"] <= m["aa_accuracy"] <= 1
+    assert docs[0]["metrics"] == docs[1]["metrics"]  # same --seed, same masks
+    assert docs[0]["metrics"] != docs[2]["metrics"]  # another seed masks other tokens
+
+
+def test_pretrain_clm_to_stdout_and_ema(work, run, tmp_path):
+    data = tmp_path / "seqs.txt"
+    data.write_text("\n".join(demo_sequences(20, seed=1)) + "\n")
+    code, out, err = run("pretrain", ckpt(work, "clm"), "--file", data)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["mode"] == "clm" and doc["seed"] is None
+    assert all(math.isfinite(doc["metrics"][k]) for k in TREE_KEYS)
+    code, out, _ = run("pretrain", ckpt(work, "mlm"), "--file", data, "--ema")
+    assert code == 0 and json.loads(out)["weights"] == "ema"
+
+
+def test_ema_without_ema_weights_is_a_clear_error(work, run, tmp_path):
+    data = tmp_path / "seqs.txt"
+    data.write_text(demo_sequences(2)[0] + "\n")
+    code, out, err = run(
+        "embed", ckpt(work, "clm"), "--file", data, "--ema", "--out", tmp_path / "e.npy"
+    )
+    assert code == 2 and out == ""
+    assert err.startswith("eval.py: error:") and "no EMA weights" in err and "Traceback" not in err
+
+
+# embed --------------------------------------------------------------------------------------------
+
+
+def test_embed_shapes_order_ids_and_pooling(work, run, tmp_path):
+    seqs = demo_sequences(7, seed=2)
+    names = [f"rec{i} some description" for i in range(len(seqs))]
+    forward = write_fasta(tmp_path / "f.fasta", list(zip(names, seqs)))
+    backward = write_fasta(tmp_path / "b.fasta", list(zip(names, seqs))[::-1])
+    out = {}
+    for tag, path, pool in (("f", forward, "mean"), ("b", backward, "mean"), ("c", forward, "cls")):
+        code, _, err = run("embed", ckpt(work, "mlm"), "--file", path, "--pool", pool,
+                           "--batch_size", "3", "--out", tmp_path / f"{tag}.npy")  # fmt: skip
+        assert code == 0, err
+        out[tag] = np.load(tmp_path / f"{tag}.npy")
+        assert out[tag].shape == (7, 32) and out[tag].dtype == np.float32
+    ids = (tmp_path / "f.npy.ids.txt").read_text().splitlines()
+    assert ids == names
+    assert (tmp_path / "b.npy.ids.txt").read_text().splitlines() == names[::-1]
+    np.testing.assert_allclose(out["f"], out["b"][::-1], rtol=1e-4, atol=1e-5)  # input order
+    assert not np.allclose(out["f"], out["c"], atol=1e-3)  # mean and <cls> are different views
+    assert not np.allclose(out["f"][0], out["f"][1], atol=1e-4)
+
+    txt = tmp_path / "s.txt"
+    txt.write_text("\n".join(seqs[:3]) + "\n")
+    code, _, err = run("embed", ckpt(work, "mlm"), "--file", txt, "--out", tmp_path / "t.pt")
+    assert code == 0, err
+    saved = torch.load(tmp_path / "t.pt")
+    assert saved["ids"] == ["1", "2", "3"] and saved["embeddings"].shape == (3, 32)
+    np.testing.assert_allclose(saved["embeddings"].numpy(), out["f"][:3], rtol=1e-4, atol=1e-5)
+
+
+def test_long_sequences_windowed_features(work):
+    model = load_checkpoint_model(ckpt(work, "mlm")).model
+    cap = window_capacity(model.cfg.max_seq_len, causal=False)
+    rng = np.random.default_rng(0)
+    ids = [rng.integers(5, 69, size=n) for n in (3 * cap + 5, cap // 2, cap)]
+    win = extract(model, ids, long_seqs="window", batch_size=2)
+    cut = extract(model, ids, long_seqs="truncate", batch_size=2)
+    assert [len(f) for f in win] == [len(i) for i in ids]
+    assert [len(f) for f in cut] == [cap, cap // 2, cap]
+    assert all(np.isfinite(f).all() for f in win)
+    # Tokens seen by the first window alone match the truncated view; short records are unchanged.
+    np.testing.assert_allclose(win[0][: cap // 2], cut[0][: cap // 2], rtol=1e-4, atol=1e-5)
+    assert not np.allclose(win[0][cap - 1], cut[0][cap - 1], atol=1e-4)  # averaged in the overlap
+    for a, b in zip(win[1:], cut[1:]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+# generate -----------------------------------------------------------------------------------------
+
+
+def test_generate_samples_and_is_seeded(work, run, tmp_path):
+    code, out, err = run("generate", ckpt(work, "clm"), "--num", 3, "--max-length", 10,
+                         "--top-k", 20, "--top-p", 0.9, "--seed", 7)  # fmt: skip
+    assert code == 0, err
+    records = read_fasta(out)
+    assert len(records) == 3
+    for header, seq in records:
+        assert {"gc=", "cai=", "loglik="} <= {f[: f.index("=") + 1] for f in header.split()[1:]}
+        assert 0 < len(seq) <= 30 and len(seq) % 3 == 0 and set(seq) <= set("ACGT")
+        assert float(header.split("loglik=")[1]) < 0
+    assert run("generate", ckpt(work, "clm"), "--num", 3, "--max-length", 10, "--top-k", 20,
+               "--top-p", 0.9, "--seed", 7)[1] == out  # fmt: skip
+    code, out, _ = run("generate", ckpt(work, "clm"), "--prefix", "ATGGCC", "--num", 2,
+                       "--max-length", 4, "--out", tmp_path / "g.fasta")  # fmt: skip
+    assert code == 0 and out == ""
+    assert all(s.startswith("ATGGCC") for _, s in read_fasta((tmp_path / "g.fasta").read_text()))
+
+
+@pytest.mark.parametrize("protein", ["M", "MKV", AMINO_ACIDS, "WWHHCYQ", "MLLSSRRGP*"])
+def test_generate_protein_translates_back(work, run, protein):
+    code, out, err = run(
+        "generate", ckpt(work, "clm"), "--protein", protein, "--num", 3, "--seed", 1
+    )
+    assert code == 0, err
+    records = read_fasta(out)
+    assert len(records) == 3
+    for _, seq in records:
+        assert translate(seq) == protein.rstrip("*") + "*"
+        assert seq[-3:] in STOPS
+        if protein.startswith("M"):
+            assert seq.startswith("ATG")
+
+
+def test_generate_protein_file_and_errors(work, run, tmp_path):
+    proteins = write_fasta(tmp_path / "p.fasta", [("p1", "MAST"), ("p2", "MGKE")])
+    code, out, err = run("generate", ckpt(work, "clm"), "--protein", proteins, "--num", 2)
+    assert code == 0, err
+    records = read_fasta(out)
+    assert [translate(s) for _, s in records] == ["MAST*", "MAST*", "MGKE*", "MGKE*"]
+    assert "source=p2" in records[-1][0]
+
+    code, _, err = run("generate", ckpt(work, "mlm"))
+    assert code == 2 and "MLM" in err and "--mode clm" in err and "Traceback" not in err
+    code, _, err = run("generate", ckpt(work, "clm"), "--protein", "MKB")
+    assert code == 2 and "'B'" in err
+
+
+def test_protein_masks_and_filters():
+    masks = protein_masks("MW", 69)
+    assert masks.shape == (3, 69)
+    assert masks[0].nonzero().flatten().tolist() == [codon_id("ATG")]
+    assert masks[1].nonzero().flatten().tolist() == [codon_id("TGG")]
+    assert sorted(masks[2].nonzero().flatten().tolist()) == sorted(codon_id(c) for c in STOPS)
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = lambda w: torch.isfinite(w[0]).nonzero().flatten().tolist()  # noqa: E731
+    assert kept(filter_logits(logits, 1.0, 2, None)) == [0, 1]
+    assert kept(filter_logits(logits, 1.0, None, 0.7)) == [0, 1]
+    assert kept(filter_logits(logits, 1.0, None, 0.5)) == [0]
+    assert kept(filter_logits(logits, 0.0, None, None)) == [0]
+
+
+# downstream ---------------------------------------------------------------------------------------
+
+GRID = ["--lrs", "1e-3", "--batch-sizes", "64", "--seeds", "0", "--max-epochs", "2"]
+
+
+def test_downstream_riboswitches(work, run, tmp_path, shared_data):
+    out = tmp_path / "report.json"
+    code, stdout, err = run("downstream", ckpt(work, "mlm"), "--task", "tc_riboswitches",
+                            "--data_dir", shared_data, *GRID, "--out", out)  # fmt: skip
+    assert code == 0, err
+    assert "| method | spearman |" in stdout and "3-mers" in stdout
+    doc = json.loads(out.read_text())
+    assert set(doc["results"]) == {"gpt2_mlm_textcnn", "onehot_textcnn", "codon_freq"}
+    for result in doc["results"].values():
+        assert result["metric"] == "spearman" and len(result["values"]) == 1
+        assert math.isfinite(result["mean"]) and result["std"] == 0.0
+    assert doc["task"]["coding"] is False and "3-mers" in doc["task"]["model_input"]
+    # The features are cached: a second run (linear head) finds them.
+    code, _, err = run("downstream", ckpt(work, "mlm"), "--task", "tc_riboswitches", "--data_dir",
+                       shared_data, "--head", "linear", "--no-baselines", "--out", out)  # fmt: skip
+    assert code == 0 and "features read from the cache" in err
+
+
+def _task_file(path: Path, n: int = 30, long_every: int = 3, value=lambda i: f"{i * 0.1:.2f}"):
+    seqs = demo_sequences(n, seed=9)
+    rows = ["seq,y,part"]
+    for i, s in enumerate(seqs):
+        s = s * 3 if i % long_every == 0 else s[:60]
+        rows.append(f"{s},{value(i)},{('train', 'train', 'train', 'val', 'test')[i % 5]}")
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_downstream_user_file_with_long_sequences(work, run, tmp_path):
+    data = _task_file(tmp_path / "task.csv")
+    out = tmp_path / "r.json"
+    code, stdout, err = run("downstream", ckpt(work, "clm"), "--file", data, "--sequence-column",
+                            "seq", "--target-column", "y", "--split-column", "part", "--head",
+                            "linear", "--no-baselines", "--long-seqs", "window", "--out", out)  # fmt: skip
+    assert code == 0, err
+    doc = json.loads(out.read_text())
+    assert doc["task"]["records_longer_than_model"] == 10 and doc["task"]["long_seqs"] == "window"
+    assert math.isfinite(doc["results"]["gpt2_clm_linear"]["mean"])
+
+
+def test_downstream_errors(work, run, tmp_path):
+    base = ["downstream", ckpt(work, "mlm"), *GRID, "--no-baselines"]
+    data = _task_file(tmp_path / "task.csv")
+    code, _, err = run(*base, "--file", data, "--sequence-column", "seq", "--target-column", "yy")
+    assert code == 2 and "no column(s) ['yy']" in err and err.count("\n") == 1
+    bad = _task_file(tmp_path / "bad.csv", value=lambda i: "high" if i == 4 else "1.5")
+    code, _, err = run(*base, "--file", bad, "--sequence-column", "seq", "--target-column", "y")
+    assert code == 2 and "non-numeric target" in err and "bad.csv:6" in err
+    code, _, err = run(*base, "--task", "no_such_task")
+    assert code == 2 and "unknown --task" in err and "tc_riboswitches" in err
+    code, _, err = run(*base, "--file", data, "--finetune")
+    assert code == 2 and "--finetune" in err
