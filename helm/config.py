@@ -64,7 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("loss")
     g.add_argument(
-        "--loss", default="XE", choices=["XE", "HXE", "soft_labels", "aa_loss_add", "aa_loss_only"]
+        "--loss",
+        default="XE",
+        choices=["XE", "HXE", "soft_labels", "aa_loss_add", "aa_loss_only"],
+        help="training loss: XE, or one that knows the genetic code (HXE, soft labels, amino-acid losses)",
     )
     g.add_argument(
         "--hxe-alpha",
@@ -106,9 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="folder holding the data files (none: built-in demo corpus)",
     )
-    g.add_argument("--train_file", default=None)
+    g.add_argument(
+        "--train_file",
+        default=None,
+        help="training sequences (relative to --data_dir when not found as given)",
+    )
     g.add_argument("--val_file", default=None, help="absent: split from the training file, seeded")
-    g.add_argument("--test_file", default=None)
+    g.add_argument(
+        "--test_file", default=None, help="test sequences (absent: split from the training file)"
+    )
     g.add_argument(
         "--file_extension",
         default=None,
@@ -141,30 +150,55 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["head", "random"],
         help="longer sequences: head or random crop",
     )
-    g.add_argument("--masking_strategy", default="single", choices=["single", "double", "span"])
-    g.add_argument("--masking_ratio", type=float, default=0.15)
+    g.add_argument(
+        "--masking_strategy",
+        default="single",
+        choices=["single", "double", "span"],
+        help="MLM masks: single tokens, adjacent pairs, or geometric spans (mean 3, max 10)",
+    )
+    g.add_argument(
+        "--masking_ratio",
+        type=float,
+        default=0.15,
+        help="fraction of tokens masked (in expectation) for MLM",
+    )
     g.add_argument(
         "--mask-replace",
         default="mask",
         choices=["mask", "bert"],
         help="bert: 80/10/10 replacement",
     )
-    g.add_argument("--data-type", default="nuc", choices=["nuc", "codon", "aa"])
     g.add_argument(
-        "--tokenizer", default="3mer", choices=["3mer", "nuc", "6mer", "bpe", "wp", "ug"]
+        "--data-type",
+        default="nuc",
+        choices=["nuc", "codon", "aa"],
+        help="nuc: nucleotides; codon: nuc read as codons (3mer); aa: proteins (nucleotides translated)",
+    )
+    g.add_argument(
+        "--tokenizer",
+        default="3mer",
+        choices=["3mer", "nuc", "6mer", "bpe", "wp", "ug"],
+        help="k-mers (3mer = codons, nuc, 6mer) or subwords trained on the training split (bpe, wp, ug)",
     )
     g.add_argument("--overlap", type=int, default=0, help="k-mer overlap: stride k - overlap")
     g.add_argument(
         "--position_ids", action="store_true", help="feed explicit position ids to the model"
     )
-    g.add_argument("--mode", default="mlm", choices=["mlm", "clm"])
+    g.add_argument(
+        "--mode",
+        default="mlm",
+        choices=["mlm", "clm"],
+        help="mlm: masked LM, bidirectional; clm: next-token LM, causal",
+    )
     g.add_argument("--batch_size", type=int, default=64, help="sequences per device per micro-step")
     g.add_argument(
         "--num_samples", type=int, default=-1, help="use the first N training records (-1: all)"
     )
 
     g = p.add_argument_group("model")
-    g.add_argument("--model_name", default="gpt2", choices=["gpt2", "bert", "mamba", "hyena"])
+    g.add_argument(
+        "--model_name", default="gpt2", choices=["gpt2", "bert", "mamba", "hyena"], help="backbone"
+    )
     g.add_argument(
         "--bidirectional",
         action=argparse.BooleanOptionalAction,
@@ -177,8 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--vocab_size", type=int, default=None, help="subword vocabulary size; derived for k-mers"
     )
-    g.add_argument("--num_layers", type=int, default=4)
-    g.add_argument("--num_heads", type=int, default=4)
+    g.add_argument("--num_layers", type=int, default=4, help="number of blocks")
+    g.add_argument("--num_heads", type=int, default=4, help="attention heads (gpt2, bert)")
     g.add_argument(
         "--pad_vocab_size_multiple",
         type=int,
@@ -186,17 +220,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="pad the embedding rows to a multiple",
     )
     g.add_argument(
-        "--pos_embedding", default="absolute", choices=["none", "absolute", "sincos", "rotary"]
+        "--pos_embedding",
+        default="absolute",
+        choices=["none", "absolute", "sincos", "rotary"],
+        help="positions: none, learned absolute, fixed sincos, rotary (attention only)",
     )
-    g.add_argument("--pos_embedding_apply", default="add", choices=["add", "concat"])
+    g.add_argument(
+        "--pos_embedding_apply",
+        default="add",
+        choices=["add", "concat"],
+        help="add positions to tokens, or concatenate them (--pos_embedding_dim wide)",
+    )
     g.add_argument(
         "--pos_embedding_dim", type=int, default=None, help="position width under concat"
     )
-    g.add_argument("--tie_embeddings", action=argparse.BooleanOptionalAction, default=False)
-    g.add_argument("--hidden_size", type=int, default=256)
-    g.add_argument("--intermediate_size", type=int, default=1024)
-    g.add_argument("--dropout", type=float, default=0.0)
-    g.add_argument("--attn_dropout", type=float, default=0.0)
+    g.add_argument(
+        "--tie_embeddings",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="share the token embedding with the LM head",
+    )
+    g.add_argument("--hidden_size", type=int, default=256, help="model width d_model")
+    g.add_argument("--intermediate_size", type=int, default=1024, help="MLP width d_ff")
+    g.add_argument(
+        "--dropout", type=float, default=0.0, help="dropout on residual branches and embeddings"
+    )
+    g.add_argument(
+        "--attn_dropout",
+        type=float,
+        default=0.0,
+        help="dropout on attention probabilities (training only)",
+    )
     g.add_argument(
         "--activation",
         default=None,
@@ -223,22 +277,48 @@ def build_parser() -> argparse.ArgumentParser:
             "adafactor",
             "lamb",
         ],
+        help="optimizer (timm names; sgd and nesterov are Nesterov momentum SGD)",
     )
-    g.add_argument("--opt-eps", type=float, default=None)
-    g.add_argument("--opt-betas", type=float, nargs="+", default=None)
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=2e-5)
+    g.add_argument(
+        "--opt-eps",
+        type=float,
+        default=None,
+        help="optimizer epsilon (default: the optimizer's own)",
+    )
+    g.add_argument(
+        "--opt-betas",
+        type=float,
+        nargs="+",
+        default=None,
+        help="optimizer betas, two values (Adam family, LAMB)",
+    )
+    g.add_argument(
+        "--momentum", type=float, default=0.9, help="momentum of sgd, momentum, nesterov, rmsprop"
+    )
+    g.add_argument(
+        "--weight-decay",
+        type=float,
+        default=2e-5,
+        help="decoupled weight decay (never on norms, biases, position tables, SSM A/D, filters)",
+    )
     g.add_argument(
         "--clip-grad", type=float, default=None, help="clip threshold (none: no clipping)"
     )
-    g.add_argument("--clip-mode", default="norm", choices=["norm", "value", "agc"])
+    g.add_argument(
+        "--clip-mode",
+        default="norm",
+        choices=["norm", "value", "agc"],
+        help="gradient clipping: total norm, per value, or adaptive (AGC)",
+    )
     g.add_argument(
         "--layer-decay",
         type=float,
         default=None,
         help="per-layer lr scale: lr * decay^(depth from top)",
     )
-    g.add_argument("--grad-accum-steps", type=int, default=1)
+    g.add_argument(
+        "--grad-accum-steps", type=int, default=1, help="micro-batches per optimizer update"
+    )
 
     g = p.add_argument_group("learning-rate schedule (timm semantics)")
     g.add_argument(
@@ -248,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--sched",
         default="cosine",
         choices=["cosine", "step", "multistep", "plateau", "poly", "tanh", "constant"],
+        help="learning-rate schedule",
     )
     g.add_argument(
         "--sched-on-updates",
@@ -260,8 +341,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="learning rate (none: --lr-base scaled by global batch)",
     )
-    g.add_argument("--lr-base", type=float, default=1e-3)
-    g.add_argument("--lr-base-size", type=int, default=256)
+    g.add_argument(
+        "--lr-base",
+        type=float,
+        default=1e-3,
+        help="lr for --lr-base-size sequences, scaled to the global batch when --lr is not given",
+    )
+    g.add_argument(
+        "--lr-base-size", type=int, default=256, help="global batch size at which --lr-base applies"
+    )
     g.add_argument(
         "--lr-base-scale",
         default="",
@@ -275,15 +363,46 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="noise window as epoch fractions/epochs",
     )
-    g.add_argument("--lr-noise-pct", type=float, default=0.67)
-    g.add_argument("--lr-noise-std", type=float, default=1.0)
-    g.add_argument("--lr-cycle-mul", type=float, default=1.0)
-    g.add_argument("--lr-cycle-decay", type=float, default=0.5)
-    g.add_argument("--lr-cycle-limit", type=int, default=1)
-    g.add_argument("--lr-k-decay", type=float, default=1.0)
-    g.add_argument("--warmup-lr", type=float, default=1e-8)
-    g.add_argument("--min-lr", type=float, default=0.0)
-    g.add_argument("--epochs", type=int, default=300)
+    g.add_argument(
+        "--lr-noise-pct",
+        type=float,
+        default=0.67,
+        help="noise is resampled until |noise| < this fraction",
+    )
+    g.add_argument(
+        "--lr-noise-std", type=float, default=1.0, help="standard deviation of the lr noise"
+    )
+    g.add_argument(
+        "--lr-cycle-mul",
+        type=float,
+        default=1.0,
+        help="each cosine/poly/tanh cycle is this much longer than the last",
+    )
+    g.add_argument(
+        "--lr-cycle-decay",
+        type=float,
+        default=0.5,
+        help="each cycle's peak lr is this fraction of the last",
+    )
+    g.add_argument("--lr-cycle-limit", type=int, default=1, help="number of cycles")
+    g.add_argument(
+        "--lr-k-decay",
+        type=float,
+        default=1.0,
+        help="k-decay exponent on the position within a cycle (1: plain schedule)",
+    )
+    g.add_argument(
+        "--warmup-lr", type=float, default=1e-8, help="lr at the start of the linear warmup"
+    )
+    g.add_argument(
+        "--min-lr",
+        type=float,
+        default=0.0,
+        help="floor of cosine/poly/tanh schedules and of plateau reductions",
+    )
+    g.add_argument(
+        "--epochs", type=int, default=300, help="training epochs (plus --cooldown-epochs)"
+    )
     g.add_argument(
         "--epoch-repeats",
         type=float,
@@ -293,47 +412,102 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--start-epoch", type=int, default=None, help="manual start epoch (resume overrides)"
     )
-    g.add_argument("--decay-milestones", type=int, nargs="+", default=[90, 180, 270])
-    g.add_argument("--decay-epochs", type=float, default=90)
-    g.add_argument("--warmup-epochs", type=int, default=5)
+    g.add_argument(
+        "--decay-milestones",
+        type=int,
+        nargs="+",
+        default=[90, 180, 270],
+        help="epochs at which multistep decays the lr",
+    )
+    g.add_argument(
+        "--decay-epochs", type=float, default=90, help="interval of step decay, in epochs"
+    )
+    g.add_argument("--warmup-epochs", type=int, default=5, help="linear warmup length, in epochs")
     g.add_argument(
         "--warmup-prefix", action="store_true", help="warmup does not count toward the decay"
     )
-    g.add_argument("--cooldown-epochs", type=int, default=0)
-    g.add_argument("--patience-epochs", type=int, default=10)
-    g.add_argument("--decay-rate", type=float, default=0.1)
+    g.add_argument(
+        "--cooldown-epochs",
+        type=int,
+        default=0,
+        help="epochs added at the end (at --min-lr for cycle schedules)",
+    )
+    g.add_argument(
+        "--patience-epochs",
+        type=int,
+        default=10,
+        help="epochs without improvement before plateau cuts the lr / early stopping stops",
+    )
+    g.add_argument(
+        "--decay-rate",
+        type=float,
+        default=0.1,
+        help="lr factor of step/multistep/plateau decays; power of poly",
+    )
 
     g = p.add_argument_group("exponential moving average of the weights")
-    g.add_argument("--model-ema", action="store_true")
-    g.add_argument("--model-ema-force-cpu", action="store_true")
-    g.add_argument("--model-ema-decay", type=float, default=0.9998)
+    g.add_argument(
+        "--model-ema",
+        action="store_true",
+        help="keep an exponential moving average of the weights (validated and saved beside them)",
+    )
+    g.add_argument("--model-ema-force-cpu", action="store_true", help="keep the EMA on the CPU")
+    g.add_argument(
+        "--model-ema-decay", type=float, default=0.9998, help="EMA decay per optimizer update"
+    )
 
     g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=42)
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=42,
+        help="seed of initialisation, splits, masks, data order and dropout",
+    )
     g.add_argument(
         "--resume", default=None, help="checkpoint path, or 'auto' for <output>/checkpoints/last.pt"
     )
-    g.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "cuda", "mps", "tpu"])
-    g.add_argument("--num_workers", type=int, default=4)
+    g.add_argument(
+        "--accelerator",
+        default="auto",
+        choices=["auto", "cpu", "cuda", "mps", "tpu"],
+        help="device (auto: cuda, then mps, then cpu); tpu is refused",
+    )
+    g.add_argument(
+        "--num_workers", type=int, default=4, help="DataLoader worker processes per rank"
+    )
     g.add_argument(
         "--distributed-backend", default="auto", help="auto (nccl on CUDA, gloo on CPU), nccl, gloo"
     )
-    g.add_argument("--sync-bn", action="store_true")
-    g.add_argument("--num_nodes", type=int, default=1)
+    g.add_argument(
+        "--sync-bn",
+        action="store_true",
+        help="convert BatchNorm layers to SyncBatchNorm under DDP (the built-in models have none)",
+    )
+    g.add_argument("--num_nodes", type=int, default=1, help="nodes; more than one needs torchrun")
     g.add_argument(
         "--num_devices",
         type=int,
         default=1,
         help="processes per node; without torchrun they are spawned",
     )
-    g.add_argument("--worker-seeding", default="all", choices=["all", "part"])
+    g.add_argument(
+        "--worker-seeding",
+        default="all",
+        choices=["all", "part"],
+        help="DataLoader worker seeding as in timm: all (python, numpy, torch) or part",
+    )
     g.add_argument(
         "--checkpoint-hist",
         type=int,
         default=10,
         help="epoch checkpoints kept beside last and best",
     )
-    g.add_argument("--eval-metric", default="val_loss", choices=list(EVAL_METRICS))
+    g.add_argument(
+        "--eval-metric",
+        default="val_loss",
+        choices=list(EVAL_METRICS),
+        help="validation metric choosing best.pt and driving plateau and early stopping",
+    )
     g.add_argument(
         "--val-metric-mode", default=None, choices=["min", "max"], help="default: from the metric"
     )
@@ -343,8 +517,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="bf16 autocast (fp16 + GradScaler where bf16 is unsupported)",
     )
-    g.add_argument("--amp-dtype", default="auto", choices=["auto", "bfloat16", "float16"])
-    g.add_argument("--pin-mem", action="store_true")
+    g.add_argument(
+        "--amp-dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float16"],
+        help="autocast dtype under --amp (auto: bf16 where supported, else fp16 + GradScaler)",
+    )
+    g.add_argument("--pin-mem", action="store_true", help="pin host memory of batches (CUDA)")
     g.add_argument(
         "--no-prefetcher", action="store_true", help="no CUDA-stream prefetching of batches"
     )

@@ -115,3 +115,13 @@ def test_derived_values():
     assert parse_config(["--eval-metric", "val_loss"]).val_metric_mode == "min"
     assert parse_config(["--distributed-backend", "ddp"]).distributed_backend == "auto"
     assert parse_config(["--num_samples", "-1", "--train_file", "t"]).num_samples is None
+
+
+def test_readme_documents_every_flag_and_ci_runs_its_test_command():
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    flags = {s for a in build_parser()._actions for s in a.option_strings if s.startswith("--")}
+    assert sorted(f for f in flags if f"`{f}" not in readme and f" {f}" not in readme) == []
+    test_command = "python -m pytest"
+    assert f"{test_command}             # run the tests" in readme
+    assert test_command in (root / ".ci" / "run").read_text()
