@@ -16,6 +16,14 @@ from typing import Any
 
 import yaml
 
+from helm.hierarchy import HIERARCHIES
+from helm.losses import LOSSES
+from helm.models import MODELS
+from helm.models.common import ACTIVATIONS, POS_EMBEDDING_APPLY, POS_EMBEDDINGS
+from helm.optim import OPTIMIZERS
+from helm.sched import SCHEDULES
+from helm.tokenizers import DATA_TYPES, TOKENIZERS
+
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 QUICKSTART = CONFIG_DIR / "quickstart.yaml"
 DATA_KEYS = ("data_dir", "train_file")
@@ -66,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--loss",
         default="XE",
-        choices=["XE", "HXE", "soft_labels", "aa_loss_add", "aa_loss_only"],
+        choices=LOSSES,
         help="training loss: XE, or one that knows the genetic code (HXE, soft labels, amino-acid losses)",
     )
     g.add_argument(
@@ -93,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--hierarchy",
         default="true",
-        choices=["true", "random"],
+        choices=HIERARCHIES,
         help="codon tree; random keeps the shape",
     )
     g.add_argument(
@@ -171,13 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--data-type",
         default="nuc",
-        choices=["nuc", "codon", "aa"],
+        choices=DATA_TYPES,
         help="nuc: nucleotides; codon: nuc read as codons (3mer); aa: proteins (nucleotides translated)",
     )
     g.add_argument(
         "--tokenizer",
         default="3mer",
-        choices=["3mer", "nuc", "6mer", "bpe", "wp", "ug"],
+        choices=TOKENIZERS,
         help="k-mers (3mer = codons, nuc, 6mer) or subwords trained on the training split (bpe, wp, ug)",
     )
     g.add_argument("--overlap", type=int, default=0, help="k-mer overlap: stride k - overlap")
@@ -196,9 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     g = p.add_argument_group("model")
-    g.add_argument(
-        "--model_name", default="gpt2", choices=["gpt2", "bert", "mamba", "hyena"], help="backbone"
-    )
+    g.add_argument("--model_name", default="gpt2", choices=list(MODELS), help="backbone")
     g.add_argument(
         "--bidirectional",
         action=argparse.BooleanOptionalAction,
@@ -222,13 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--pos_embedding",
         default="absolute",
-        choices=["none", "absolute", "sincos", "rotary"],
+        choices=POS_EMBEDDINGS,
         help="positions: none, learned absolute, fixed sincos, rotary (attention only)",
     )
     g.add_argument(
         "--pos_embedding_apply",
         default="add",
-        choices=["add", "concat"],
+        choices=POS_EMBEDDING_APPLY,
         help="add positions to tokens, or concatenate them (--pos_embedding_dim wide)",
     )
     g.add_argument(
@@ -254,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--activation",
         default=None,
-        choices=["gelu", "gelu_tanh", "relu", "silu", "swiglu"],
+        choices=ACTIVATIONS,
         help="MLP activation (default: the model's own: gelu; swiglu for mamba's gated MLP)",
     )
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -264,19 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--opt",
         default="adamw",
         type=str.lower,
-        choices=[
-            "adamw",
-            "adam",
-            "sgd",
-            "momentum",
-            "nesterov",
-            "rmsprop",
-            "adagrad",
-            "radam",
-            "nadam",
-            "adafactor",
-            "lamb",
-        ],
+        choices=OPTIMIZERS,
         help="optimizer (timm names; sgd and nesterov are Nesterov momentum SGD)",
     )
     g.add_argument(
@@ -327,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--sched",
         default="cosine",
-        choices=["cosine", "step", "multistep", "plateau", "poly", "tanh", "constant"],
+        choices=SCHEDULES,
         help="learning-rate schedule",
     )
     g.add_argument(

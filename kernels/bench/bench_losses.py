@@ -24,7 +24,6 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -35,46 +34,32 @@ V = 69
 DEVICE = "cuda"
 
 
+_NAMES = {
+    "xe": "XE",
+    "hxe": "HXE",
+    "soft": "soft_labels",
+    "aa_only": "aa_loss_only",
+    "aa_add": "aa_loss_add",
+}
+
+
 def build_tables(
     loss: str, alpha: float, beta: float, aa_weight: float, device: str
 ) -> dict[str, torch.Tensor | None]:
-    """anc, coef, soft, const of ``path_loss_ref`` for one loss over the true codon tree."""
+    """anc, coef, soft, const of ``path_loss_ref`` for one loss, exactly as the trainer builds them."""
     from helm.hierarchy import build_hierarchy
+    from helm.losses import loss_tables
 
-    h = build_hierarchy("true")
-    anc = torch.as_tensor(h.paths)  # (V, S) root ... leaf, -1 padded
-    S = anc.shape[1]
-    leaf = torch.as_tensor(h.leaf_depth)  # slot of the leaf itself
-    slots = torch.arange(S)[None, :]
-    at = lambda d: (slots == d[:, None]).double()  # (V, S) one-hot at slot d
-    root = at(torch.zeros(V, dtype=torch.long))
-    soft = const = None
-    if loss == "xe":
-        coef = root - at(leaf)
-    elif loss == "hxe":
-        # L = -sum_{d=1..D} w_d (lse_d - lse_{d-1}): slot s gets w_{s+1} (if s < D) - w_s (if s >= 1)
-        w = torch.exp(-alpha * torch.arange(S + 1, dtype=torch.double))
-        w /= np.exp(-alpha * h.depth).sum()  # Z over all nodes of the tree
-        on = (anc >= 0).double()
-        nxt = torch.cat([on[:, 1:], torch.zeros(V, 1, dtype=torch.double)], 1)
-        coef = w[1 : S + 1][None, :] * nxt - w[:S][None, :] * (slots >= 1) * on
-    elif loss in ("aa_only", "aa_add"):
-        coef = root - at(leaf - 1)  # L_aa = lse_root - lse_parent
-        if loss == "aa_add":
-            coef = root - at(leaf) + aa_weight * coef
-    elif loss == "soft":
-        q = torch.softmax(-beta * torch.as_tensor(h.dist, dtype=torch.double) / 4, dim=1)
-        soft, const = q, (q * q.log()).sum(1)  # KL(q || p) = const + lse_root - sum_c q_c z_c
-        coef = root
-    else:
-        raise ValueError(loss)
-    move = lambda t, dt: None if t is None else t.to(device=device, dtype=dt).contiguous()
-    return {
-        "anc": move(anc, torch.int64),
-        "coef": move(coef, torch.float32),
-        "soft": move(soft, torch.float32),
-        "const": move(const, torch.float32),
-    }
+    t = loss_tables(
+        _NAMES[loss],
+        build_hierarchy("true"),
+        alpha=alpha,
+        beta=beta,
+        aa_weight=aa_weight,
+        vocab_size=V,
+        device=device,
+    )
+    return {"anc": t.anc, "coef": t.coef, "soft": t.soft, "const": t.const}
 
 
 def measure(step: Callable[[], None], z: torch.Tensor, warmup: int, rep: int) -> tuple[float, int]:
