@@ -335,7 +335,11 @@ def test_user_errors_are_reported_without_traceback(run, tmp_path, capsys):
     code, _ = run("--train_file", str(bad))
     assert code == 2
     err = capsys.readouterr().err
-    assert "bad.txt:7: invalid character" in err and "--on-invalid skip" in err and "Traceback" not in err
+    assert (
+        "bad.txt:7: invalid character" in err
+        and "--on-invalid skip" in err
+        and "Traceback" not in err
+    )
     code, _ = run("--tokenizer", "nuc", "--loss", "HXE")
     assert code == 2 and "--tokenizer 3mer" in capsys.readouterr().err
     code, _ = run("--resume", str(tmp_path / "missing.pt"))
@@ -363,3 +367,22 @@ def test_torchrun_two_processes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "ddp" / "checkpoints" / "last.pt").exists()
     assert "world size 2" in proc.stderr
+
+
+def test_num_devices_spawns_local_ranks_without_torchrun(tmp_path):
+    env = {**os.environ, "HELM_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        *TINY,
+        "--epochs",
+        "1",
+        "--num_devices",
+        "2",
+        "--output",
+        str(tmp_path / "spawn"),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "world size 2" in proc.stderr
+    assert load_checkpoint(tmp_path / "spawn" / "checkpoints" / "last.pt")["step"] > 0
