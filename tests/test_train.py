@@ -386,3 +386,25 @@ def test_num_devices_spawns_local_ranks_without_torchrun(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "world size 2" in proc.stderr
     assert load_checkpoint(tmp_path / "spawn" / "checkpoints" / "last.pt")["step"] > 0
+
+
+@pytest.mark.parametrize("loss", ["HXE", "soft_labels"])
+def test_kernel_and_reference_give_the_same_training_run(run, loss):
+    """--loss-impl triton (the fused kernel, interpreted on CPU) against the PyTorch reference."""
+    small = [
+        "--num_samples",
+        "24",
+        "--max_seq_len",
+        "24",
+        "--epochs",
+        "1",
+        "--split",
+        "0.8,0.1,0.1",
+    ]
+    code, ref = run("--loss", loss, "--loss-impl", "torch", *small, out="ref")
+    assert code == 0
+    code, ker = run("--loss", loss, "--loss-impl", "triton", *small, out="kernel")
+    assert code == 0
+    a, b = train_losses(ref), train_losses(ker)
+    assert len(a) == len(b) >= 3
+    assert a == pytest.approx(b, rel=1e-5)
