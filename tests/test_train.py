@@ -408,3 +408,26 @@ def test_kernel_and_reference_give_the_same_training_run(run, loss):
     a, b = train_losses(ref), train_losses(ker)
     assert len(a) == len(b) >= 3
     assert a == pytest.approx(b, rel=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_non_finite_loss(run, monkeypatch, capsys, policy):
+    real = train.forward_backward
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        loss, targets, tokens = real(*a, **k)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 3 else loss), targets, tokens
+
+    monkeypatch.setattr(train, "forward_backward", poisoned)
+    code, out = run("--epochs", "1", "--nan-policy", policy)
+    messages = capsys.readouterr().err
+    if policy == "stop":
+        assert code == 3
+        assert "non-finite loss at optimizer step 3" in messages and "--nan-policy skip" in messages
+    else:
+        assert code == 0
+        assert "1 updates were skipped" in messages
+        ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
+        assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
