@@ -3,6 +3,7 @@
 
     python eval.py pretrain   CKPT --file test.fasta            # LM loss, perplexity, tree metrics
     python eval.py downstream CKPT --task tc_riboswitches       # probe frozen features (paper protocol)
+    python eval.py downstream CKPT --task mlos --finetune       # or train the whole model on the task
     python eval.py generate   CKPT --protein MKV... --num 4     # sample, or design a CDS (CLM only)
     python eval.py embed      CKPT --file seqs.fasta --out e.npy  # one vector per sequence
 
@@ -32,6 +33,7 @@ from helm.data.io import DataError
 from helm.data.sampler import LengthBucketSampler, build_dataloader
 from helm.downstream import (
     TASKS,
+    evaluate_finetune,
     evaluate_probe,
     format_report,
     load_task,
@@ -176,15 +178,18 @@ def pretrain(args) -> int:
     return 0
 
 
-# downstream: probes on frozen features, with the paper's grid and the baselines -----------------
+# downstream: probes on frozen features (or finetuning), with the paper's grid and the baselines ---
 
 
 def downstream(args) -> int:
-    if args.finetune:
+    if args.finetune and args.long_seqs == "window":
         raise EvalError(
-            "--finetune is not available: eval.py probes frozen features only (the paper's "
-            "protocol). Drop --finetune, or train the backbone on the task with your own loop"
+            "--long-seqs window does not apply to --finetune: windows average frozen features, "
+            "while finetuning trains on one model input per record. Drop --long-seqs (records "
+            "longer than the model are cut to its max_seq_len), or probe frozen features instead"
         )
+    if args.backbone_lr_scale < 0:
+        raise EvalError("--backbone-lr-scale must be >= 0")
     data, info = load_downstream_task(args)
     if args.kfold is not None:
         splits = make_splits(data, kfold=args.kfold, seed=args.split_seed)
@@ -216,26 +221,6 @@ def downstream(args) -> int:
             args.long_seqs,
         )
 
-    # Features once per (checkpoint, weights, sequences, long-seqs mode): the grid reuses them.
-    key = feature_key(
-        args.checkpoint,
-        seqs,
-        ema=args.ema,
-        long_seqs=args.long_seqs,
-        autocast=device.type == "cuda",
-    )
-    features = cached_token_features(
-        key,
-        lambda: extract(
-            model,
-            token_ids,
-            long_seqs=args.long_seqs,
-            batch_size=args.feature_batch_size,
-            device=device,
-        ),
-        args.feature_cache,
-    )
-
     # The protocol: grid x seeds, early stopping on val, test at the best validation epoch.
     grid = dict(
         lrs=args.lrs,
@@ -246,7 +231,36 @@ def downstream(args) -> int:
         device=str(device),
     )
     name = f"{loaded.checkpoint['model_name']}_{loaded.config['mode']}_{args.head}"
-    results = {name: evaluate_probe(features, data, splits, head=args.head, method=name, **grid)}
+    if args.finetune:
+        # Every run trains a fresh copy of the backbone with the head, on the same splits.
+        name = f"{loaded.checkpoint['model_name']}_{loaded.config['mode']}_finetune_{args.head}"
+        result = evaluate_finetune(
+            model,
+            token_ids,
+            data,
+            splits,
+            head=args.head,
+            backbone_lr_scale=args.backbone_lr_scale,
+            eval_batch_size=args.feature_batch_size,
+            method=name,
+            **grid,
+        )
+        setup = {
+            "training": "backbone and head finetuned together (AdamW; backbone lr = head lr x "
+            f"{args.backbone_lr_scale:g}); the head reads the last hidden states at each token",
+            "backbone_lr_scale": args.backbone_lr_scale,
+        }
+    else:
+        result = evaluate_probe(
+            probe_features(args, model, seqs, token_ids, device),
+            data,
+            splits,
+            head=args.head,
+            method=name,
+            **grid,
+        )
+        setup = {"features": "last hidden states of the frozen backbone at each token"}
+    results = {name: result}
     if args.baselines:
         results |= run_baselines(data, splits, **grid)
     print(format_report(results, info))
@@ -254,7 +268,7 @@ def downstream(args) -> int:
         "checkpoint": str(args.checkpoint),
         "weights": "ema" if args.ema else "raw",
         "head": args.head,
-        "features": "last hidden states of the frozen backbone at each token",
+        **setup,
         "model_input": "sequences cut into consecutive 3-mers from the first nucleotide, a "
         "trailing partial 3-mer dropped (TaskData.codon_sequences), as CodonBERT did",
         "long_seqs": args.long_seqs,
@@ -266,6 +280,29 @@ def downstream(args) -> int:
     Path(out).write_text(to_json(results, info) + "\n")
     log.info("wrote %s", out)
     return 0
+
+
+def probe_features(args, model, seqs, token_ids, device) -> list[np.ndarray]:
+    """Per-token features of the frozen backbone, once per (checkpoint, weights, sequences,
+    long-seqs mode): the grid and later runs reuse them from the feature cache."""
+    key = feature_key(
+        args.checkpoint,
+        seqs,
+        ema=args.ema,
+        long_seqs=args.long_seqs,
+        autocast=device.type == "cuda",
+    )
+    return cached_token_features(
+        key,
+        lambda: extract(
+            model,
+            token_ids,
+            long_seqs=args.long_seqs,
+            batch_size=args.feature_batch_size,
+            device=device,
+        ),
+        args.feature_cache,
+    )
 
 
 def load_downstream_task(args):
@@ -491,7 +528,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the MLM masks")
     p.add_argument("--out", default=None, help="JSON file (default: stdout)")
 
-    p = command("downstream", downstream, "probe frozen features on a property-prediction task")
+    p = command(
+        "downstream",
+        downstream,
+        "probe frozen features (or finetune the model) on a property-prediction task",
+    )
     p.add_argument("--task", default=None, help=f"registered task: {', '.join(TASKS)}")
     p.add_argument("--data_dir", default=None, help="folder holding the task files (offline)")
     p.add_argument("--file", default=None, help="your own labelled table or FASTA file")
@@ -505,7 +546,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--on-invalid", default="error", choices=["error", "skip"])
     p.add_argument("--head", default="textcnn", choices=["textcnn", "linear"])
-    p.add_argument("--finetune", action="store_true", help="not available (refused)")
+    p.add_argument(
+        "--finetune", action="store_true", help="train the whole model, not a probe on its features"
+    )
+    p.add_argument(
+        "--backbone-lr-scale",
+        type=float,
+        default=0.1,
+        help="--finetune: the backbone's lr as a multiple of the head's (--lrs)",
+    )
     p.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-4, 1e-5])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 16, 32, 64])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

@@ -305,5 +305,5 @@ def test_downstream_errors(work, run, tmp_path):
     assert code == 2 and "non-numeric target" in err and "bad.csv:6" in err
     code, _, err = run(*base, "--task", "no_such_task")
     assert code == 2 and "unknown --task" in err and "tc_riboswitches" in err
-    code, _, err = run(*base, "--file", data, "--finetune")
-    assert code == 2 and "--finetune" in err
+    code, _, err = run(*base, "--file", data, "--finetune", "--long-seqs", "window")
+    assert code == 2 and "--finetune" in err and "--long-seqs" in err

@@ -1,4 +1,5 @@
-"""Downstream evaluation: property-prediction tasks probed on frozen backbone features.
+"""Downstream evaluation: property-prediction tasks probed on frozen backbone features, or the
+whole model finetuned (`evaluate_finetune`) under the same protocol.
 
 Typical use (``extract`` maps sequences to per-token (T_i, D) hidden states)::
 
@@ -11,6 +12,7 @@ Typical use (``extract`` maps sequences to per-token (T_i, D) hidden states)::
 """
 
 from helm.downstream.baselines import BASELINES, format_report, run_baselines, to_json
+from helm.downstream.finetune import evaluate_finetune
 from helm.downstream.heads import OneHotEncoder, TextCNN, codon_frequency_features, pad_features
 from helm.downstream.metrics import PRIMARY, compute_metrics
 from helm.downstream.protocol import (
@@ -42,6 +44,7 @@ __all__ = [
     "TextCNN",
     "codon_frequency_features",
     "compute_metrics",
+    "evaluate_finetune",
     "evaluate_pooled",
     "evaluate_probe",
     "fetch_task",

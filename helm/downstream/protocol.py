@@ -7,13 +7,16 @@ TEST metric at the epoch of best VALIDATION metric (`select_at_best_val`). The g
 the best validation metric (mean over seeds) is chosen, and its test metrics are reported as mean
 and standard deviation over seeds (and folds). ``head="linear"`` replaces the TextCNN by ridge or
 L2 logistic regression on mean-pooled features, its penalty chosen on validation.
+
+`train_with_early_stopping` (one run's epochs) and `search_grid` (grid, seeds, selection) also run
+the finetuning of `helm.downstream.finetune`, so probes and finetuning share one protocol.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -120,7 +123,8 @@ def make_splits(
     return [Split(f"random(seed={seed})", *(np.flatnonzero(where == k) for k in range(3)))]
 
 
-def _check_splits(splits: Sequence[Split], n: int) -> None:
+def check_splits(splits: Sequence[Split], n: int) -> None:
+    """Raise unless every split has train, val and test records, all among the `n` of the task."""
     if not splits:
         raise ValueError("no splits given")
     for split in splits:
@@ -197,7 +201,7 @@ def _summarise(runs: list[dict[str, float]]) -> dict[str, tuple[float, float]]:
 # Training
 
 
-def _targets(
+def training_targets(
     data: TaskData, train: np.ndarray
 ) -> tuple[np.ndarray, float | np.ndarray, float | np.ndarray]:
     """Training-space targets and the (mean, std) that map predictions back to the data's units."""
@@ -210,7 +214,8 @@ def _targets(
     return (y - mu) / sd, mu, sd
 
 
-def _loss(task: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def task_loss(task: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """MSE (regression, standardised targets), cross-entropy (classes) or BCE (labels)."""
     if task == "regression":
         return F.mse_loss(out.reshape(y.shape), y)
     if task == "classification":
@@ -218,57 +223,37 @@ def _loss(task: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(out, y)
 
 
-@torch.no_grad()
-def _predict(
-    model: TextCNN, feats: list[torch.Tensor], idx: np.ndarray, task: str, device
-) -> np.ndarray:
-    model.eval()
-    outs = []
-    for start in range(0, len(idx), _EVAL_BATCH):
-        x, mask = pad_features([feats[i] for i in idx[start : start + _EVAL_BATCH]], device)
-        out = model(x, mask).float()
-        if task == "classification":
-            out = out.softmax(dim=-1)
-        elif task == "multilabel":
-            out = out.sigmoid()
-        outs.append(out.cpu().numpy().astype(np.float64))
-    return np.concatenate(outs)
-
-
-def _train_textcnn(
-    feats: list[torch.Tensor],
+def train_with_early_stopping(
+    train_epoch: Callable[[], None],
+    predict: Callable[[np.ndarray], torch.Tensor],
     data: TaskData,
     split: Split,
-    lr: float,
-    batch_size: int,
-    seed: int,
+    mu: float | np.ndarray,
+    sd: float | np.ndarray,
     max_epochs: int,
     patience: int,
-    device: str,
 ) -> tuple[float, dict[str, float], int]:
-    """One run: (best validation value, test metrics at that epoch, that epoch)."""
+    """The epoch loop of one run: (best validation value, test metrics at that epoch, that epoch).
+
+    `train_epoch` trains one pass over ``split.train``; `predict` maps record indices to the raw
+    head outputs (N, num_outputs) in training space. After each epoch the validation and test
+    metrics are recorded (class scores through softmax, label scores through sigmoid, regression
+    mapped back by ``* sd + mu``); training stops once the validation metric has not improved for
+    `patience` epochs, and the test metrics are those at the best validation epoch.
+    """
     task, metric = data.task, PRIMARY[data.task]
-    y, mu, sd = _targets(data, split.train)
-    y_train = torch.as_tensor(y, dtype=torch.int64 if task == "classification" else torch.float32)
-    torch.manual_seed(seed)  # the head's initialisation and dropout
-    order = torch.Generator().manual_seed(seed)  # the epochs' shuffling
-    model = TextCNN(feats[0].shape[-1], data.num_outputs).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
     val_curve, test_curve, test_runs = [], [], []
     best, since_best = math.nan, 0
     for _ in range(max_epochs):
-        model.train()
-        perm = split.train[torch.randperm(len(split.train), generator=order).numpy()]
-        for start in range(0, len(perm), batch_size):
-            idx = perm[start : start + batch_size]
-            x, mask = pad_features([feats[i] for i in idx], device)
-            loss = _loss(task, model(x, mask), y_train[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        train_epoch()
         scored = []
         for part in (split.val, split.test):
-            pred = _predict(model, feats, part, task, device)
+            out = predict(part).float()
+            if task == "classification":
+                out = out.softmax(dim=-1)
+            elif task == "multilabel":
+                out = out.sigmoid()
+            pred = out.cpu().numpy().astype(np.float64)
             if task == "regression":
                 pred = pred.reshape(len(part), -1) * sd + mu
                 pred = pred[:, 0] if data.targets.ndim == 1 else pred
@@ -287,6 +272,51 @@ def _train_textcnn(
     return val_curve[epoch], test_runs[epoch], epoch
 
 
+def _train_textcnn(
+    feats: list[torch.Tensor],
+    data: TaskData,
+    split: Split,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    max_epochs: int,
+    patience: int,
+    device: str,
+) -> tuple[float, dict[str, float], int]:
+    """One run: (best validation value, test metrics at that epoch, that epoch)."""
+    task = data.task
+    y, mu, sd = training_targets(data, split.train)
+    y_train = torch.as_tensor(y, dtype=torch.int64 if task == "classification" else torch.float32)
+    torch.manual_seed(seed)  # the head's initialisation and dropout
+    order = torch.Generator().manual_seed(seed)  # the epochs' shuffling
+    model = TextCNN(feats[0].shape[-1], data.num_outputs).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+
+    def train_epoch() -> None:
+        model.train()
+        perm = split.train[torch.randperm(len(split.train), generator=order).numpy()]
+        for start in range(0, len(perm), batch_size):
+            idx = perm[start : start + batch_size]
+            x, mask = pad_features([feats[i] for i in idx], device)
+            loss = task_loss(task, model(x, mask), y_train[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    @torch.no_grad()
+    def predict(idx: np.ndarray) -> torch.Tensor:
+        model.eval()
+        outs = []
+        for start in range(0, len(idx), _EVAL_BATCH):
+            x, mask = pad_features([feats[i] for i in idx[start : start + _EVAL_BATCH]], device)
+            outs.append(model(x, mask).float())
+        return torch.cat(outs)
+
+    return train_with_early_stopping(
+        train_epoch, predict, data, split, mu, sd, max_epochs, patience
+    )
+
+
 def _linear_probe(
     x: np.ndarray, data: TaskData, split: Split
 ) -> tuple[dict, dict[str, float], list[dict]]:
@@ -299,7 +329,7 @@ def _linear_probe(
     x = scale(x)
     rows = []
     if task == "regression":
-        y, mu, sd = _targets(data, split.train)
+        y, mu, sd = training_targets(data, split.train)
         fits = ridge_path(x[split.train], y[split.train], RIDGE_ALPHAS)
         preds = [(x @ w + b) * sd + mu for w, b in fits]
         grid = [({"alpha": a}, p) for a, p in zip(RIDGE_ALPHAS, preds)]
@@ -329,7 +359,7 @@ def evaluate_pooled(
     Features are standardised on train; the penalty is chosen on val per split. The fit is
     deterministic, so each split contributes one run.
     """
-    _check_splits(splits, len(data))
+    check_splits(splits, len(data))
     chosen, runs, grid = [], [], []
     for split in splits:
         params, test, rows = _linear_probe(np.asarray(x, dtype=np.float64), data, split)
@@ -377,8 +407,7 @@ def evaluate_probe(
         raise DataError(f"{len(features)} feature arrays for {len(data)} records of {data.source}")
     if task is not None and task != data.task:
         data = TaskData(**{**data.__dict__, "task": task})
-    metric = PRIMARY[data.task]
-    _check_splits(splits, len(data))
+    check_splits(splits, len(data))
     empty = [i for i, f in enumerate(features) if len(f) == 0]
     if empty:
         raise DataError(f"records {empty[:5]} have no feature rows (empty after tokenization?)")
@@ -388,6 +417,42 @@ def evaluate_probe(
         raise ValueError(f"head must be 'textcnn' or 'linear', got {head!r}")
 
     feats = [torch.as_tensor(np.asarray(f), dtype=torch.float32) for f in features]
+
+    def run(split: Split, lr: float, batch_size: int, seed: int):
+        return _train_textcnn(
+            feats, data, split, lr, batch_size, seed, max_epochs, patience, device
+        )
+
+    return search_grid(
+        run,
+        data,
+        splits,
+        lrs=lrs,
+        batch_sizes=batch_sizes,
+        seeds=seeds,
+        progress=progress,
+        method=method or head,
+    )
+
+
+def search_grid(
+    run: Callable[[Split, float, int, int], tuple[float, dict[str, float], int]],
+    data: TaskData,
+    splits: Sequence[Split],
+    *,
+    lrs: Sequence[float],
+    batch_sizes: Sequence[int],
+    seeds: Sequence[int],
+    progress: bool = True,
+    method: str = "textcnn",
+) -> ProbeResult:
+    """Grid x seeds per split; the grid point of best mean validation metric is chosen.
+
+    ``run(split, lr, batch_size, seed)`` trains one model and returns (best validation value,
+    test metrics at that epoch, that epoch), as `train_with_early_stopping` does. The chosen grid
+    point's test runs of every split are pooled into one `ProbeResult`.
+    """
+    metric = PRIMARY[data.task]
     chosen, runs, grid = [], [], []
     for split in splits:
         best = None  # (mean val, params, test metrics of each seed)
@@ -395,9 +460,7 @@ def evaluate_probe(
             for batch_size in batch_sizes:
                 vals, tests = [], []
                 for seed in seeds:
-                    val, test, epoch = _train_textcnn(
-                        feats, data, split, lr, batch_size, seed, max_epochs, patience, device
-                    )
+                    val, test, epoch = run(split, lr, batch_size, seed)
                     vals.append(val)
                     tests.append(test)
                     if progress:
@@ -416,4 +479,4 @@ def evaluate_probe(
         if progress:
             logger.info("%s: chose %s (val %s %.4f)", split.name, best[1], metric, best[0])
     values = [r[metric] for r in runs]
-    return ProbeResult(method or head, data.task, metric, values, _summarise(runs), chosen, grid)
+    return ProbeResult(method, data.task, metric, values, _summarise(runs), chosen, grid)
