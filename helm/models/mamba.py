@@ -80,7 +80,9 @@ class MambaConfig(ModelConfig):
     dt_init_floor: float = 1e-4
     headdim: int = 64  # Mamba-2: channels per head; must divide d_inner
     ngroups: int = 1  # Mamba-2: groups of heads sharing B and C
-    chunk_size: int | None = None  # PyTorch scan chunk; None: 16 (mamba), 64 (mamba2)
+    # Tokens per step of the PyTorch scans (the CUDA kernels ignore it): Mamba-1's log-space scan,
+    # whose working memory and fp32 rounding grow linearly with it, or Mamba-2's SSD chunk.
+    chunk_size: int = 64
     bidirectional_strategy: str = "add"
     bidirectional_weight_tie: bool = False
     bidirectional_mlp: str = "per_direction"  # "per_direction" | "shared": see the docstring
@@ -100,8 +102,6 @@ class MambaConfig(ModelConfig):
             raise ValueError("pos_embedding=rotary applies to attention only; mamba has none")
         if self.dt_rank == "auto":
             self.dt_rank = math.ceil(self.d_model / 16)
-        if self.chunk_size is None:
-            self.chunk_size = 16 if self.ssm_layer == "mamba" else 64
         for name in ("d_state", "d_conv", "expand", "dt_rank", "headdim", "ngroups", "chunk_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
