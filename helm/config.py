@@ -559,7 +559,9 @@ def _convert(action: argparse.Action, key: str, value: Any, source: str) -> Any:
         if action.type is _floats:
             value = _floats(" ".join(map(str, value)) if isinstance(value, list) else value)
         elif action.type is not None and not isinstance(value, list):
-            value = action.type(value) if not isinstance(value, bool) else _reject_bool()
+            if isinstance(value, bool):  # YAML true/false where a number or name belongs
+                raise ValueError(value)
+            value = action.type(value)
     except (TypeError, ValueError, argparse.ArgumentTypeError):
         raise ConfigError(f"{source}: {key} has a bad value {value!r}") from None
     if action.choices is not None and value not in action.choices:
@@ -567,10 +569,6 @@ def _convert(action: argparse.Action, key: str, value: Any, source: str) -> Any:
             f"{source}: {key} must be one of {', '.join(map(str, action.choices))}; got {value!r}"
         )
     return value
-
-
-def _reject_bool() -> None:
-    raise ValueError("a boolean where a value was expected")
 
 
 def load_yaml(path: str | os.PathLike, parser: argparse.ArgumentParser) -> dict[str, Any]:

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 import logging
-import os
 import random
 import sys
 import tarfile
@@ -32,7 +32,6 @@ from helm.metrics import MetricAccumulator
 
 log = logging.getLogger("helm")
 DEMO_RECORDS = 3000  # size of the built-in synthetic corpus (before --num_samples)
-SUBWORD_TRAIN_RECORDS = 200_000  # cap on training records read to fit a subword tokenizer
 
 
 # Model wrapper ----------------------------------------------------------------------------------
@@ -187,10 +186,8 @@ def prepare_data(args, info: hdist.DistInfo, out_dir: Path, tokenizer_state: dic
     elif args.tokenizer in ("bpe", "wp", "ug"):
         tok_dir = out_dir / "tokenizer"
         if info.is_main:
-            sample = _training_sample(splits["train"], args, data_type)
-            log.info(
-                "training the %s tokenizer on %d training records", args.tokenizer, len(sample)
-            )
+            sample = _training_sequences(splits["train"], args, data_type)
+            log.info("training the %s tokenizer on a sample of the training split", args.tokenizer)
             tokenizer = build_tokenizer(
                 args.tokenizer,
                 overlap=args.overlap,
@@ -235,20 +232,18 @@ def prepare_data(args, info: hdist.DistInfo, out_dir: Path, tokenizer_state: dic
     return Data(tokenizer, stores, splits)
 
 
-def _training_sample(split: Split, args, data_type: str) -> list[str]:
-    out = []
-    for seq in iter_sequences(
+def _training_sequences(split: Split, args, data_type: str):
+    """The training split as a stream (its first ``--num_samples`` records, like the token cache);
+    the tokenizer reservoir-samples what it trains on."""
+    stream = iter_sequences(
         split.path,
         indices=split.indices,
         column_name=args.column_name,
         on_invalid=args.on_invalid,
         file_extension=args.file_extension,
         data_type=data_type,
-    ):
-        out.append(seq)
-        if len(out) >= SUBWORD_TRAIN_RECORDS:
-            break
-    return out
+    )
+    return itertools.islice(stream, args.num_samples)
 
 
 # State capture ----------------------------------------------------------------------------------
@@ -440,10 +435,6 @@ class RunLogger:
             self.jsonl.close()
             if self.writer is not None:
                 self.writer.close()
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")
 
 
 # Loading a trained model -------------------------------------------------------------------------

@@ -431,3 +431,18 @@ def test_non_finite_loss(run, monkeypatch, capsys, policy):
         assert "1 updates were skipped" in messages
         ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
         assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+@pytest.mark.parametrize("tokenizer", ["bpe", "wp", "ug"])
+def test_subword_tokenizer_is_trained_saved_and_restored(run, tokenizer):
+    from helm.training import load_checkpoint_model
+
+    code, out = run(
+        "--tokenizer", tokenizer, "--vocab_size", "120", "--loss", "XE", "--epochs", "1"
+    )
+    assert code == 0
+    loaded = load_checkpoint_model(out / "checkpoints" / "last.pt")
+    assert loaded.tokenizer.name == tokenizer and loaded.tokenizer.vocab_size <= 120
+    seq = "ATGGCTGCAAAGTTTCCCGGGTAA"
+    assert loaded.tokenizer.decode(loaded.tokenizer.encode(seq)) == seq
+    assert (out / "tokenizer").is_dir()
