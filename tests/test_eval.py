@@ -1,6 +1,5 @@
 """End-to-end tests of eval.py on tiny checkpoints trained once per module (CPU)."""
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -8,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import TINY, load_script
 
 from helm.data.demo import demo_sequences
 from helm.embed import extract, window_capacity
@@ -15,24 +15,9 @@ from helm.generate import filter_logits, protein_masks
 from helm.training import load_checkpoint_model
 from helm.vocab import AMINO_ACIDS, codon_id, translate
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_script(name: str, file: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train = _load_script("helm_train_script", "train.py")
-evalpy = _load_script("helm_eval_script", "eval.py")
-
-TINY = [
-    "--num_layers", "2", "--hidden_size", "32", "--num_heads", "2", "--intermediate_size", "64",
-    "--max_seq_len", "48", "--batch_size", "8", "--num_samples", "96", "--num_workers", "0",
-    "--epochs", "1", "--warmup-epochs", "0", "--sched-on-updates", "--lr", "3e-3",
-]  # fmt: skip
+train = load_script("train.py")
+evalpy = load_script("eval.py")
+TINY = [*TINY, "--epochs", "1", "--warmup-epochs", "0", "--sched-on-updates", "--lr", "3e-3"]
 STOPS = {"TAA", "TAG", "TGA"}
 
 

@@ -3,7 +3,6 @@ on a tiny MLM checkpoint trained once per module (CPU)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import TINY, load_script
 
 from helm.downstream import evaluate_finetune, evaluate_probe, make_splits
 from helm.downstream.finetune import (
@@ -26,24 +26,9 @@ from helm.embed import extract, window_capacity
 from helm.training import load_checkpoint_model
 from helm.vocab import CLS_ID, EOS_ID, PAD_ID
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_script(name: str, file: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train = _load_script("helm_train_script_ft", "train.py")
-evalpy = _load_script("helm_eval_script_ft", "eval.py")
-
-TINY = [
-    "--num_layers", "2", "--hidden_size", "32", "--num_heads", "2", "--intermediate_size", "64",
-    "--max_seq_len", "48", "--batch_size", "8", "--num_samples", "96", "--num_workers", "0",
-    "--epochs", "1", "--warmup-epochs", "0", "--sched-on-updates", "--lr", "3e-3",
-]  # fmt: skip
+train = load_script("train.py")
+evalpy = load_script("eval.py")
+TINY = [*TINY, "--epochs", "1", "--warmup-epochs", "0", "--sched-on-updates", "--lr", "3e-3"]
 GRID = dict(lrs=(3e-3,), batch_sizes=(16,), seeds=(0,), max_epochs=6, patience=3, progress=False)
 
 

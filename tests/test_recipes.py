@@ -5,18 +5,14 @@ Each command is the README's text with $DATA_DIR, $OUTPUT_DIR and NUM_DEVICES=1 
 checkpoints is GPU work). The models are the full 50M recipes.
 """
 
-import importlib.util
 import shlex
-from pathlib import Path
 
 import pytest
+from helpers import load_script
 
 from helm.checkpoint import load_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("helm_train_script_recipes", ROOT / "train.py")
-train = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(train)
+train = load_script("train.py")
 
 RECIPES = {
     "gpt2-mlm": "python train.py --data_dir $DATA_DIR --train_file sequences_codonized.txt --model_name gpt2 --num_layers 10 --hidden_size 640 --batch_size 128 --intermediate_size 2560 --epochs 30 --lr 1e-3 --weight-decay 0.1 --min-lr 1e-5 --data-type codon --mode mlm --vocab_size 70 --max_seq_len 444 --output $OUTPUT_DIR/gpt2/mlm/ --num_devices $NUM_DEVICES --num_workers 16 --num_samples -1 --bidirectional --amp",

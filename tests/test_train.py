@@ -1,6 +1,5 @@
 """End-to-end tests of train.py on the demo corpus (CPU, tiny models)."""
 
-import importlib.util
 import json
 import math
 import os
@@ -10,37 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT, TINY, load_script
 
 from helm.checkpoint import CheckpointManager, atomic_save, load_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("helm_train_script", ROOT / "train.py")
-train = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(train)
-
-TINY = [
-    "--num_layers",
-    "2",
-    "--hidden_size",
-    "32",
-    "--num_heads",
-    "2",
-    "--intermediate_size",
-    "64",
-    "--max_seq_len",
-    "48",
-    "--batch_size",
-    "8",
-    "--num_samples",
-    "96",
-    "--num_workers",
-    "0",
-    "--log-interval",
-    "1",
-    "--warmup-epochs",
-    "0",
-    "--sched-on-updates",
-]
+train = load_script("train.py")
+TINY = [*TINY, "--log-interval", "1", "--warmup-epochs", "0", "--sched-on-updates"]
 
 
 @pytest.fixture

@@ -1,0 +1,23 @@
+"""Shared by the end-to-end tests: the scripts as modules, and a tiny model's flags."""
+
+import importlib.util
+from functools import cache
+from pathlib import Path
+from types import ModuleType
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A model small enough to train for an epoch on the CPU in about a second.
+TINY = [
+    "--num_layers", "2", "--hidden_size", "32", "--num_heads", "2", "--intermediate_size", "64",
+    "--max_seq_len", "48", "--batch_size", "8", "--num_samples", "96", "--num_workers", "0",
+]  # fmt: skip
+
+
+@cache
+def load_script(file: str) -> ModuleType:
+    """train.py or eval.py as a module (loaded once), so tests call ``main`` in-process."""
+    spec = importlib.util.spec_from_file_location(f"helm_{Path(file).stem}_script", ROOT / file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
