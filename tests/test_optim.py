@@ -6,7 +6,15 @@ import torch.nn as nn
 
 from helm.ema import ModelEma
 from helm.models.common import tag
-from helm.optim import OPTIMIZERS, Lamb, build_optimizer, clip_gradients, layer_id, param_groups, scaled_lr
+from helm.optim import (
+    OPTIMIZERS,
+    Lamb,
+    build_optimizer,
+    clip_gradients,
+    layer_id,
+    param_groups,
+    scaled_lr,
+)
 
 
 class Tiny(nn.Module):
