@@ -104,6 +104,23 @@ def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.autocast("cuda", dtype=dtype)
 
 
+def frame(ids: np.ndarray, causal: bool) -> np.ndarray:
+    """One model input: ``<cls> ids <eos>``, without ``<eos>`` for causal models (their training
+    inputs are the framed row minus its last token)."""
+    return np.concatenate(([CLS_ID], np.asarray(ids), [] if causal else [EOS_ID])).astype(np.int64)
+
+
+def pad_rows(rows: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (B, T) input ids and their attention mask (1 real, 0 pad)."""
+    T = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), T), PAD_ID, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for r, row in enumerate(rows):
+        input_ids[r, : len(row)] = torch.from_numpy(np.asarray(row, dtype=np.int64))
+        mask[r, : len(row)] = 1
+    return input_ids, mask
+
+
 def window_capacity(max_seq_len: int, causal: bool) -> int:
     """Sequence tokens that fit one model input beside the frame."""
     return max_seq_len - (1 if causal else 2)
@@ -171,16 +188,7 @@ def extract(
     show = sys.stderr.isatty() if progress is None else progress
     for b0 in tqdm(batches, desc="features", unit="batch", disable=not show, leave=False):
         batch = chunks[b0 : b0 + batch_size]
-        rows = [
-            np.concatenate(([CLS_ID], token_ids[i][s:e], [] if causal else [EOS_ID]))
-            for i, s, e in batch
-        ]
-        T = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), T), PAD_ID, dtype=torch.long)
-        mask = torch.zeros((len(rows), T), dtype=torch.long)
-        for r, row in enumerate(rows):
-            input_ids[r, : len(row)] = torch.from_numpy(row.astype(np.int64))
-            mask[r, : len(row)] = 1
+        input_ids, mask = pad_rows([frame(token_ids[i][s:e], causal) for i, s, e in batch])
         with autocast_for(device):
             hidden = model(
                 input_ids.to(device),

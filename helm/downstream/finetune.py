@@ -35,9 +35,8 @@ from helm.downstream.protocol import (
     training_targets,
 )
 from helm.downstream.tasks import TaskData
-from helm.embed import autocast_for, window_capacity
+from helm.embed import autocast_for, frame, pad_rows, window_capacity
 from helm.optim import param_groups
-from helm.vocab import CLS_ID, EOS_ID, PAD_ID
 
 HEADS = ("textcnn", "linear")
 
@@ -87,13 +86,9 @@ def build_head(head: str, d_model: int, num_outputs: int) -> nn.Module:
 def frame_tokens(
     token_ids: Sequence[np.ndarray], max_seq_len: int, causal: bool
 ) -> list[np.ndarray]:
-    """Each sequence's ids cut to the model's window and framed as in `helm.embed.extract`."""
+    """Each sequence's ids cut to the model's window and framed as `helm.embed.extract` frames them."""
     capacity = window_capacity(max_seq_len, causal)
-    tail = [] if causal else [EOS_ID]
-    return [
-        np.concatenate(([CLS_ID], np.asarray(ids)[:capacity], tail)).astype(np.int64)
-        for ids in token_ids
-    ]
+    return [frame(np.asarray(ids)[:capacity], causal) for ids in token_ids]
 
 
 def collate(
@@ -101,12 +96,9 @@ def collate(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Right-padded (B, T) input ids, their attention mask (None when nothing is padded) and the
     (B, T - 1) bool mask of each row's sequence tokens (after ``<cls>``, before ``<eos>``)."""
-    T = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), T), PAD_ID, dtype=torch.long)
-    for r, row in enumerate(rows):
-        input_ids[r, : len(row)] = torch.from_numpy(row)
-    lengths = torch.tensor([len(r) for r in rows])
-    attention_mask = (torch.arange(T)[None, :] < lengths[:, None]).long()  # (B, T)
+    input_ids, attention_mask = pad_rows(rows)  # (B, T)
+    T = input_ids.shape[1]
+    lengths = attention_mask.sum(1)
     num_tokens = lengths - (1 if causal else 2)
     token_mask = torch.arange(T - 1)[None, :] < num_tokens[:, None]  # (B, T - 1)
     mask = None if bool(attention_mask.all()) else attention_mask.to(device)
