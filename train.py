@@ -46,6 +46,7 @@ from helm.training import (
     seed_everything,
     set_rng_state,
     setup_logging,
+    teardown_logging,
     to_device,
     tokenizer_state,
 )
@@ -465,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         hdist.cleanup()
+        teardown_logging()
 
 
 def _worker(argv: list[str]) -> None:

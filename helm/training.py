@@ -403,6 +403,17 @@ def setup_logging(is_main: bool, out_dir: Path | None) -> None:
     root.propagate = False
 
 
+def teardown_logging() -> None:
+    """Undo ``setup_logging`` (close the log file, let records propagate again), so a process that
+    calls train.main in-process (a notebook, the tests) is left as it was."""
+    root = logging.getLogger("helm")
+    for handler in list(root.handlers):
+        handler.close()
+        root.removeHandler(handler)
+    root.setLevel(logging.NOTSET)
+    root.propagate = True
+
+
 class RunLogger:
     """metrics.jsonl (one JSON line per log step) and TensorBoard under <output>/tb, rank 0 only."""
 

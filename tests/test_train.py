@@ -420,3 +420,14 @@ def test_subword_tokenizer_is_trained_saved_and_restored(run, tokenizer):
     seq = "ATGGCTGCAAAGTTTCCCGGGTAA"
     assert loaded.tokenizer.decode(loaded.tokenizer.encode(seq)) == seq
     assert (out / "tokenizer").is_dir()
+
+
+def test_training_in_process_leaves_logging_as_it_found_it(run):
+    import logging
+
+    helm_log = logging.getLogger("helm")
+    before = (list(helm_log.handlers), helm_log.propagate, helm_log.level)
+    code, out = run("--epochs", "1")
+    assert code == 0
+    assert (list(helm_log.handlers), helm_log.propagate, helm_log.level) == before
+    assert (out / "train.log").read_text()  # the run did log to its file while it ran
