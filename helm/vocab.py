@@ -14,6 +14,7 @@ PAD_ID, CLS_ID, EOS_ID, UNK_ID, MASK_ID = 0, 1, 2, 3, 4
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<cls>", "<eos>", "<unk>", "<mask>")
 NUM_SPECIAL = len(SPECIAL_TOKENS)
 NUCLEOTIDES = "ACGT"
+IGNORE_INDEX = -100  # label of positions that are not targets (every loss and metric skips them)
 
 # The standard genetic code (NCBI translation table 1). Codons enumerate in TCAG order, the classic
 # textbook layout, so this one 64-letter string is the whole table; `genetic_code()` turns it into a dict.

@@ -1,0 +1,195 @@
+"""The language-model step: backbone + LM head, forward/backward of one update, evaluation, AMP, MFU.
+
+``train.py``, ``eval.py`` and ``bench/`` run the model through these functions, so the loss
+normalisation, the mixed-precision policy and the metrics cannot differ between them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn as nn
+
+from helm.distributed import all_reduce_sum
+from helm.metrics import MetricAccumulator
+from helm.vocab import IGNORE_INDEX
+
+Batch = dict[str, torch.Tensor]
+
+
+class LanguageModel(nn.Module):
+    """Backbone + LM head over target positions only: MLM projects the masked tokens alone.
+
+    ``forward`` returns ``(logits (N, V_pad), targets (N,))`` for the N positions whose label is not
+    ``IGNORE_INDEX``; the loss is computed outside, on these. DDP and compile wrap this module.
+    """
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.backbone(input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        keep = labels != IGNORE_INDEX  # (B, T)
+        return self.backbone.lm_head(hidden[keep]), labels[keep]  # (N, V_pad), (N,)
+
+
+# Mixed precision -----------------------------------------------------------------------------------
+
+
+def amp_dtype(device: torch.device, enabled: bool, requested: str = "auto") -> torch.dtype | None:
+    """The autocast dtype (None: full precision). ``requested`` is auto | bfloat16 | float16; auto
+    is bf16 where supported (CPU, Ampere+ GPUs), else fp16, which needs a GradScaler to train."""
+    if not enabled:
+        return None
+    if requested == "float16":
+        return torch.float16
+    if requested == "bfloat16" or device.type == "cpu":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` at ``dtype``, or nothing when ``dtype`` is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def inference_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """The policy of evaluation and feature extraction: bf16 (fp16 where unsupported) on CUDA,
+    full precision elsewhere."""
+    return autocast(device, amp_dtype(device, enabled=device.type == "cuda"))
+
+
+# One update and evaluation -------------------------------------------------------------------------
+
+
+def to_device(batch: Batch, device: torch.device, non_blocking: bool = False) -> Batch:
+    return {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items()}
+
+
+def forward_backward(
+    model: nn.Module,
+    micro: list[Batch],
+    loss_fn: Callable,
+    scaler: torch.amp.GradScaler,
+    amp: torch.dtype | None,
+    world_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward and backward over the micro-batches of one optimizer update.
+
+    The loss is normalised by the GLOBAL number of target tokens of the update (all micro-batches,
+    all ranks): MLM masks vary per row, so a mean of per-rank means would weight tokens unequally.
+    DDP averages gradients over ranks, hence the factor world_size. Gradients are synchronised on the
+    last micro-batch only (``no_sync`` before). Returns (loss sum, targets, input tokens), on device.
+    """
+    n_targets = all_reduce_sum(sum((b["labels"] != IGNORE_INDEX).sum() for b in micro).float())
+    scale = world_size / n_targets.clamp(min=1)
+    device = n_targets.device
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    targets_seen = torch.zeros((), dtype=torch.long, device=device)
+    tokens = torch.zeros((), dtype=torch.long, device=device)
+    for i, batch in enumerate(micro):
+        last = i == len(micro) - 1
+        # no_sync() is a one-shot context: it must span both the forward and the backward.
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with autocast(device, amp):
+                logits, targets = model(**batch)
+                micro_sum = loss_fn(logits, targets, reduction="sum")
+            scaler.scale(micro_sum * scale).backward()  # backward outside autocast, as recommended
+        loss_sum += micro_sum.detach().double()
+        targets_seen += targets.numel()
+        mask = batch.get("attention_mask")
+        tokens += mask.sum() if mask is not None else batch["input_ids"].numel()
+    return loss_sum, targets_seen, tokens
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[Batch],
+    loss_fn: Callable,
+    *,
+    hierarchy=None,
+    vocab_size: int,
+    device: torch.device,
+    amp: torch.dtype | None = None,
+    prefix: str = "val",
+) -> dict[str, float]:
+    """Loss and metrics over a loader, summed across ranks (sums and counts, not means of means).
+    ``hierarchy`` (codon tokenizers only) adds the tree metrics."""
+    was_training = model.training
+    model.eval()
+    acc = MetricAccumulator(hierarchy=hierarchy, vocab_size=vocab_size)
+    for batch in loader:
+        batch = to_device(batch, device)
+        with autocast(device, amp):
+            logits, targets = model(**batch)
+        acc.update(logits, targets, loss_sum=loss_fn(logits, targets, reduction="sum"))
+    acc.all_reduce()
+    out = {f"{prefix}_{k}": v for k, v in acc.compute().items()}
+    model.train(was_training)
+    return out
+
+
+class CudaPrefetcher:
+    """Copies the next batch to the GPU on a side stream while the current one computes."""
+
+    def __init__(self, loader: Iterable[Batch], device: torch.device):
+        self.loader, self.device = loader, device
+
+    def __iter__(self):
+        stream = torch.cuda.Stream(device=self.device)
+        nxt = None
+        for batch in self.loader:
+            with torch.cuda.stream(stream):
+                batch = to_device(batch, self.device, non_blocking=True)
+            if nxt is not None:
+                yield nxt
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            for v in batch.values():
+                v.record_stream(torch.cuda.current_stream(self.device))
+            nxt = batch
+        if nxt is not None:
+            yield nxt
+
+
+# Throughput ----------------------------------------------------------------------------------------
+
+# Dense bf16 tensor-core peaks (FLOP/s) of common accelerators, for MFU.
+PEAK_BF16_FLOPS = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "H800": 989e12,
+    "A100": 312e12,
+    "A10G": 125e12,
+    "L4": 121e12,
+    "L40S": 362e12,
+}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def flops_per_token(
+    n_params: int, num_layers: int, d_model: int, seq_len: int, attention: bool
+) -> float:
+    """Training FLOPs per token: 6N for the weights (forward + backward) plus, for attention
+    models, 12 * layers * d_model * seq_len for the score and value products (PaLM appendix B)."""
+    return 6 * n_params + (12 * num_layers * d_model * seq_len if attention else 0)
