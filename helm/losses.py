@@ -1,55 +1,30 @@
-"""Losses over the codon tree (DESIGN.md), as PyTorch references, and dispatch to kernels/hxe.py.
+"""Losses over the codon tree (DESIGN.md): the tables, the functional losses and ``HelmLoss``.
 
-Every loss here is one formula over per-target tables (``path_loss_ref``)::
+Every loss here is one formula over per-target tables, the path loss of ``helm.ops.path_loss``::
 
     L(z, y) = const[y] + sum_s coef[y, s] * lse_s(z, y) - sum_c soft[y, c] * z_c
-    lse_s(z, y) = log sum_{c < V, anc[c, s] == anc[y, s]} exp(z_c)       (slots with anc[y, s] >= 0)
 
-``anc[c, s]`` is the ancestor of leaf c at depth s (-1 past the leaf), so slot 0 is the root (a
-log-sum-exp over all V real columns) and the leaf's own slot is just ``z_y``. XE is coef = (+1 at the
-root, -1 at the leaf); HXE, the amino-acid losses and soft labels are other coefficients.
-
-Since ``log P(node) = lse(node) - lse(root)``, any loss that is a weighted sum of log node
-probabilities (plus a linear term in z) has this form; ``loss_tables`` builds the tables once, and
-``HelmLoss`` keeps them as buffers so they follow the module to its device.
+XE is coef = (+1 at the root, -1 at the leaf); HXE, the amino-acid losses and soft labels are other
+coefficients. Since ``log P(node) = lse(node) - lse(root)``, any loss that is a weighted sum of log
+node probabilities (plus a linear term in z) has this form; ``loss_tables`` builds the tables once,
+and ``HelmLoss`` keeps them as buffers so they follow the module to its device. The reference, the
+Triton kernel and the choice between them (``impl``) are ``helm.ops.path_loss``'s.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy.special import xlogy
 from torch import nn
 
 from helm.hierarchy import CodonHierarchy
+from helm.ops import IMPLS
+from helm.ops.path_loss import LossTables, path_loss
+from helm.vocab import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 LOSSES = ("XE", "HXE", "soft_labels", "aa_loss_add", "aa_loss_only")
-IMPLS = ("auto", "torch", "triton")
 CODON_HINT = "--tokenizer 3mer --overlap 0 (--data-type nuc or codon)"
-
-
-@dataclass(frozen=True)
-class LossTables:
-    """The per-target tables of ``path_loss_ref``: anc (V, S) int64, coef (V, S) float32,
-    soft (V, V) float32 or None, const (V,) float32 or None."""
-
-    anc: torch.Tensor
-    coef: torch.Tensor
-    soft: torch.Tensor | None = None
-    const: torch.Tensor | None = None
-
-    @property
-    def vocab_size(self) -> int:
-        return self.anc.shape[0]
-
-    def to(self, device: torch.device | str | None) -> LossTables:
-        move = lambda t: None if t is None else t.to(device)
-        return LossTables(move(self.anc), move(self.coef), move(self.soft), move(self.const))
 
 
 # Tables --------------------------------------------------------------------------------------------
@@ -135,6 +110,7 @@ def _build_tables(
         torch.as_tensor(coef, dtype=torch.float32).contiguous(),
         soft,
         const,
+        is_xe=kind == "XE",
     )
 
 
@@ -192,61 +168,6 @@ def loss_tables(
     return _TABLE_CACHE[key]
 
 
-# Dispatch ------------------------------------------------------------------------------------------
-def _resolve_impl(impl: str, logits: torch.Tensor) -> str:
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        return "triton" if logits.is_cuda else "torch"
-    return impl
-
-
-def _xe_fast(
-    logits: torch.Tensor, targets: torch.Tensor, V: int, ignore_index: int, reduction: str
-) -> torch.Tensor:
-    """Plain XE through ``F.cross_entropy`` on the real columns, same conventions as the reference."""
-    acc = torch.promote_types(logits.dtype, torch.float32)
-    z = logits[:, :V].to(acc)  # padded columns dropped = zero probability
-    loss = F.cross_entropy(z, targets.long(), ignore_index=ignore_index, reduction="none")
-    if reduction == "none":
-        return loss
-    if reduction == "sum":
-        return loss.sum()
-    if reduction == "mean":  # 0 (not NaN) when every row is ignored, like path_loss_ref
-        return loss.sum() / (targets != ignore_index).sum().clamp(min=1)
-    raise ValueError(f"reduction must be mean, sum or none, got {reduction!r}")
-
-
-def _path_loss(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    tables: LossTables,
-    *,
-    ignore_index: int,
-    reduction: str,
-    impl: str,
-    is_xe: bool = False,
-) -> torch.Tensor:
-    """Run the tables through the kernel or the reference; (..., Vp) logits are flattened."""
-    shape = targets.shape
-    logits, targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
-    V = tables.vocab_size
-    if logits.shape[-1] < V:
-        raise ValueError(f"logits have {logits.shape[-1]} columns, the vocabulary has {V}")
-    if _resolve_impl(impl, logits) == "triton":
-        from kernels.hxe import path_loss  # lazy: importing helm never imports triton
-
-        fn = path_loss
-    elif is_xe:
-        out = _xe_fast(logits, targets, V, ignore_index, reduction)
-        return out.reshape(shape) if reduction == "none" else out
-    else:
-        fn = path_loss_ref
-    t = tables.to(logits.device)
-    out = fn(logits, targets, t.anc, t.coef, t.soft, t.const, ignore_index, reduction)
-    return out.reshape(shape) if reduction == "none" else out
-
-
 # Public functional API -----------------------------------------------------------------------------
 def cross_entropy(
     logits: torch.Tensor,
@@ -260,7 +181,7 @@ def cross_entropy(
     V = vocab_size if vocab_size is not None else logits.shape[-1]
     tables = loss_tables("XE", None, vocab_size=V, device=logits.device)
     kw = dict(ignore_index=ignore_index, reduction=reduction, impl=impl)
-    return _path_loss(logits, targets, tables, is_xe=True, **kw)
+    return path_loss(logits, targets, tables, **kw)
 
 
 def hxe_loss(
@@ -276,7 +197,7 @@ def hxe_loss(
     """Hierarchical cross entropy: ``-sum_d w_d log(P(C_d) / P(C_{d-1}))`` along the target's path."""
     tables = loss_tables("HXE", hierarchy, alpha=alpha, normalize=normalize, device=logits.device)
     kw = dict(ignore_index=ignore_index, reduction=reduction, impl=impl)
-    return _path_loss(logits, targets, tables, **kw)
+    return path_loss(logits, targets, tables, **kw)
 
 
 def soft_label_loss(
@@ -291,7 +212,7 @@ def soft_label_loss(
     """``KL(q_y || p)`` with ``q_y(c) = softmax_c(-beta dist(c, y) / dist_max)``."""
     tables = loss_tables("soft_labels", hierarchy, beta=beta, device=logits.device)
     kw = dict(ignore_index=ignore_index, reduction=reduction, impl=impl)
-    return _path_loss(logits, targets, tables, **kw)
+    return path_loss(logits, targets, tables, **kw)
 
 
 def aa_loss(
@@ -307,7 +228,7 @@ def aa_loss(
     kind, w = ("aa_loss_only", 1.0) if weight is None else ("aa_loss_add", weight)
     tables = loss_tables(kind, hierarchy, aa_weight=w, device=logits.device)
     kw = dict(ignore_index=ignore_index, reduction=reduction, impl=impl)
-    return _path_loss(logits, targets, tables, **kw)
+    return path_loss(logits, targets, tables, **kw)
 
 
 # Module --------------------------------------------------------------------------------------------
@@ -340,91 +261,54 @@ class HelmLoss(nn.Module):
     def forward(
         self, logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
     ) -> torch.Tensor:
-        tables = LossTables(self.anc, self.coef, self.soft, self.const)
-        return _path_loss(
+        tables = LossTables(self.anc, self.coef, self.soft, self.const, self.name == "XE")
+        return path_loss(
             logits,
             targets,
             tables,
             ignore_index=self.ignore_index,
             reduction=reduction,
             impl=self.impl,
-            is_xe=self.name == "XE",
         )
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, vocab_size={self.vocab_size}, impl={self.impl!r}"
 
 
-def build_loss(args: Any, tokenizer: Any, hierarchy: CodonHierarchy | None) -> HelmLoss:
-    """The loss of ``args.loss`` for this tokenizer (``.name``, ``.is_codon``, ``.vocab_size``).
+def build_loss(
+    name: str,
+    *,
+    vocab_size: int,
+    is_codon: bool,
+    hierarchy: CodonHierarchy | None = None,
+    hxe_alpha: float = 0.2,
+    hxe_normalize: bool = True,
+    soft_labels_beta: float = 15.0,
+    aa_loss_weight: float = 1.0,
+    impl: str = "auto",
+) -> HelmLoss:
+    """The loss ``name`` (one of ``LOSSES``, ``--loss``) for a tokenizer of ``vocab_size`` tokens.
 
-    Hierarchical losses need the codon tokenizer; XE works with any vocabulary.
+    Hierarchical losses need the codon tokenizer (``is_codon``) and its ``hierarchy``; XE works with
+    any vocabulary. ``impl``: auto | torch | triton (``helm.ops.resolve_impl``).
     """
-    name = args.loss
     if name not in LOSSES:
         raise ValueError(f"unknown --loss {name!r}; choose from {', '.join(LOSSES)}")
-    alpha = getattr(args, "hxe_alpha", 0.2)
-    normalize = getattr(args, "hxe_normalize", True)
-    beta = getattr(args, "soft_labels_beta", 15.0)
-    aa_weight = getattr(args, "aa_loss_weight", 1.0)
-    impl = getattr(args, "loss_impl", "auto")
     if name != "XE":
-        if not tokenizer.is_codon:
+        if not is_codon:
             raise ValueError(
-                f"--loss {name} needs the codon tree, which only the codon tokenizer has "
-                f"(got --tokenizer {tokenizer.name}): use {CODON_HINT}, or --loss XE"
+                f"--loss {name} needs the codon tree, which only the codon tokenizer has: "
+                f"use {CODON_HINT}, or --loss XE"
             )
         if hierarchy is None:
             raise ValueError(f"--loss {name} needs a codon hierarchy (--hierarchy true|random)")
     tables = loss_tables(
         name,
         hierarchy,
-        alpha=alpha,
-        normalize=normalize,
-        beta=beta,
-        aa_weight=aa_weight,
-        vocab_size=tokenizer.vocab_size,
+        alpha=hxe_alpha,
+        normalize=hxe_normalize,
+        beta=soft_labels_beta,
+        aa_weight=aa_loss_weight,
+        vocab_size=vocab_size,
     )
     return HelmLoss(name, tables, impl=impl)
-
-
-def path_loss_ref(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    anc: torch.Tensor,
-    coef: torch.Tensor,
-    soft: torch.Tensor | None = None,
-    const: torch.Tensor | None = None,
-    ignore_index: int = IGNORE_INDEX,
-    reduction: str = "mean",
-) -> torch.Tensor:
-    """Reference of the fused kernel ``kernels.hxe.path_loss`` (same signature).
-
-    logits: (N, Vp) any float dtype, Vp >= V (columns >= V are embedding padding: no probability);
-    targets: (N,) int, ``ignore_index`` rows contribute nothing; anc: (V, S) int node ids, -1 padded;
-    coef: (V, S) float; soft: (V, V) float or None; const: (V,) float or None.
-    reduction: "mean" over non-ignored rows (0 when there are none), "sum", or "none" (N,).
-    """
-    V = anc.shape[0]
-    acc = torch.promote_types(logits.dtype, torch.float32)  # fp32 maths; float64 stays float64
-    z = logits[:, :V].to(acc)  # (N, V): padded columns dropped = zero probability
-    valid = targets != ignore_index
-    y = torch.where(valid, targets, 0).long()  # (N,)
-    path = anc[y]  # (N, S) ancestor of the target at each depth
-    # member[n, s, c]: leaf c lies under the target's depth-s ancestor.
-    member = (anc.T[None, :, :] == path[:, :, None]) & (path[:, :, None] >= 0)  # (N, S, V)
-    lse = torch.logsumexp(z[:, None, :].masked_fill(~member, float("-inf")), dim=-1)  # (N, S)
-    c = coef[y].to(acc)
-    loss = (c * torch.where(path >= 0, lse, torch.zeros_like(lse))).sum(-1)  # (N,)
-    if soft is not None:
-        loss = loss - (soft[y].to(acc) * z).sum(-1)
-    if const is not None:
-        loss = loss + const[y].to(acc)
-    loss = torch.where(valid, loss, torch.zeros_like(loss))
-    if reduction == "none":
-        return loss
-    if reduction == "sum":
-        return loss.sum()
-    if reduction == "mean":
-        return loss.sum() / valid.sum().clamp(min=1)
-    raise ValueError(f"reduction must be mean, sum or none, got {reduction!r}")

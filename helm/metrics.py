@@ -24,8 +24,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from helm.hierarchy import CodonHierarchy
+from helm.vocab import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 TOP_K = 5
 
 # Slots of the two accumulators.

@@ -1,6 +1,6 @@
 """Hyena's long convolution as a blocked Toeplitz product on tensor cores.
 
-Same signature and semantics as ``helm.models.fftconv.fftconv_ref``::
+Same signature and semantics as ``helm.ops.fftconv.fftconv_ref``::
 
     x = u * pregate;   y = postgate * (conv(x, k) + D * x)       u, gates, y: (B, H, L)
 
@@ -424,7 +424,7 @@ class FFTConvFunction(torch.autograd.Function):
         return du, dk, dD, dpre, dpost, None
 
 
-def fftconv(
+def fftconv_triton(
     u: torch.Tensor,
     k: torch.Tensor,
     D: torch.Tensor,
@@ -432,7 +432,7 @@ def fftconv(
     postgate: torch.Tensor | None = None,
     bidirectional: bool = False,
 ) -> torch.Tensor:
-    """Triton twin of ``helm.models.fftconv.fftconv_ref``: ``postgate * (conv(u * pregate, k) + D u
+    """Triton twin of ``helm.ops.fftconv.fftconv_ref``: ``postgate * (conv(u * pregate, k) + D u
     pregate)``. u, gates: (B, H, L) fp32/bf16/fp16, any strides; k: (H, L), or (H, 2L - 1) when
     ``bidirectional``; D: (H,). Returns (B, H, L) in u's dtype; differentiable in every tensor."""
     if u.dim() != 3:

@@ -6,10 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helm.models.fftconv import fftconv as fftconv_dispatch
-from helm.models.fftconv import fftconv_ref
+from helm.ops.fftconv import fftconv, fftconv_ref
 from kernels import fftconv as fftconv_kernels
-from kernels.fftconv import fftconv
+from kernels.fftconv import fftconv_triton
 
 # fp32: both sides compute in fp32 (FFT round-off ~1e-7 of the largest value); observed ~3e-7.
 FP32_TOL = 1e-5
@@ -94,7 +93,7 @@ def test_kernel_matches_reference_fp32(B, H, L, bidirectional, gates):
     seed = hash((B, H, L, bidirectional, gates)) % 2**31
     inputs = _inputs(B, H, L, bidirectional, gates, torch.float32, seed)
     dy = torch.randn(B, H, L, generator=torch.Generator().manual_seed(seed + 1))
-    got = _forward_backward(fftconv, inputs, bidirectional, dy)
+    got = _forward_backward(fftconv_triton, inputs, bidirectional, dy)
     want = _forward_backward(fftconv_ref, inputs, bidirectional, dy)
     for name, a, e in zip(NAMES, got, want):
         assert a.dtype == e.dtype == torch.float32 and a.shape == e.shape, name
@@ -108,7 +107,7 @@ def test_kernel_matches_reference_bf16(bidirectional, gates):
     seed = 100 + 2 * gates + bidirectional
     inputs = _inputs(B, H, L, bidirectional, gates, torch.bfloat16, seed)
     dy = torch.randn(B, H, L, generator=torch.Generator().manual_seed(seed)).bfloat16()
-    got = _forward_backward(fftconv, inputs, bidirectional, dy)
+    got = _forward_backward(fftconv_triton, inputs, bidirectional, dy)
     want = _forward_backward(fftconv_ref, inputs, bidirectional, dy)
     for name, a, e in zip(NAMES, got, want):
         assert a.dtype == e.dtype == torch.bfloat16, name
@@ -122,7 +121,7 @@ def test_kernel_bf16_activations_fp32_filter():
     inputs[1] = inputs[1].detach().float().requires_grad_()
     inputs[2] = inputs[2].detach().float().requires_grad_()
     dy = torch.randn(2, 3, 23, generator=torch.Generator().manual_seed(12)).bfloat16()
-    got = _forward_backward(fftconv, inputs, False, dy)
+    got = _forward_backward(fftconv_triton, inputs, False, dy)
     want = _forward_backward(fftconv_ref, inputs, False, dy)
     for name, a, e in zip(NAMES, got, want):
         assert a.dtype == e.dtype, name
@@ -139,7 +138,7 @@ def test_kernel_strided_inputs_and_partial_grads():
     k = torch.randn(H, L, generator=gen)  # no grad wanted for k
     D = torch.randn(H, generator=gen, requires_grad=True)
     dy = torch.randn(B, L, H, generator=gen).transpose(1, 2)  # non-contiguous upstream gradient
-    y = fftconv(u, k, D, pre, post)
+    y = fftconv_triton(u, k, D, pre, post)
     got = [y, *torch.autograd.grad(y, (u, D, pre, post), dy)]
     y_ref = fftconv_ref(u, k, D, pre, post)
     want = [y_ref, *torch.autograd.grad(y_ref, (u, D, pre, post), dy)]
@@ -150,14 +149,14 @@ def test_kernel_strided_inputs_and_partial_grads():
 def test_kernel_expanded_upstream_gradient():
     """y.sum().backward() hands the kernel a gradient with zero strides."""
     u, k, D, pre, post = _inputs(2, 2, 18, False, True, torch.float32, 5)
-    (got,) = torch.autograd.grad(fftconv(u, k, D, pre, post).sum(), (k,))
+    (got,) = torch.autograd.grad(fftconv_triton(u, k, D, pre, post).sum(), (k,))
     (want,) = torch.autograd.grad(fftconv_ref(u, k, D, pre, post).sum(), (k,))
     assert _max_err(got, want) < FP32_TOL
 
 
 def test_dispatch_runs_the_kernel():
     u, k, D, pre, post = (t.detach() for t in _inputs(2, 2, 19, True, True, torch.float32, 3))
-    got = fftconv_dispatch(u, k, D, pre, post, bidirectional=True, impl="triton")
+    got = fftconv(u, k, D, pre, post, bidirectional=True, impl="triton")
     want = fftconv_ref(u, k, D, pre, post, bidirectional=True)
     assert _max_err(got, want) < FP32_TOL
 
@@ -166,15 +165,15 @@ def test_cpu_tensor_without_interpreter_raises(monkeypatch):
     monkeypatch.setattr(fftconv_kernels, "_INTERPRET", False)
     u, k, D, _, _ = _inputs(1, 1, 8, False, False, torch.float32, 0)
     with pytest.raises(RuntimeError, match="CUDA"):
-        fftconv(u, k, D)
+        fftconv_triton(u, k, D)
 
 
 def test_bad_arguments_raise():
     u, k, D, _, _ = _inputs(1, 2, 8, False, False, torch.float32, 0)
     with pytest.raises(ValueError, match="filter length"):
-        fftconv(u, k, D, bidirectional=True)
+        fftconv_triton(u, k, D, bidirectional=True)
     with pytest.raises(TypeError, match="float32"):
-        fftconv(u.double(), k.double(), D.double())
+        fftconv_triton(u.double(), k.double(), D.double())
 
 
 @pytest.mark.gpu
@@ -185,7 +184,7 @@ def test_kernel_matches_reference_gpu(L, bidirectional, dtype):
     B, H = 4, 64
     inputs = [t.detach().cuda() for t in _inputs(B, H, L, bidirectional, True, dtype, seed=L)]
     dy = torch.randn(B, H, L, device="cuda").to(dtype)
-    got = _forward_backward(fftconv, inputs, bidirectional, dy)
+    got = _forward_backward(fftconv_triton, inputs, bidirectional, dy)
     want = _forward_backward(fftconv_ref, inputs, bidirectional, dy)
     tol = 1e-4 if dtype == torch.float32 else BF16_NORM_TOL  # fp32 runs on 3xTF32 tensor cores
     for name, a, e in zip(NAMES, got, want):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import sys
 import types
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,10 +19,10 @@ from helm.losses import (
     cross_entropy,
     hxe_loss,
     loss_tables,
-    path_loss_ref,
     soft_label_loss,
     soft_targets,
 )
+from helm.ops.path_loss import path_loss_ref
 from helm.vocab import codon_id
 
 V, VP = 69, 72
@@ -270,18 +269,15 @@ def test_soft_loss_nonnegative_and_zero_at_target():
 
 
 # Module, builder, dispatch --------------------------------------------------------------------------
-def tok(name="3mer", is_codon=True, vocab_size=V):
-    return SimpleNamespace(name=name, is_codon=is_codon, vocab_size=vocab_size)
-
-
-def args(loss, **kw):
-    return SimpleNamespace(loss=loss, loss_impl="torch", **kw)
+def codon(**kw):
+    """build_loss's keywords for the codon tokenizer with the true tree."""
+    return {"vocab_size": V, "is_codon": True, "hierarchy": TRUE, "impl": "torch", **kw}
 
 
 @pytest.mark.parametrize("kind", LOSSES)
 def test_build_loss_matches_functional(kind):
     extra = {"hxe_alpha": 0.3, "soft_labels_beta": 7.0, "aa_loss_weight": 0.7}
-    mod = build_loss(args(kind, **extra), tok(), TRUE)
+    mod = build_loss(kind, **codon(**extra))
     assert isinstance(mod, HelmLoss) and mod.name == kind and mod.vocab_size == V
     assert not mod.state_dict()  # tables are rebuilt, never checkpointed
     logits, targets = rand_batch(18, 11, ignore=3)
@@ -296,22 +292,26 @@ def test_build_loss_matches_functional(kind):
 
 
 def test_build_loss_xe_any_tokenizer_and_refusals():
-    mod = build_loss(args("XE"), tok("bpe", False, 300), None)
+    mod = build_loss("XE", vocab_size=300, is_codon=False, impl="torch")
     logits = torch.randn(5, 304)
     targets = torch.randint(0, 300, (5,))
     torch.testing.assert_close(mod(logits, targets), cross_entropy(logits[:, :300], targets))
     for kind in LOSSES[1:]:
         with pytest.raises(ValueError, match=r"--tokenizer 3mer --overlap 0.*--loss XE"):
-            build_loss(args(kind), tok("6mer", False, 4101), None)
+            build_loss(kind, vocab_size=4101, is_codon=False)
+        with pytest.raises(ValueError, match=r"needs a codon hierarchy.*--hierarchy"):
+            build_loss(kind, vocab_size=V, is_codon=True)
     with pytest.raises(ValueError, match=r"unknown --loss 'HCE'.*XE, HXE, soft_labels"):
-        build_loss(args("HCE"), tok(), TRUE)
+        build_loss("HCE", **codon())
     for bad, msg in [("hxe_alpha", "alpha"), ("soft_labels_beta", "beta")]:
         with pytest.raises(ValueError, match=msg):
-            build_loss(args("HXE", **{bad: -1.0}), tok(), TRUE)
+            build_loss("HXE", **codon(**{bad: -1.0}))
     with pytest.raises(ValueError, match="beta"):
-        build_loss(args("soft_labels", soft_labels_beta=0.0), tok(), TRUE)
+        build_loss("soft_labels", **codon(soft_labels_beta=0.0))
     with pytest.raises(ValueError, match="weight"):
-        build_loss(args("aa_loss_add", aa_loss_weight=float("nan")), tok(), TRUE)
+        build_loss("aa_loss_add", **codon(aa_loss_weight=float("nan")))
+    with pytest.raises(ValueError, match="impl"):
+        build_loss("XE", **codon(impl="cuda"))
     with pytest.raises(ValueError, match="impl"):
         cross_entropy(logits, targets, impl="cuda")
 
@@ -323,9 +323,9 @@ def test_dispatch_triton_is_lazy_and_explicit(monkeypatch):
         calls.append(anc.shape)
         return path_loss_ref(logits, targets, anc, coef, soft, const, ignore_index, reduction)
 
-    fake = types.ModuleType("kernels.hxe")
-    fake.path_loss = fake_path_loss
-    monkeypatch.setitem(sys.modules, "kernels.hxe", fake)
+    fake = types.ModuleType("kernels.path_loss")
+    fake.path_loss_triton = fake_path_loss
+    monkeypatch.setitem(sys.modules, "kernels.path_loss", fake)
     logits, targets = rand_batch(6, 12)
     hxe_loss(logits, targets, TRUE, impl="auto")  # CPU tensors: the reference
     assert calls == []
@@ -337,8 +337,8 @@ def test_dispatch_triton_is_lazy_and_explicit(monkeypatch):
 
 
 def test_triton_failure_is_not_swallowed(monkeypatch):
-    broken = types.ModuleType("kernels.hxe")  # no path_loss: the import inside the call fails
-    monkeypatch.setitem(sys.modules, "kernels.hxe", broken)
+    broken = types.ModuleType("kernels.path_loss")  # no path_loss_triton: the import fails
+    monkeypatch.setitem(sys.modules, "kernels.path_loss", broken)
     logits, targets = rand_batch(2, 13)
     with pytest.raises(ImportError):
         hxe_loss(logits, targets, TRUE, impl="triton")

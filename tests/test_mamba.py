@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helm.models import model_config, ssm
+from helm.models import model_config
 from helm.models.common import ModelConfig
 from helm.models.mamba import (
     Mamba,
@@ -14,8 +14,10 @@ from helm.models.mamba import (
     reversal_index,
     reverse_real_tokens,
 )
-from helm.models.ssm import (
-    fast_path_available,
+from helm.ops import selective_scan as scan_ops
+from helm.ops.selective_scan import (
+    mamba_ssm_available,
+    resolve_scan_impl,
     selective_scan_lean,
     selective_scan_ref,
     ssd_chunk_scan_ref,
@@ -338,12 +340,26 @@ def test_bidirectional_weight_tie(ssm_layer, bi_mlp):
 
 
 @pytest.mark.parametrize("ssm_layer", LAYERS)
-def test_fast_path_always_raises_without_kernels(ssm_layer):
-    if fast_path_available(ssm_layer):
+def test_scan_impl_mamba_ssm_raises_without_kernels(ssm_layer):
+    if mamba_ssm_available(ssm_layer):
         pytest.skip("mamba-ssm kernels are importable here")
-    with pytest.raises(RuntimeError, match="use_fast_path='always'.*mamba-ssm"):
-        tiny(ssm_layer, use_fast_path="always")
-    assert ssm.resolve_fast_path("auto", ssm_layer) is False
+    with pytest.raises(RuntimeError, match="scan_impl='mamba_ssm'.*mamba-ssm"):
+        tiny(ssm_layer, scan_impl="mamba_ssm")
+    assert resolve_scan_impl("auto", torch.zeros(1, 4, 3), ssm_layer) == "torch"
+
+
+@pytest.mark.parametrize("ssm_layer", LAYERS)
+def test_scan_impl_choices(ssm_layer, monkeypatch):
+    ids = torch.randint(5, VOCAB, (2, 7))
+    torch.testing.assert_close(tiny(ssm_layer, scan_impl="torch")(ids), tiny(ssm_layer)(ids))
+    with pytest.raises(ValueError, match="scan_impl"):
+        tiny(ssm_layer, scan_impl="always")
+    # Importable kernels still refuse CPU tensors when asked for explicitly: no silent fallback.
+    monkeypatch.setattr(scan_ops, "_IMPORT_ERRORS", {})
+    model = tiny(ssm_layer, scan_impl="mamba_ssm")
+    with pytest.raises(RuntimeError, match="impl='mamba_ssm'.*CUDA"):
+        model(ids)
+    assert resolve_scan_impl("auto", torch.zeros(1, 4, 3), ssm_layer) == "torch"
 
 
 @pytest.mark.parametrize("ssm_layer", LAYERS)

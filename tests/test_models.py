@@ -3,8 +3,6 @@ padding, position embeddings, activations, tying, optimizer tags, gradients, bf1
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 import torch.nn as nn
@@ -16,18 +14,7 @@ from helm.models.gpt2 import sdpa_mask
 V, D, B, T = 69, 32, 2, 12
 
 
-def _model_params() -> list:
-    params = ["gpt2", "bert", "hyena"]
-    try:
-        importlib.import_module("helm.models.mamba")
-        params.append("mamba")
-    except Exception as err:  # being written alongside: skip it until it imports
-        reason = f"helm.models.mamba does not import: {err!r}"
-        params.append(pytest.param("mamba", marks=pytest.mark.skip(reason=reason)))
-    return params
-
-
-MODELS = _model_params()
+MODELS = ["gpt2", "bert", "hyena", "mamba"]
 
 
 def tiny(name: str, bidirectional: bool = False, seed: int = 0, **kw) -> nn.Module:
@@ -216,6 +203,28 @@ def test_gradients_reach_every_parameter(name, bidirectional):
     (logits * torch.randn_like(logits)).sum().backward()
     for p_name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reaches {p_name}"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_embedding_dropout_feeds_the_blocks(name):
+    model = tiny(name, dropout=0.5).train()
+    seen = {}
+    model.drop.register_forward_hook(lambda m, args, out: seen.update(drop_in=args[0], out=out))
+    model.blocks[0].register_forward_pre_hook(lambda m, args: seen.update(block_in=args[0]))
+    model(tokens())
+    assert seen["block_in"] is seen["out"]
+    assert (seen["out"] == 0).any() and not torch.equal(seen["out"], seen["drop_in"])
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_parameter_names_follow_the_skeleton(name):
+    """Layer-wise decay and checkpoints read these prefixes (helm.models.common)."""
+    tops = {key.split(".")[0] for key in tiny(name).state_dict()}
+    assert (
+        {"embed", "blocks", "lm_head"}
+        <= tops
+        <= {"embed", "embed_norm", "blocks", "norm_f", "lm_head"}
+    )
 
 
 # gpt2 / bert specifics ------------------------------------------------------------------------

@@ -24,15 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from helm.models.common import (
-    MLP,
-    Embeddings,
-    LMHead,
-    ModelConfig,
-    init_weights,
-    positions_like,
-)
-from helm.models.gpt2 import SelfAttention, check_attention_config, sdpa_mask
+from helm.models.common import MLP, Backbone, ModelConfig, init_weights
+from helm.models.gpt2 import SelfAttention, attention_inputs, check_attention_config
 
 
 @dataclass
@@ -67,22 +60,20 @@ class BertBlock(nn.Module):
         return self.ln_2(x + self.mlp(x))
 
 
-class Bert(nn.Module):
-    """BERT backbone: ``forward(input_ids, attention_mask, position_ids) -> hidden (B, T, D)``.
+class Bert(Backbone):
+    """BERT backbone: ``forward(input_ids, attention_mask, position_ids) -> hidden (B, T, D)``
+    (``common.Backbone``): LayerNorm on the embeddings, post-LN blocks, no final norm.
 
     The LM head (``self.lm_head``) is not applied here: MLM projects only the masked positions.
     """
 
     def __init__(self, cfg: BertConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.embed = Embeddings(cfg)
-        self.embed_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(BertBlock(cfg) for _ in range(cfg.num_layers))
-        self.norm_f = nn.Identity()  # every block ends in a LayerNorm already
-        self.lm_head = LMHead(cfg, self.embed.tok)
-        self.init_weights(cfg)
+        super().__init__(
+            cfg,
+            BertBlock,
+            norm_f=nn.Identity(),  # every block ends in a LayerNorm already
+            embed_norm=nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps),
+        )
 
     def init_weights(self, cfg: ModelConfig) -> None:
         """BERT init: ``common.init_weights`` without the depth scaling of residual projections."""
@@ -91,18 +82,12 @@ class Bert(nn.Module):
                 module._residual_proj = False
         init_weights(self, cfg)
 
-    def forward(
+    def block_inputs(
         self,
+        x: torch.Tensor,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """input_ids, attention_mask (1 = real, 0 = pad), position_ids: (B, T) -> (B, T, D)."""
-        T = input_ids.shape[1]
-        if position_ids is None:
-            position_ids = positions_like(input_ids)
-        mask, is_causal = sdpa_mask(attention_mask, T, causal=not self.cfg.bidirectional)
-        x = self.drop(self.embed_norm(self.embed(input_ids, position_ids)))  # (B, T, D)
-        for block in self.blocks:
-            x = block(x, mask, is_causal, position_ids)
-        return self.norm_f(x)
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+    ) -> tuple[torch.Tensor | None, bool, torch.Tensor]:
+        """(mask, is_causal, position_ids) of ``gpt2.attention_inputs``."""
+        return attention_inputs(self.cfg, input_ids, attention_mask, position_ids)

@@ -1,4 +1,5 @@
-"""Pieces every backbone shares: the config, embeddings, position encodings, MLP, norms, LM head, init.
+"""Pieces every backbone shares: the config, the skeleton (``Backbone``), embeddings, position
+encodings, MLP, norms, LM head, init.
 
 Conventions the optimizer and trainer rely on:
 - parameter names: ``embed.*`` (layer 0), ``blocks.{i}.*`` (layer i + 1), ``norm_f.*`` / ``lm_head.*``
@@ -11,8 +12,9 @@ Conventions the optimizer and trainer rely on:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -263,3 +265,66 @@ def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
         if isinstance(module, Embeddings):
             with torch.no_grad():
                 module.tok.weight[cfg.vocab_size :].zero_()
+
+
+# The skeleton ------------------------------------------------------------------------------------
+
+
+class Backbone(nn.Module):
+    """Embeddings -> dropout -> blocks -> final norm, with the LM head beside (not applied).
+
+    ``forward(input_ids, attention_mask=None, position_ids=None) -> hidden (B, T, D)``; the trainer
+    applies ``lm_head`` to the positions that carry a target. A model passes its block class (built
+    ``num_layers`` times from the config, after the embeddings: that order fixes the seeded init),
+    its final norm and, for BERT, a norm of the embeddings; it overrides ``block_inputs`` (what each
+    block receives besides the hidden states, computed once per forward) and, when its init differs
+    from ``init_weights``, the method ``init_weights``. Parameter names: ``embed.*``, ``blocks.{i}.*``,
+    ``norm_f.*``, ``lm_head.*`` (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        block: Callable[[ModelConfig], nn.Module],
+        norm_f: nn.Module,
+        embed_norm: nn.Module | None = None,
+    ):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = Embeddings(cfg)
+        self.embed_norm = embed_norm
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(block(cfg) for _ in range(cfg.num_layers))
+        self.norm_f = norm_f
+        self.lm_head = LMHead(cfg, self.embed.tok)
+        self.init_weights(cfg)
+
+    def init_weights(self, cfg: ModelConfig) -> None:
+        """GPT-2 init from ``init_weights`` (scaled residual projections, no-decay tags)."""
+        init_weights(self, cfg)
+
+    def block_inputs(
+        self,
+        x: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+    ) -> tuple[Any, ...]:
+        """The arguments after x of every block call, from the embedded x (B, T, D) and the inputs."""
+        return ()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids, attention_mask (1 = real, 0 = pad), position_ids: (B, T) -> (B, T, D)."""
+        x = self.embed(input_ids, position_ids)  # (B, T, D)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+        x = self.drop(x)
+        args = self.block_inputs(x, input_ids, attention_mask, position_ids)
+        for block in self.blocks:
+            x = block(x, *args)
+        return self.norm_f(x)

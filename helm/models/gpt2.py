@@ -24,15 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from helm.models.common import (
-    MLP,
-    Embeddings,
-    LMHead,
-    ModelConfig,
-    Rotary,
-    init_weights,
-    positions_like,
-)
+from helm.models.common import MLP, Backbone, ModelConfig, Rotary, positions_like
 
 
 def check_attention_config(cfg: ModelConfig) -> None:
@@ -74,6 +66,19 @@ def sdpa_mask(
         allowed = allowed & torch.ones(T, T, dtype=torch.bool, device=device).tril()  # (B, 1, T, T)
     allowed = allowed | torch.eye(T, dtype=torch.bool, device=device)  # (B, 1, T, T)
     return allowed, False
+
+
+def attention_inputs(
+    cfg: ModelConfig,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, bool, torch.Tensor]:
+    """(mask, is_causal, position_ids) that every attention block receives (GPT-2 and BERT)."""
+    if position_ids is None:
+        position_ids = positions_like(input_ids)
+    mask, is_causal = sdpa_mask(attention_mask, input_ids.shape[1], causal=not cfg.bidirectional)
+    return mask, is_causal, position_ids
 
 
 class SelfAttention(nn.Module):
@@ -139,39 +144,23 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT2(nn.Module):
-    """GPT-2 backbone: ``forward(input_ids, attention_mask, position_ids) -> hidden (B, T, D)``.
+class GPT2(Backbone):
+    """GPT-2 backbone: ``forward(input_ids, attention_mask, position_ids) -> hidden (B, T, D)``
+    (``common.Backbone``): pre-LN blocks, a final LayerNorm and GPT-2's init.
 
     The LM head (``self.lm_head``) is not applied here: the trainer projects only the positions that
     carry a target.
     """
 
     def __init__(self, cfg: GPT2Config):
-        super().__init__()
-        self.cfg = cfg
-        self.embed = Embeddings(cfg)
-        self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
-        self.norm_f = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.lm_head = LMHead(cfg, self.embed.tok)
-        self.init_weights(cfg)
+        super().__init__(cfg, Block, norm_f=nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps))
 
-    def init_weights(self, cfg: ModelConfig) -> None:
-        """GPT-2 init from ``common.init_weights`` (scaled residual projections, no-decay tags)."""
-        init_weights(self, cfg)
-
-    def forward(
+    def block_inputs(
         self,
+        x: torch.Tensor,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """input_ids, attention_mask (1 = real, 0 = pad), position_ids: (B, T) -> (B, T, D)."""
-        T = input_ids.shape[1]
-        if position_ids is None:
-            position_ids = positions_like(input_ids)
-        mask, is_causal = sdpa_mask(attention_mask, T, causal=not self.cfg.bidirectional)
-        x = self.drop(self.embed(input_ids, position_ids))  # (B, T, D)
-        for block in self.blocks:
-            x = block(x, mask, is_causal, position_ids)
-        return self.norm_f(x)
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+    ) -> tuple[torch.Tensor | None, bool, torch.Tensor]:
+        """(mask, is_causal, position_ids) of ``attention_inputs``."""
+        return attention_inputs(self.cfg, input_ids, attention_mask, position_ids)

@@ -4,7 +4,7 @@ The operator (as safari's ``HyenaOperator`` with order 2, one head):
     x0, x1, v = split(ShortConv(in_proj(u)))   in_proj: d -> 3d, depthwise conv of width 3
     y = x0 * (k * (v * x1) + D * (v * x1))     k: implicit long filter, * a long convolution
     out = out_proj(y)
-The long convolution runs through ``helm.models.fftconv.fftconv`` (FFT reference, or its Triton
+The long convolution runs through ``helm.ops.fftconv.fftconv`` (FFT reference, or its Triton
 kernel on CUDA).
 
 The implicit filter evaluates a small MLP at every lag: positional features of the lag (its
@@ -43,8 +43,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from helm.models.common import MLP, Embeddings, LMHead, ModelConfig, init_weights, tag
-from helm.models.fftconv import IMPLS, fftconv
+from helm.models.common import MLP, Backbone, ModelConfig, init_weights, tag
+from helm.ops import IMPLS
+from helm.ops.fftconv import fftconv
 
 
 @dataclass
@@ -64,7 +65,7 @@ class HyenaConfig(ModelConfig):
     filter_slow_decay_pct: float = 1.5
     filter_decay_target: float = 1e-2
     short_filter_size: int = 3
-    fftconv_impl: str = "auto"  # auto | torch | triton (see helm.models.fftconv)
+    fftconv_impl: str = "auto"  # auto | torch | triton (see helm.ops.fftconv)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -244,22 +245,16 @@ class HyenaBlock(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class Hyena(nn.Module):
-    """Hyena backbone: ``forward(input_ids, attention_mask, position_ids) -> hidden (B, T, D)``.
+class Hyena(Backbone):
+    """Hyena backbone: ``forward(input_ids, attention_mask, position_ids) -> hidden (B, T, D)``
+    (``common.Backbone``): pre-LN Hyena blocks and a final LayerNorm.
 
     ``position_ids`` only feed a position embedding (absolute / sincos); the filters use relative
     lags. The LM head (``self.lm_head``) is not applied here.
     """
 
     def __init__(self, cfg: HyenaConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.embed = Embeddings(cfg)
-        self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(HyenaBlock(cfg) for _ in range(cfg.num_layers))
-        self.norm_f = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.lm_head = LMHead(cfg, self.embed.tok)
-        self.init_weights(cfg)
+        super().__init__(cfg, HyenaBlock, norm_f=nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps))
 
     def init_weights(self, cfg: ModelConfig) -> None:
         """``common.init_weights`` for every Linear (the filter MLP included, as in HyenaDNA), the
@@ -268,18 +263,15 @@ class Hyena(nn.Module):
         for block in self.blocks:
             nn.init.normal_(block.mixer.D)
 
-    def forward(
+    def block_inputs(
         self,
+        x: torch.Tensor,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """input_ids, attention_mask (1 = real, 0 = pad), position_ids: (B, T) -> (B, T, D)."""
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+    ) -> tuple[torch.Tensor | None]:
+        """The padding mask (B, T, 1) in x's dtype (1 = real, 0 = pad), or None."""
         T = input_ids.shape[1]
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} is beyond max_seq_len={self.cfg.max_seq_len}")
-        x = self.drop(self.embed(input_ids, position_ids))  # (B, T, D)
-        mask = None if attention_mask is None else attention_mask[..., None].to(x.dtype)
-        for block in self.blocks:
-            x = block(x, mask)  # mask: (B, T, 1)
-        return self.norm_f(x)
+        return (None if attention_mask is None else attention_mask[..., None].to(x.dtype),)

@@ -25,11 +25,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from helm.models.common import MLP, Embeddings, LMHead, ModelConfig, RMSNorm, init_weights, tag
-from helm.models.ssm import (
-    FAST_PATHS,
+from helm.models.common import MLP, Backbone, ModelConfig, RMSNorm, init_weights, tag
+from helm.ops.selective_scan import (
+    SCAN_IMPLS,
     causal_conv1d,
-    resolve_fast_path,
+    check_scan_impl,
+    resolve_scan_impl,
     selective_scan,
     ssd_chunk_scan,
 )
@@ -86,7 +87,7 @@ class MambaConfig(ModelConfig):
     bidirectional_strategy: str = "add"
     bidirectional_weight_tie: bool = False
     bidirectional_mlp: str = "per_direction"  # "per_direction" | "shared": see the docstring
-    use_fast_path: str = "auto"  # "auto" | "always" | "never": mamba-ssm kernels on CUDA
+    scan_impl: str = "auto"  # auto | torch | mamba_ssm: see helm.ops.selective_scan
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -94,7 +95,7 @@ class MambaConfig(ModelConfig):
             ("ssm_layer", self.ssm_layer, SSM_LAYERS),
             ("bidirectional_strategy", self.bidirectional_strategy, BIDIRECTIONAL_STRATEGIES),
             ("bidirectional_mlp", self.bidirectional_mlp, BIDIRECTIONAL_MLPS),
-            ("use_fast_path", self.use_fast_path, FAST_PATHS),
+            ("scan_impl", self.scan_impl, SCAN_IMPLS),
         ):
             if value not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
@@ -128,27 +129,22 @@ def _inverse_softplus_dt(n: int, cfg: MambaConfig) -> torch.Tensor:
 
 
 class _Mixer(nn.Module):
-    """What both mixers share: the fast-path decision."""
+    """What both mixers share: the choice of kernels for an input (``resolve_scan_impl``)."""
 
-    def __init__(self, cfg: MambaConfig, kernels: bool):
+    def __init__(self, cfg: MambaConfig):
         super().__init__()
-        self.use_fast_path = cfg.use_fast_path
-        self.kernels = kernels
+        self.scan_impl, self.ssm_layer = cfg.scan_impl, cfg.ssm_layer
 
-    def _fast(self, x: torch.Tensor) -> bool:
-        if self.kernels and x.is_cuda:
-            return True
-        if self.use_fast_path == "always":
-            raise RuntimeError("use_fast_path='always' runs CUDA kernels and needs CUDA tensors")
-        return False
+    def _impl(self, x: torch.Tensor) -> str:
+        return resolve_scan_impl(self.scan_impl, x, self.ssm_layer)
 
 
 class MambaMixer(_Mixer):
     """Mamba-1 mixer (B, T, D) -> (B, T, D): in_proj to (x, z), causal conv + SiLU on x, selective
     scan with input-dependent (dt, B, C), gate silu(z), out_proj."""
 
-    def __init__(self, cfg: MambaConfig, kernels: bool):
-        super().__init__(cfg, kernels)
+    def __init__(self, cfg: MambaConfig):
+        super().__init__(cfg)
         self.cfg = cfg
         d_inner, N, R = cfg.d_inner, cfg.d_state, cfg.dt_rank
         self.in_proj = nn.Linear(cfg.d_model, 2 * d_inner, bias=False)
@@ -175,17 +171,17 @@ class MambaMixer(_Mixer):
         self.D.fill_(1.0)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        fast = self._fast(hidden)
+        impl = self._impl(hidden)
         R, N = self.cfg.dt_rank, self.cfg.d_state
         x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (B, d_inner, T) each
-        x = causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, fast)
+        x = causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, impl)
         dt, B, C = self.x_proj(x.transpose(1, 2)).split([R, N, N], dim=-1)  # (B, T, R | N | N)
         dt = (dt @ self.dt_proj.weight.T).transpose(1, 2)  # (B, d_inner, T); bias added in scan
         A = -torch.exp(self.A_log.float())  # (d_inner, N), negative: a decaying state
         y = selective_scan(
             x, dt, A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z,
             delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
-            chunk_size=self.cfg.chunk_size, fast=fast,
+            chunk_size=self.cfg.chunk_size, impl=impl,
         )  # fmt: skip
         return self.out_proj(y.transpose(1, 2))  # (B, T, D)
 
@@ -208,8 +204,8 @@ class Mamba2Mixer(_Mixer):
     """Mamba-2 (SSD) mixer (B, T, D) -> (B, T, D): one in_proj to (z, x, B, C, dt), causal conv +
     SiLU over (x, B, C), SSD scan with a scalar A per head, gated RMSNorm, out_proj."""
 
-    def __init__(self, cfg: MambaConfig, kernels: bool):
-        super().__init__(cfg, kernels)
+    def __init__(self, cfg: MambaConfig):
+        super().__init__(cfg)
         self.cfg = cfg
         d_inner, G, N = cfg.d_inner, cfg.ngroups, cfg.d_state
         self.nheads = d_inner // cfg.headdim
@@ -233,18 +229,18 @@ class Mamba2Mixer(_Mixer):
         self.D.fill_(1.0)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        fast = self._fast(hidden)
+        impl = self._impl(hidden)
         Bsz, T, _ = hidden.shape
         G, N, P = self.cfg.ngroups, self.cfg.d_state, self.cfg.headdim
         d_inner = self.cfg.d_inner
         z, xBC, dt = self.in_proj(hidden).split([d_inner, self.conv_dim, self.nheads], dim=-1)
         w = self.conv1d.weight.squeeze(1)
-        xBC = causal_conv1d(xBC.transpose(1, 2), w, self.conv1d.bias, fast).transpose(1, 2)
+        xBC = causal_conv1d(xBC.transpose(1, 2), w, self.conv1d.bias, impl).transpose(1, 2)
         x, B, C = xBC.split([d_inner, G * N, G * N], dim=-1)  # (B, T, d_inner | G N | G N)
         y = ssd_chunk_scan(
             x.reshape(Bsz, T, self.nheads, P), dt, -torch.exp(self.A_log.float()),
             B.reshape(Bsz, T, G, N), C.reshape(Bsz, T, G, N), self.cfg.chunk_size,
-            D=self.D.float(), dt_bias=self.dt_bias.float(), dt_softplus=True, fast=fast,
+            D=self.D.float(), dt_bias=self.dt_bias.float(), dt_softplus=True, impl=impl,
         )  # fmt: skip
         y = self.norm(y.reshape(Bsz, T, d_inner), z)  # (B, T, d_inner)
         return self.out_proj(y)  # (B, T, D)
@@ -274,16 +270,16 @@ class MambaBlock(nn.Module):
     reverse block's ``mixer_norm_rev``, ``mlp_norm_rev``, ``mlp_rev``.
     """
 
-    def __init__(self, cfg: MambaConfig, kernels: bool):
+    def __init__(self, cfg: MambaConfig):
         super().__init__()
         mixer_cls = MambaMixer if cfg.ssm_layer == "mamba" else Mamba2Mixer
         self.strategy = cfg.bidirectional_strategy
         self.per_direction = cfg.bidirectional and cfg.bidirectional_mlp == "per_direction"
         self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mixer = mixer_cls(cfg, kernels)
+        self.mixer = mixer_cls(cfg)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.d_ff else None
         self.mlp = MLP(cfg) if cfg.d_ff else None
-        self.mixer_rev = mixer_cls(cfg, kernels) if cfg.bidirectional else None
+        self.mixer_rev = mixer_cls(cfg) if cfg.bidirectional else None
         if self.mixer_rev is not None and cfg.bidirectional_weight_tie:
             self.mixer_rev.in_proj.weight = self.mixer.in_proj.weight
             self.mixer_rev.out_proj.weight = self.mixer.out_proj.weight
@@ -330,32 +326,29 @@ class MambaBlock(nn.Module):
         return x
 
 
-class Mamba(nn.Module):
-    """Embeddings -> MambaBlocks -> final RMSNorm. ``forward`` returns hidden states (B, T, D); the
-    LM head (``lm_head``) is applied by the caller."""
+class Mamba(Backbone):
+    """Mamba backbone: ``forward(input_ids, attention_mask, position_ids) -> hidden (B, T, D)``
+    (``common.Backbone``): MambaBlocks and a final RMSNorm. The LM head (``lm_head``) is applied by
+    the caller."""
 
     def __init__(self, cfg: MambaConfig):
-        super().__init__()
-        self.cfg = cfg
-        kernels = resolve_fast_path(cfg.use_fast_path, cfg.ssm_layer)
-        self.embed = Embeddings(cfg)
-        self.blocks = nn.ModuleList(MambaBlock(cfg, kernels) for _ in range(cfg.num_layers))
-        self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = LMHead(cfg, self.embed.tok)
+        check_scan_impl(cfg.scan_impl, cfg.ssm_layer)  # refuses a missing mamba-ssm; logs the path
+        super().__init__(cfg, MambaBlock, norm_f=RMSNorm(cfg.d_model, cfg.norm_eps))
+
+    def init_weights(self, cfg: ModelConfig) -> None:
+        """``common.init_weights``, then Mamba's own init of the SSM parameters in every mixer."""
         init_weights(self, cfg)
         for module in self.modules():
             if isinstance(module, (MambaMixer, Mamba2Mixer)):
                 module.reset_ssm_parameters()
 
-    def forward(
+    def block_inputs(
         self,
+        x: torch.Tensor,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """input_ids, attention_mask (1 real, 0 right padding): (B, T) -> hidden (B, T, D)."""
-        x = self.embed(input_ids, position_ids)  # (B, T, D)
-        rev_index = reversal_index(input_ids, attention_mask) if self.cfg.bidirectional else None
-        for block in self.blocks:
-            x = block(x, rev_index)
-        return self.norm_f(x)
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+    ) -> tuple[torch.Tensor | None]:
+        """The ``reversal_index`` (B, T) of bidirectional layers (right padding stays), or None."""
+        rev = reversal_index(input_ids, attention_mask) if self.cfg.bidirectional else None
+        return (rev,)

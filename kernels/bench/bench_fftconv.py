@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.testing
 
-from helm.models.fftconv import fftconv_ref
-from kernels.fftconv import fftconv as fftconv_triton
+from helm.ops.fftconv import fftconv_ref
+from kernels.fftconv import fftconv_triton
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MODES = {"causal": False, "two-sided": True}

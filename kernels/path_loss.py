@@ -1,7 +1,7 @@
 """Fused path loss: XE, HXE, soft labels and the amino-acid losses in one Triton kernel.
 
-Every loss over the codon tree is one formula over per-target tables (``helm.losses.path_loss_ref``
-is the PyTorch twin and the test oracle)::
+Every loss over the codon tree is one formula over per-target tables (``path_loss_ref`` in
+``helm/ops/path_loss.py`` is the PyTorch twin and the test oracle)::
 
     L(z, y) = const[y] + sum_s coef[y, s] * lse_s - sum_c soft[y, c] * z_c
     lse_s   = log sum_{c < V: anc[c, s] == anc[y, s]} exp(z_c)        (slots with anc[y, s] >= 0)
@@ -225,9 +225,9 @@ def _check_runnable(logits: torch.Tensor) -> None:
     if logits.is_cuda or isinstance(fn, InterpretedFunction):
         return
     raise RuntimeError(
-        f"kernels.hxe.path_loss needs a CUDA tensor (got device {logits.device}); to run the "
+        f"kernels.path_loss.path_loss_triton needs a CUDA tensor (got device {logits.device}); to run the "
         "Triton kernel on CPU set TRITON_INTERPRET=1 before triton is imported, or use the "
-        "PyTorch reference (helm.losses.path_loss_ref)"
+        "PyTorch reference (helm.ops.path_loss.path_loss_ref)"
     )
 
 
@@ -324,7 +324,7 @@ class PathLossFunction(torch.autograd.Function):
         return grad, None, None, None, None, None, None, None
 
 
-def path_loss(
+def path_loss_triton(
     logits: torch.Tensor,
     targets: torch.Tensor,
     anc: torch.Tensor,
@@ -334,7 +334,7 @@ def path_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """Fused path loss; same signature and result as ``helm.losses.path_loss_ref``.
+    """Fused path loss; same signature and result as ``helm.ops.path_loss.path_loss_ref``.
 
     logits: (N, Vp) fp32/bf16/fp16, Vp >= V (columns >= V are padding: no probability, zero grad);
     targets: (N,) int, ``ignore_index`` rows contribute nothing; anc: (V, S) int node ids, -1 padded;
@@ -350,7 +350,7 @@ def path_loss(
     if logits.dtype not in _DTYPES:
         raise TypeError(
             f"path_loss kernel takes float32/bfloat16/float16 logits, got {logits.dtype}; "
-            "use helm.losses.path_loss_ref for other dtypes"
+            "use helm.ops.path_loss.path_loss_ref for other dtypes"
         )
     N, Vp = logits.shape
     V, S = anc.shape

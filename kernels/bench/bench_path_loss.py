@@ -1,7 +1,7 @@
 """Microbenchmark: the fused path loss against F.cross_entropy, the eager reference and
 torch.compile(reference), forward + backward, on one CUDA device.
 
-    python -m kernels.bench.bench_losses [--out-dir bench/results] [--losses xe hxe ...]
+    python -m kernels.bench.bench_path_loss [--out-dir bench/results] [--losses xe hxe ...]
 
 For each loss (XE, HXE alpha 0.2, soft labels beta 15, aa_loss_only, aa_loss_add) and each shape
 (N = 128 x 444 and 8 x 8192 tokens; V = 69 columns, or padded to Vp = 72) it records the median time
@@ -82,8 +82,8 @@ def measure(step: Callable[[], None], z: torch.Tensor, warmup: int, rep: int) ->
 
 
 def run_case(loss: str, N: int, Vp: int, args: argparse.Namespace) -> dict[str, dict]:
-    from helm.losses import path_loss_ref
-    from kernels.hxe import path_loss
+    from helm.ops.path_loss import path_loss_ref
+    from kernels.path_loss import path_loss_triton
 
     torch._dynamo.reset()  # one compiled variant per case; no recompile limit reached
     compiled = torch.compile(path_loss_ref, dynamic=False)
@@ -96,7 +96,7 @@ def run_case(loss: str, N: int, Vp: int, args: argparse.Namespace) -> dict[str, 
         "cross_entropy": lambda: F.cross_entropy(z[:, :V], targets, ignore_index=-100),
         "eager": lambda: path_loss_ref(z, targets, **tables),
         "compiled": lambda: compiled(z, targets, **tables),
-        "kernel": lambda: path_loss(z, targets, **tables),
+        "kernel": lambda: path_loss_triton(z, targets, **tables),
     }
     out = {}
     for impl, fn in fns.items():
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rep", type=int, default=200, help="do_bench repetitions (ms)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
-        print("bench_losses needs a CUDA device; none found, nothing measured or written.")
+        print("bench_path_loss needs a CUDA device; none found, nothing measured or written.")
         return 0
     import triton
 
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / f"bench_losses_{datetime.datetime.now():%Y%m%d_%H%M%S}"
+    stem = args.out_dir / f"bench_path_loss_{datetime.datetime.now():%Y%m%d_%H%M%S}"
     with open(f"{stem}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

@@ -1,4 +1,4 @@
-"""The fused path-loss kernel (kernels/hxe.py) against its PyTorch twin ``path_loss_ref``.
+"""The fused path-loss kernel (kernels/path_loss.py) against its PyTorch twin ``path_loss_ref``.
 
 Runs on CPU under TRITON_INTERPRET=1 (set in conftest.py), so shapes stay tiny; the realistic size is
 behind the ``gpu`` marker. Every case draws its own random logits and targets.
@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-import kernels.hxe as hxe
+import kernels.path_loss as kernel_module
 from helm.hierarchy import build_hierarchy
-from helm.losses import path_loss_ref
-from kernels.hxe import path_loss
+from helm.ops.path_loss import path_loss_ref
+from kernels.path_loss import path_loss_triton
 
 V = 69
 DIST_MAX = 4
@@ -91,7 +91,7 @@ def compare(logits, targets, tables, reduction="mean", dtype=torch.float32, grad
         shape = targets.shape if reduction == "none" else ()
         grad_scale = torch.randn(shape, device=logits.device)
     out = {}
-    for name, fn in (("kernel", path_loss), ("ref", path_loss_ref)):
+    for name, fn in (("kernel", path_loss_triton), ("ref", path_loss_ref)):
         z = logits.detach().clone().requires_grad_()
         loss = fn(z, targets, reduction=reduction, **tables)
         (loss * grad_scale).sum().backward()
@@ -155,11 +155,11 @@ def generic_tables(gen, Vt, S=3, groups=10):
     return xe, rnd
 
 
-@pytest.mark.parametrize("max_block_v", [128, hxe.MAX_BLOCK_V])
+@pytest.mark.parametrize("max_block_v", [128, kernel_module.MAX_BLOCK_V])
 @pytest.mark.parametrize("Vp", [300, 307])
 def test_generic_tables_multi_block(gen, monkeypatch, Vp, max_block_v):
     """V = 300 over column blocks of 128 (online max, two passes) and as one block."""
-    monkeypatch.setattr(hxe, "MAX_BLOCK_V", max_block_v)
+    monkeypatch.setattr(kernel_module, "MAX_BLOCK_V", max_block_v)
     xe, rnd = generic_tables(gen, 300)
     for tables, dtype in ((xe, torch.float32), (rnd, torch.bfloat16)):
         logits, targets = make_inputs(gen, 6, Vp, 300, dtype, scale=6.0)
@@ -171,7 +171,7 @@ def test_xe_equals_cross_entropy(gen):
     masked = logits.clone()
     masked[:, V:] = float("-inf")
     expect = torch.nn.functional.cross_entropy(masked, targets)
-    torch.testing.assert_close(path_loss(logits, targets, **loss_tables("xe")), expect)
+    torch.testing.assert_close(path_loss_triton(logits, targets, **loss_tables("xe")), expect)
 
 
 def test_wide_logit_range(gen):
@@ -195,10 +195,10 @@ def test_empty_batch():
     t = torch.zeros(0, dtype=torch.long)
     tables = loss_tables("hxe")
     for reduction in ("mean", "sum"):
-        loss = path_loss(z, t, reduction=reduction, **tables)
+        loss = path_loss_triton(z, t, reduction=reduction, **tables)
         loss.backward()
         assert loss.item() == 0 and z.grad.shape == (0, 72)
-    assert path_loss(z, t, reduction="none", **tables).shape == (0,)
+    assert path_loss_triton(z, t, reduction="none", **tables).shape == (0,)
 
 
 def test_noncontiguous_and_no_grad(gen):
@@ -210,31 +210,31 @@ def test_noncontiguous_and_no_grad(gen):
         compare(logits, targets, tables)
     with torch.no_grad():
         torch.testing.assert_close(
-            path_loss(strided, targets, **tables), path_loss_ref(strided, targets, **tables)
+            path_loss_triton(strided, targets, **tables), path_loss_ref(strided, targets, **tables)
         )
 
 
 def test_gradient_buffer_is_the_grad(gen, monkeypatch):
     """The buffer written in the forward pass becomes logits.grad: no second gradient allocation."""
     buffers = []
-    forward = hxe._path_loss_forward
+    forward = kernel_module._path_loss_forward
 
     def spy(*args, **kwargs):
         loss, grad = forward(*args, **kwargs)
         buffers.append(grad.data_ptr())
         return loss, grad
 
-    monkeypatch.setattr(hxe, "_path_loss_forward", spy)
+    monkeypatch.setattr(kernel_module, "_path_loss_forward", spy)
     logits, targets = make_inputs(gen, 5, 72, V, torch.bfloat16)
     z = logits.requires_grad_()
-    (path_loss(z, targets, **loss_tables("hxe")) * 2.0).backward()
+    (path_loss_triton(z, targets, **loss_tables("hxe")) * 2.0).backward()
     assert z.grad.data_ptr() == buffers[0]
 
 
 def test_second_backward_refused(gen):
     logits, targets = make_inputs(gen, 4, 72, V, torch.float32, p_ignore=0.0)
     z = logits.requires_grad_()
-    loss = path_loss(z, targets, **loss_tables("xe"))
+    loss = path_loss_triton(z, targets, **loss_tables("xe"))
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError):
         loss.backward()
@@ -244,22 +244,22 @@ def test_bad_target_is_nan_and_bad_args_raise(gen):
     tables = loss_tables("xe")
     logits, targets = make_inputs(gen, 4, 72, V, torch.float32, p_ignore=0.0)
     targets[1] = V  # out of range and not ignore_index
-    loss = path_loss(logits, targets, reduction="none", **tables)
+    loss = path_loss_triton(logits, targets, reduction="none", **tables)
     assert loss[1].isnan() and not loss[[0, 2, 3]].isnan().any()
     with pytest.raises(ValueError, match="reduction"):
-        path_loss(logits, targets, reduction="max", **tables)
+        path_loss_triton(logits, targets, reduction="max", **tables)
     with pytest.raises(TypeError):
-        path_loss(logits.double(), targets, **tables)
+        path_loss_triton(logits.double(), targets, **tables)
     with pytest.raises(ValueError):
-        path_loss(logits[:, :60], targets, **tables)
+        path_loss_triton(logits[:, :60], targets, **tables)
 
 
 def test_cpu_without_interpreter_raises():
     """No silent fallback: on CPU without TRITON_INTERPRET=1 the kernel refuses clearly."""
     code = (
-        "import torch\nfrom kernels.hxe import path_loss\n"
+        "import torch\nfrom kernels.path_loss import path_loss_triton\n"
         "anc = torch.tensor([[0, 1], [0, 2]]); coef = torch.tensor([[1.0, -1.0]] * 2)\n"
-        "try:\n    path_loss(torch.zeros(3, 2), torch.zeros(3, dtype=torch.long), anc, coef)\n"
+        "try:\n    path_loss_triton(torch.zeros(3, 2), torch.zeros(3, dtype=torch.long), anc, coef)\n"
         "except RuntimeError as e:\n    print('RAISED', e)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

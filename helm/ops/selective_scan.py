@@ -23,9 +23,11 @@ of non-positive terms is non-increasing); entries with s > t are set to -inf *be
 that neither pass meets an overflow. The Mamba-1 form exponentiates only logs of decayed sums (see
 ``_scan_chunk``).
 
-The dispatchers ``causal_conv1d``, ``selective_scan`` and ``ssd_chunk_scan`` call the mamba-ssm and
-causal-conv1d kernels (an optional CUDA extra) when the caller asks for them, the references
-otherwise; ``resolve_fast_path`` decides once per model and raises if "always" cannot be honoured.
+The dispatchers ``causal_conv1d``, ``selective_scan`` and ``ssd_chunk_scan`` take ``impl``: auto |
+torch | mamba_ssm, resolved by ``helm.ops.resolve_impl``: "mamba_ssm" runs the kernels of mamba-ssm
+and causal-conv1d (an optional CUDA extra; CUDA tensors only), "torch" the references here, and
+"auto" the kernels on CUDA tensors when they could be imported. ``check_scan_impl`` runs once per
+model: it refuses an explicit "mamba_ssm" that cannot be imported and logs the path in use once.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ import logging
 
 import torch
 import torch.nn.functional as F
+
+from helm.ops import resolve_impl
 
 logger = logging.getLogger(__name__)
 
@@ -55,42 +59,71 @@ except (ImportError, OSError, RuntimeError) as err:
     mamba_chunk_scan_combined = None
     _IMPORT_ERRORS["mamba_ssm.mamba_chunk_scan_combined"] = repr(err)
 
-FAST_PATHS = ("auto", "always", "never")
+SCAN_KERNEL = "mamba_ssm"  # the kernel's name in ``impl`` / ``MambaConfig.scan_impl``
+SCAN_IMPLS = ("auto", "torch", SCAN_KERNEL)
+# What each op and each mixer needs from the optional packages (keys of _IMPORT_ERRORS).
+_CONV = "causal_conv1d"
+_SCAN = "mamba_ssm.selective_scan_fn"
+_SSD = "mamba_ssm.mamba_chunk_scan_combined"
+_LAYER_NEEDS = {"mamba": (_CONV, _SCAN), "mamba2": (_CONV, _SSD)}
+_INSTALL = "install the CUDA extra (pip install mamba-ssm causal-conv1d) on a CUDA machine"
 _logged: set[str] = set()
 
 
-def fast_path_available(ssm_layer: str) -> bool:
+def mamba_ssm_available(ssm_layer: str) -> bool:
     """Whether the CUDA kernels that ``ssm_layer`` ("mamba" or "mamba2") needs could be imported."""
-    scan = selective_scan_fn if ssm_layer == "mamba" else mamba_chunk_scan_combined
-    return causal_conv1d_fn is not None and scan is not None
+    return not any(name in _IMPORT_ERRORS for name in _LAYER_NEEDS[ssm_layer])
 
 
-def resolve_fast_path(use_fast_path: str, ssm_layer: str) -> bool:
-    """True when the mixers should run the CUDA kernels on CUDA tensors.
+def _import_errors(needs: tuple[str, ...]) -> str:
+    return "; ".join(f"{name}: {_IMPORT_ERRORS[name]}" for name in needs if name in _IMPORT_ERRORS)
 
-    "auto" uses them when importable, "never" never does, "always" raises here when they are missing.
-    The choice is logged once per process.
+
+def _unavailable(x: torch.Tensor, needs: tuple[str, ...]) -> str | None:
+    """Why the mamba-ssm kernels in ``needs`` cannot run on ``x``, or None (``resolve_impl``)."""
+    errors = _import_errors(needs)
+    if errors:
+        return f"the mamba-ssm / causal-conv1d kernels could not be imported ({errors}); {_INSTALL}"
+    if not x.is_cuda:
+        return f"the mamba-ssm kernels run on CUDA tensors only, got a {x.device.type} tensor"
+    return None
+
+
+def _resolve(impl: str, x: torch.Tensor, needs: tuple[str, ...], op: str) -> str:
+    return resolve_impl(impl, x, kernel=SCAN_KERNEL, op=op, unavailable=_unavailable(x, needs))
+
+
+def resolve_scan_impl(scan_impl: str, x: torch.Tensor, ssm_layer: str) -> str:
+    """The path ("torch" or "mamba_ssm") of a ``ssm_layer`` mixer whose input is ``x``: the
+    ``helm.ops.resolve_impl`` rule over everything the mixer runs (conv and scan), so both agree."""
+    return _resolve(scan_impl, x, _LAYER_NEEDS[ssm_layer], f"{ssm_layer} scan")
+
+
+def check_scan_impl(scan_impl: str, ssm_layer: str) -> None:
+    """Once per model: raise if ``scan_impl="mamba_ssm"`` cannot be imported; log the path once.
+
+    (Whether a given input runs the kernels is ``resolve_scan_impl``'s, per call: CUDA tensors only.)
     """
-    available = fast_path_available(ssm_layer)
-    if use_fast_path == "always" and not available:
-        reasons = "; ".join(f"{k}: {v}" for k, v in _IMPORT_ERRORS.items())
+    if scan_impl not in SCAN_IMPLS:
+        raise ValueError(f"scan_impl must be one of {', '.join(SCAN_IMPLS)}; got {scan_impl!r}")
+    available = mamba_ssm_available(ssm_layer)
+    if scan_impl == SCAN_KERNEL and not available:
         raise RuntimeError(
-            f"use_fast_path='always' needs the CUDA kernels of mamba-ssm and causal-conv1d for "
-            f"ssm_layer={ssm_layer!r}, and they could not be imported ({reasons}). Install the CUDA "
-            "extra (pip install mamba-ssm causal-conv1d) on a CUDA machine, or set use_fast_path to "
-            "'auto' (kernels when available) or 'never' (PyTorch scan)."
+            f"scan_impl='mamba_ssm' needs the CUDA kernels of mamba-ssm and causal-conv1d for "
+            f"ssm_layer={ssm_layer!r}, and they could not be imported "
+            f"({_import_errors(_LAYER_NEEDS[ssm_layer])}). Install the CUDA extra (pip install "
+            "mamba-ssm causal-conv1d) on a CUDA machine, or set scan_impl to 'auto' (kernels on "
+            "CUDA tensors when available) or 'torch' (PyTorch scan)."
         )
-    use = use_fast_path != "never" and available
-    if use:
+    if scan_impl != "torch" and available:
         msg = f"{ssm_layer}: mamba-ssm / causal-conv1d CUDA kernels on CUDA tensors"
     elif available:
-        msg = f"{ssm_layer}: PyTorch scan (use_fast_path='never')"
+        msg = f"{ssm_layer}: PyTorch scan (scan_impl='torch')"
     else:
         msg = f"{ssm_layer}: PyTorch scan (mamba-ssm / causal-conv1d not importable)"
     if msg not in _logged:
         _logged.add(msg)
         logger.info(msg)
-    return use
 
 
 # Shared pieces ----------------------------------------------------------------------------------
@@ -113,13 +146,14 @@ def segsum(a: torch.Tensor) -> torch.Tensor:
 
 
 def causal_conv1d(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fast: bool = False
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, impl: str = "auto"
 ) -> torch.Tensor:
     """Depthwise causal convolution + SiLU. x: (B, C, T); weight: (C, K); bias: (C,) -> (B, C, T).
 
     y[c, t] = silu(bias[c] + sum_k weight[c, k] x[c, t - K + 1 + k]) with x = 0 before t = 0.
+    ``impl``: auto | torch | mamba_ssm (causal-conv1d's ``causal_conv1d_fn``).
     """
-    if fast:
+    if _resolve(impl, x, (_CONV,), "causal_conv1d") == SCAN_KERNEL:
         return causal_conv1d_fn(x.contiguous(), weight, bias, activation="silu")
     K = weight.shape[-1]
     y = F.conv1d(F.pad(x, (K - 1, 0)), weight[:, None, :], bias, groups=x.shape[1])
@@ -308,10 +342,11 @@ def selective_scan(
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = False,
     chunk_size: int = 64,
-    fast: bool = False,
+    impl: str = "auto",
 ) -> torch.Tensor:
-    """mamba-ssm's ``selective_scan_fn`` when ``fast``, ``selective_scan_lean`` otherwise."""
-    if fast:
+    """mamba-ssm's ``selective_scan_fn`` or ``selective_scan_lean`` (``impl``: auto | torch |
+    mamba_ssm, see ``helm.ops``)."""
+    if _resolve(impl, u, (_SCAN,), "selective_scan") == SCAN_KERNEL:
         return selective_scan_fn(
             u, delta, A, B.contiguous(), C.contiguous(), D, z, delta_bias, delta_softplus
         )
@@ -391,10 +426,11 @@ def ssd_chunk_scan(
     D: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None,
     dt_softplus: bool = False,
-    fast: bool = False,
+    impl: str = "auto",
 ) -> torch.Tensor:
-    """mamba-ssm's ``mamba_chunk_scan_combined`` when ``fast``, ``ssd_chunk_scan_ref`` otherwise."""
-    if fast:
+    """mamba-ssm's ``mamba_chunk_scan_combined`` or ``ssd_chunk_scan_ref`` (``impl``: auto | torch |
+    mamba_ssm, see ``helm.ops``)."""
+    if _resolve(impl, x, (_SSD,), "ssd_chunk_scan") == SCAN_KERNEL:
         return mamba_chunk_scan_combined(
             x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus
         )

@@ -1,8 +1,8 @@
 """Hyena's long convolution ``y = postgate * (conv(u * pregate, k) + D * (u * pregate))``.
 
 ``fftconv_ref`` is the PyTorch reference (torch.fft, FFT size >= 2L, fp32 maths): the CPU path, the
-test oracle and the benchmark baseline of the Triton kernel in ``kernels/fftconv.py``, which has the
-same signature. ``fftconv(..., impl=)`` dispatches between them.
+test oracle and the benchmark baseline of the Triton kernel ``kernels.fftconv.fftconv_triton``, which
+has the same signature. ``fftconv(..., impl=)`` dispatches between them (``helm.ops.resolve_impl``).
 
 Causal (``bidirectional=False``): ``k`` is (D, L) and ``y[t] = sum_{s <= t} k[t - s] u[s]``.
 Two-sided (``bidirectional=True``): ``k`` is (D, 2L - 1), index j holding lag j - (L - 1), and
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-IMPLS = ("auto", "torch", "triton")
+from helm.ops import resolve_impl
 
 
 def fftconv_ref(
@@ -54,11 +54,9 @@ def fftconv(
     bidirectional: bool = False,
     impl: str = "auto",
 ) -> torch.Tensor:
-    """``fftconv_ref`` or its Triton kernel: ``auto`` uses Triton on CUDA tensors, torch elsewhere."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "torch" or (impl == "auto" and not u.is_cuda):
+    """``fftconv_ref`` or its Triton kernel (``impl``: auto | torch | triton, see ``helm.ops``)."""
+    if resolve_impl(impl, u, op="fftconv") == "torch":
         return fftconv_ref(u, k, D, pregate, postgate, bidirectional)
-    from kernels.fftconv import fftconv as fftconv_triton  # imports triton: only when asked for
+    from kernels.fftconv import fftconv_triton  # imports triton: only when asked for
 
     return fftconv_triton(u, k, D, pregate, postgate, bidirectional)
