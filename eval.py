@@ -25,12 +25,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from helm.checkpoint import CheckpointError
+from helm.checkpoint import CheckpointError, LoadedModel, load_for_eval
 from helm.codon_usage import cai
+from helm.config import dataset_kwargs, loss_kwargs
 from helm.data.cache import build_token_cache
 from helm.data.dataset import LMDataset
 from helm.data.io import DataError
-from helm.data.sampler import LengthBucketSampler, build_dataloader
+from helm.data.sampler import build_loader
 from helm.downstream import (
     TASKS,
     evaluate_finetune,
@@ -46,7 +47,6 @@ from helm.downstream.tasks import TASK_TYPES
 from helm.embed import (
     LONG_SEQS,
     POOLS,
-    autocast_for,
     cached_token_features,
     extract,
     feature_key,
@@ -54,15 +54,9 @@ from helm.embed import (
     window_capacity,
 )
 from helm.generate import clean_protein, gc_content, protein_masks, sample
+from helm.lm import LanguageModel, amp_dtype, evaluate
+from helm.logger import setup_logging
 from helm.losses import build_loss
-from helm.training import (
-    LanguageModel,
-    LoadedModel,
-    evaluate,
-    lm_collate,
-    load_checkpoint_model,
-    setup_logging,
-)
 from helm.vocab import translate
 
 log = logging.getLogger("helm")
@@ -80,12 +74,12 @@ def load(args) -> LoadedModel:
         device = torch.device(args.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise EvalError("--device cuda: no CUDA device is available (use --device cpu)")
-    loaded = load_checkpoint_model(args.checkpoint, ema=args.ema, device=device)
+    loaded = load_for_eval(args.checkpoint, ema=args.ema, device=device)
     cfg = loaded.config
     log.info(
         "%s: %s %s, tokenizer %s, %s weights, device %s",
         args.checkpoint,
-        loaded.checkpoint["model_name"],
+        loaded.model_name,
         cfg["mode"],
         loaded.tokenizer.name,
         "EMA" if args.ema else "raw",
@@ -133,33 +127,26 @@ def pretrain(args) -> int:
         file_extension=args.file_extension,
         data_type=data_type(loaded),
     )
-    dataset = LMDataset(
-        store,
-        mode=cfg["mode"],
-        max_seq_len=max_seq_len,
-        truncation="head",
-        masking_strategy=cfg["masking_strategy"],
-        masking_ratio=cfg["masking_ratio"],
-        mask_replace=cfg["mask_replace"],
-        vocab_size=tokenizer.vocab_size,
-        seed=args.seed,
-        return_position_ids=cfg.get("position_ids", False),
-    )
-    sampler = LengthBucketSampler(dataset.lengths, args.batch_size, shuffle=False)
-    loader = build_dataloader(dataset, sampler, collate_fn=lm_collate)
+    dataset_kw = dataset_kwargs(cfg) | dict(max_seq_len=max_seq_len, seed=args.seed)
+    dataset = LMDataset(store, truncation="head", vocab_size=tokenizer.vocab_size, **dataset_kw)
+    loader = build_loader(dataset, batch_size=args.batch_size, train=False)
 
     # The checkpoint's loss and the tree metrics (codon tokenizers), summed over every target.
-    loss_fn = build_loss(argparse.Namespace(**cfg), tokenizer, loaded.hierarchy).to(device)
-    tree = loaded.hierarchy if tokenizer.is_codon else None
+    loss_fn = build_loss(
+        **loss_kwargs(cfg),
+        vocab_size=tokenizer.vocab_size,
+        is_codon=tokenizer.is_codon,
+        hierarchy=loaded.hierarchy,
+    ).to(device)
     bar = tqdm(loader, desc="pretrain eval", unit="batch", disable=not sys.stderr.isatty())
     metrics = evaluate(
         LanguageModel(model),
         bar,
         loss_fn,
-        tree,
-        tokenizer.vocab_size,
-        device,
-        lambda: autocast_for(device),
+        hierarchy=loaded.hierarchy if tokenizer.is_codon else None,
+        vocab_size=tokenizer.vocab_size,
+        device=device,
+        amp=amp_dtype(device, enabled=device.type == "cuda"),
         prefix="eval",
     )
     doc = {
@@ -230,10 +217,10 @@ def downstream(args) -> int:
         patience=args.patience,
         device=str(device),
     )
-    name = f"{loaded.checkpoint['model_name']}_{loaded.config['mode']}_{args.head}"
+    name = f"{loaded.model_name}_{loaded.config['mode']}_{args.head}"
     if args.finetune:
         # Every run trains a fresh copy of the backbone with the head, on the same splits.
-        name = f"{loaded.checkpoint['model_name']}_{loaded.config['mode']}_finetune_{args.head}"
+        name = f"{loaded.model_name}_{loaded.config['mode']}_finetune_{args.head}"
         result = evaluate_finetune(
             model,
             token_ids,
@@ -423,27 +410,19 @@ def read_proteins(value: str) -> list[tuple[str, str]]:
     path = Path(value)
     if not path.is_file():
         return [("protein", clean_protein(value))]
-    text = path.read_text()
-    if text.lstrip().startswith(">"):
-        records, name = [], None
-        for line in text.splitlines():
-            if line.startswith(">"):
-                name = line[1:].strip() or f"protein{len(records)}"
-                records.append([name, ""])
-            elif records:
-                records[-1][1] += line.strip()
-    else:
-        records = [
-            [f"line{i}", line] for i, line in enumerate(text.splitlines(), 1) if line.strip()
-        ]
-    if not records:
-        raise EvalError(f"{path}: no protein sequences")
+    from helm.data.io import iter_records
+
+    fasta = path.read_text().lstrip().startswith(">")
     out = []
-    for name, protein in records:
+    # Raw records (validate=False): proteins are checked by clean_protein, not as nucleotides.
+    for record in iter_records(path, file_extension="fasta" if fasta else "txt", validate=False):
+        name = (record.header or f"protein{record.index}") if fasta else f"line{record.line}"
         try:
-            out.append((name, clean_protein(protein)))
+            out.append((name, clean_protein(record.sequence)))
         except ValueError as exc:
             raise EvalError(f"{path}: {name}: {exc}") from None
+    if not out:
+        raise EvalError(f"{path}: no protein sequences")
     return out
 
 

@@ -1,6 +1,11 @@
 #!/usr/bin/env python
 """Train a HELM model: ``python train.py`` (demo corpus, CPU), ``python train.py --config X.yaml``,
 or ``torchrun --nproc_per_node N train.py ...``. See README for the flags; ``--help`` lists them all.
+
+The story, top to bottom: distributed setup, resume, data, loss, model and optimizer, schedule,
+EMA, state, compile and DDP, then the loop (updates, logging, validation, checkpoints) and the test
+split. Each part is a call into ``helm``; what happens inside an update lives in ``helm/lm.py``, the
+checkpoint format in ``helm/checkpoint.py``.
 """
 
 from __future__ import annotations
@@ -20,36 +25,41 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from helm import distributed as hdist
-from helm.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
-from helm.config import ConfigError, parse_config, to_dict
+from helm.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    RunInfo,
+    TrainState,
+    load_checkpoint,
+    seed_everything,
+    tokenizer_state,
+)
+from helm.config import (
+    ConfigError,
+    data_kwargs,
+    dataset_kwargs,
+    parse_config,
+    schedule_kwargs,
+    to_dict,
+)
 from helm.data.dataset import LMDataset
 from helm.data.io import DataError
-from helm.data.sampler import LengthBucketSampler, build_dataloader
+from helm.data.prepare import prepare_data
+from helm.data.sampler import build_loader
 from helm.ema import ModelEma
 from helm.hierarchy import CodonHierarchy, build_hierarchy
-from helm.losses import build_loss
-from helm.models import build_model, model_config
-from helm.optim import build_optimizer, clip_gradients, scaled_lr
-from helm.sched import build_scheduler
-from helm.training import (
+from helm.lm import (
     CudaPrefetcher,
-    LanguageModel,
-    RunLogger,
+    build_training,
     evaluate,
     flops_per_token,
     forward_backward,
-    lm_collate,
-    model_kwargs,
+    optimizer_step,
     peak_flops,
-    prepare_data,
-    rng_state,
-    seed_everything,
-    set_rng_state,
-    setup_logging,
-    teardown_logging,
     to_device,
-    tokenizer_state,
 )
+from helm.logger import RunLogger, setup_logging, teardown_logging
+from helm.sched import build_scheduler
 
 log = logging.getLogger("helm")
 
@@ -59,106 +69,74 @@ class NonFiniteLoss(RuntimeError):
 
 
 def train(args) -> int:
+    cfg = vars(args)
     # Distributed setup: ranks from torchrun's environment; rank 0 alone logs and writes.
     info = hdist.init_distributed(args.accelerator, args.distributed_backend)
     device = info.device
-    if args.resume == "auto" and args.output is None:
-        raise ConfigError("--resume auto continues the run in --output: name the folder")
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = Path(
-        hdist.broadcast_object(
-            args.output or f"runs/{args.model_name}-{args.mode}-{args.loss}-{stamp}"
-        )
-    )
+    out = run_folder(args)
     setup_logging(info.is_main, out)
     log.info("output %s | device %s | world size %d", out, device, info.world_size)
 
     # Resume: the checkpoint carries config, tokenizer and hierarchy of the run it continues.
-    ckpt = None
-    if args.resume:
-        path = out / "checkpoints" / "last.pt" if args.resume == "auto" else Path(args.resume)
-        if args.resume == "auto" and not path.exists():
-            log.info("--resume auto: no checkpoint in %s yet, starting fresh", path.parent)
-        else:
-            ckpt = load_checkpoint(path)
-            log.info("resuming from %s (epoch %d, step %d)", path, ckpt["epoch"], ckpt["step"])
+    ckpt = resume_checkpoint(args, out)
     seed_everything(args.seed)  # same on every rank: identical initial weights
 
     # Data: splits, tokenizer, token caches, datasets, length-bucketed loaders.
-    data = prepare_data(args, info, out, ckpt["tokenizer"] if ckpt else None)
-    tokenizer = data.tokenizer
-    dataset_kw = dict(
-        mode=args.mode,
-        max_seq_len=args.max_seq_len,
-        masking_strategy=args.masking_strategy,
-        masking_ratio=args.masking_ratio,
-        mask_replace=args.mask_replace,
-        vocab_size=tokenizer.vocab_size,
-        seed=args.seed,
-        return_position_ids=args.position_ids,
+    data = prepare_data(
+        **data_kwargs(cfg),
+        tokenizer_dir=out / "tokenizer",
+        is_main=info.is_main,
+        tokenizer_state=ckpt["tokenizer"] if ckpt else None,
     )
-    train_ds = LMDataset(data.stores["train"], truncation=args.truncation, **dataset_kw)
-    train_sampler = LengthBucketSampler(
-        train_ds.lengths,
-        args.batch_size,
+    tokenizer = data.tokenizer
+    dataset_kw = dataset_kwargs(cfg) | {"vocab_size": tokenizer.vocab_size}
+    loader_kw = dict(
+        batch_size=args.batch_size,
         num_replicas=info.world_size,
         rank=info.rank,
         seed=args.seed,
-        repeats=args.epoch_repeats or 1.0,  # timm: 0 means one pass per epoch
-    )
-    loader_kw = dict(
         num_workers=args.num_workers,
         pin_memory=args.pin_mem and device.type == "cuda",
         worker_seeding=args.worker_seeding,
-        seed=args.seed,
-        collate_fn=lm_collate,
     )
-    train_loader = build_dataloader(train_ds, train_sampler, **loader_kw)
+    train_ds = LMDataset(data.stores["train"], truncation=args.truncation, **dataset_kw)
+    repeats = args.epoch_repeats or 1.0  # timm: 0 means one pass per epoch
+    train_loader = build_loader(train_ds, train=True, repeats=repeats, **loader_kw)
+    train_sampler = train_loader.batch_sampler
 
     def eval_loader(name):  # fixed masks (epoch 0) and order: comparable across epochs
-        ds = LMDataset(data.stores[name], truncation="head", **dataset_kw)
-        sampler = LengthBucketSampler(
-            ds.lengths, args.batch_size, num_replicas=info.world_size, rank=info.rank, shuffle=False
-        )
-        return build_dataloader(ds, sampler, **{**loader_kw, "num_workers": 0})
+        dataset = LMDataset(data.stores[name], truncation="head", **dataset_kw)
+        return build_loader(dataset, train=False, **loader_kw)
 
     val_loader = eval_loader("val") if "val" in data.stores else None
 
-    # Loss and metrics: the codon tree (restored exactly on resume) and the configured loss.
+    # Loss, model and optimizer: the codon tree (restored exactly on resume), the configured loss,
+    # backbone + LM head (the head projects only target positions), the lr scaled to the batch.
     hierarchy = (
         CodonHierarchy.from_state_dict(ckpt["hierarchy"])
         if ckpt
         else build_hierarchy(args.hierarchy, args.seed)
     )
-    loss_fn = build_loss(args, tokenizer, hierarchy).to(device)
     metric_tree = hierarchy if tokenizer.is_codon else None
-
-    # Model: backbone + LM head; the head projects only target positions.
-    cfg = model_config(args.model_name, **model_kwargs(args, tokenizer.vocab_size))
-    model = LanguageModel(build_model(args.model_name, cfg)).to(device)
+    accum = args.grad_accum_steps
+    parts = build_training(
+        cfg,
+        tokenizer=tokenizer,
+        hierarchy=hierarchy,
+        device=device,
+        global_batch=args.batch_size * accum * info.world_size,
+    )
+    model, loss_fn, optimizer, amp = parts.model, parts.loss_fn, parts.optimizer, parts.amp
     n_params = sum(p.numel() for p in model.parameters())
     log.info("%s %s: %.2fM parameters", args.model_name, args.mode, n_params / 1e6)
     if args.sync_bn:
-        has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
-        if has_bn and info.distributed:
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        else:
-            log.info(
-                "--sync-bn: %s",
-                "single process" if has_bn else "the model has no BatchNorm layers to convert",
-            )
+        model = convert_sync_bn(model, info.distributed)
 
-    # Optimizer and schedule: the lr is a pure function of the update count (or epoch).
-    accum = args.grad_accum_steps
+    # Schedule: the lr is a pure function of the update count (or epoch).
     updates_per_epoch = math.ceil(len(train_sampler) / accum)
-    lr = scaled_lr(args, args.batch_size * accum * info.world_size)
-    optimizer = build_optimizer(model, args, lr)
-    scheduler, num_epochs = build_scheduler(optimizer, args, lr, updates_per_epoch)
-    amp_dtype = resolve_amp_dtype(args, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-
-    def autocast():
-        return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    scheduler, num_epochs = build_scheduler(
+        optimizer, base_lr=parts.lr, updates_per_epoch=updates_per_epoch, **schedule_kwargs(cfg)
+    )
 
     # EMA: made from the raw module after .to(device), before compile and DDP wrap it.
     ema = None
@@ -167,53 +145,33 @@ def train(args) -> int:
             model, args.model_ema_decay, device="cpu" if args.model_ema_force_cpu else None
         )
 
-    # Resume state, or a fresh start.
+    # State: restored from the checkpoint, or a fresh start.
     saver = CheckpointManager(out / "checkpoints", args.checkpoint_hist, args.val_metric_mode)
-    start_epoch, step, batches_done, bad_epochs = (args.start_epoch or 0), 0, 0, 0
+    state = TrainState(
+        model.backbone,
+        optimizer,
+        scheduler,
+        parts.scaler,
+        saver,
+        ema=ema.module.backbone if ema is not None else None,
+        epoch=args.start_epoch or 0,
+        rank=info.rank,
+    )
     if ckpt:
-        model.backbone.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        if ema is not None and ckpt.get("ema") is not None:
-            ema.module.backbone.load_state_dict(ckpt["ema"])
-        saver.load_state_dict(ckpt["saver"])
-        start_epoch, step, batches_done = ckpt["epoch"], ckpt["step"], ckpt["batches_done"]
-        bad_epochs = ckpt.get("bad_epochs", 0)
-        set_rng_state(ckpt["rng"][min(info.rank, len(ckpt["rng"]) - 1)])
+        state.restore(ckpt)
     else:
         torch.manual_seed(args.seed + info.rank)  # dropout streams differ across ranks
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(args), sort_keys=False))
         tokenizer.save(out / "tokenizer")
-    tok_state = tokenizer_state(tokenizer)
-
-    def checkpoint(epoch: int, batches: int, gather: bool = True) -> dict:
-        """The whole training state. With ``gather`` (a collective: every rank calls it) the
-        checkpoint holds every rank's RNG; an interrupt saves rank 0's alone."""
-        rngs = [rng_state()]
-        if info.distributed and gather:  # every rank's RNG, so a resume restores each stream
-            rngs = [None] * info.world_size
-            torch.distributed.all_gather_object(rngs, rng_state())
-        return {
-            "model": model.backbone.state_dict(),
-            "ema": ema.module.backbone.state_dict() if ema is not None else None,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "saver": saver.state_dict(),
-            "epoch": epoch,
-            "step": step,
-            "batches_done": batches,
-            "bad_epochs": bad_epochs,
-            "rng": rngs,
-            "config": to_dict(args),
-            "model_name": args.model_name,
-            "model_config": vars(cfg),
-            "tokenizer": tok_state,
-            "hierarchy": hierarchy.state_dict(),
-        }
+    run = RunInfo(
+        to_dict(args),
+        args.model_name,
+        vars(parts.model_config),
+        tokenizer_state(tokenizer),
+        hierarchy.state_dict(),
+    )
 
     # Compile and DDP wrap the training view; checkpoints always save the raw module.
     train_model = torch.compile(model) if args.compile else model
@@ -222,17 +180,9 @@ def train(args) -> int:
 
     # Loop.
     logger = RunLogger(out, info.is_main)
-    peak = peak_flops(device)
-    tok_flops = flops_per_token(
-        n_params,
-        args.num_layers,
-        args.hidden_size,
-        args.max_seq_len,
-        args.model_name in ("gpt2", "bert"),
-    )
-    first_bad = torch.full(
-        (), -1, dtype=torch.long, device=device
-    )  # first non-finite step, no sync
+    meter = Meter(device, info.world_size, n_params, args)
+    eval_kw = dict(hierarchy=metric_tree, vocab_size=tokenizer.vocab_size, amp=amp)
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite step
     skipped = 0
     log.info(
         "training %d epochs x %d updates (batch %d x accum %d x %d ranks, lr %.3g)",
@@ -241,118 +191,79 @@ def train(args) -> int:
         args.batch_size,
         accum,
         info.world_size,
-        lr,
+        parts.lr,
     )
-    epoch = start_epoch
     try:
-        for epoch in range(start_epoch, num_epochs):
+        for epoch in range(state.epoch, num_epochs):
+            state.epoch = epoch
             train_ds.set_epoch(epoch)
             train_sampler.set_epoch(epoch)
-            train_sampler.load_state_dict({"epoch": epoch, "batches_done": batches_done})
-            batches = iter(
-                CudaPrefetcher(train_loader, device)
-                if device.type == "cuda" and not args.no_prefetcher
-                else train_loader
-            )
+            train_sampler.load_state_dict({"epoch": epoch, "batches_done": state.batches_done})
+            use_prefetcher = device.type == "cuda" and not args.no_prefetcher
+            batches = iter(CudaPrefetcher(train_loader, device) if use_prefetcher else train_loader)
             model.train()
             bar = tqdm(
                 total=len(train_sampler),
-                initial=batches_done,
+                initial=state.batches_done,
                 disable=not (info.is_main and sys.stderr.isatty()),
                 desc=f"epoch {epoch}",
                 unit="batch",
                 dynamic_ncols=True,
                 leave=False,
             )
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            targets_seen = torch.zeros((), dtype=torch.long, device=device)
-            tokens = torch.zeros((), dtype=torch.long, device=device)  # input tokens: throughput
-            t0 = time.time()
+            meter.reset()
             while micro := list(itertools.islice(batches, accum)):
                 micro = [to_device(b, device) for b in micro]
                 step_loss, step_targets, step_tokens = forward_backward(
-                    train_model, micro, loss_fn, scaler, autocast, info.world_size
+                    train_model, micro, loss_fn, parts.scaler, amp, info.world_size
                 )
                 bad = ~torch.isfinite(step_loss)
                 first_bad = torch.where(
-                    bad & (first_bad < 0), torch.full_like(first_bad, step), first_bad
+                    bad & (first_bad < 0), torch.full_like(first_bad, state.step), first_bad
                 )
                 # --nan-policy skip reads one scalar per update (a sync): the price of skipping.
                 if args.nan_policy == "skip" and bool(hdist.all_reduce_sum(bad.float())):
                     optimizer.zero_grad(set_to_none=True)
                     first_bad.fill_(-1)
                     skipped += 1
-                    batches_done += len(micro)
+                    state.batches_done += len(micro)
                     bar.update(len(micro))
                     continue
-                loss_sum += step_loss
-                targets_seen += step_targets
-                tokens += step_tokens
-                scaler.unscale_(optimizer)
-                if args.clip_grad is not None:
-                    grad_norm = clip_gradients(model.parameters(), args.clip_mode, args.clip_grad)
-                else:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                batches_done += len(micro)
-                scheduler.step_update(step)
+                meter.add(step_loss, step_targets, step_tokens)
+                grad_norm = optimizer_step(
+                    model,
+                    optimizer,
+                    parts.scaler,
+                    clip_grad=args.clip_grad,
+                    clip_mode=args.clip_mode,
+                )
+                state.step += 1
+                state.batches_done += len(micro)
+                scheduler.step_update(state.step)
                 if ema is not None:
                     ema.update(model)
                 bar.update(len(micro))
-                if step % args.log_interval == 0:
-                    if first_bad.item() >= 0:
-                        raise NonFiniteLoss(
-                            f"non-finite loss at optimizer step {first_bad.item() + 1}"
-                        )
-                    for t in (loss_sum, targets_seen, tokens):
-                        hdist.all_reduce_sum(t)
-                    dt = time.time() - t0
-                    stats = {
-                        "train/loss": loss_sum.item() / max(targets_seen.item(), 1),
-                        "train/lr": scheduler.lr,
-                        "train/tokens_per_s": tokens.item() / dt,
-                    }
-                    if grad_norm is not None:
-                        stats["train/grad_norm"] = float(grad_norm)
-                    if peak is not None:
-                        stats["train/mfu"] = (
-                            stats["train/tokens_per_s"] * tok_flops / peak / info.world_size
-                        )
+                if state.step % args.log_interval == 0:
+                    check_finite(first_bad)
+                    stats = meter.stats(scheduler.lr, grad_norm)
                     bar.set_postfix(loss=f"{stats['train/loss']:.4f}", lr=f"{scheduler.lr:.2e}")
                     if bar.disable:
-                        log.info(
-                            "epoch %d step %d: %s",
-                            epoch,
-                            step,
-                            " ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in stats.items()),
-                        )
-                    logger.log(step, stats, epoch=epoch)
-                    for t in (loss_sum, targets_seen, tokens):
-                        t.zero_()
-                    t0 = time.time()
+                        summary = " ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in stats.items())
+                        log.info("epoch %d step %d: %s", epoch, state.step, summary)
+                    logger.log(state.step, stats, epoch=epoch)
+                    meter.reset()
             bar.close()
-            if first_bad.item() >= 0:
-                raise NonFiniteLoss(f"non-finite loss at optimizer step {first_bad.item() + 1}")
-            batches_done = 0
+            check_finite(first_bad)
+            state.batches_done = 0
 
             # Validation, schedule, checkpoints, early stopping.
             metrics = {}
             if val_loader is not None:
-                metrics = evaluate(
-                    model, val_loader, loss_fn, metric_tree, tokenizer.vocab_size, device, autocast
-                )
+                metrics = evaluate(model, val_loader, loss_fn, device=device, **eval_kw)
                 if ema is not None:
+                    ema_device = ema.device or device
                     ema_metrics = evaluate(
-                        ema.module,
-                        val_loader,
-                        loss_fn,
-                        metric_tree,
-                        tokenizer.vocab_size,
-                        ema.device or device,
-                        autocast,
+                        ema.module, val_loader, loss_fn, device=ema_device, **eval_kw
                     )
                     metrics.update({f"ema_{k}": v for k, v in ema_metrics.items()})
             # As timm: with an EMA, the EMA's metric chooses the best checkpoint.
@@ -360,26 +271,26 @@ def train(args) -> int:
             metric = metrics.get(key)
             scheduler.step(epoch + 1, metric)
             improved = saver.update_best(metric, epoch)
-            bad_epochs = 0 if improved else bad_epochs + 1
-            state = checkpoint(epoch + 1, 0)
+            state.bad_epochs = 0 if improved else state.bad_epochs + 1
+            state.epoch = epoch + 1  # the epoch is done: a resume starts the next one
+            checkpoint = state.checkpoint(run)
             if info.is_main:
-                saver.save_epoch(state, epoch, improved)
+                saver.save_epoch(checkpoint, epoch, improved)
             summary = " ".join(
                 f"{k} {v:.4f}" for k, v in metrics.items() if not k.endswith("count")
             )
-            log.info(
-                "epoch %d done (step %d): %s%s", epoch, step, summary, " *best*" if improved else ""
-            )
-            logger.log(step, metrics, epoch=epoch)
-            if args.early_stop and bad_epochs >= args.patience_epochs:
-                log.info("early stop: %s did not improve for %d epochs", key, bad_epochs)
+            best = " *best*" if improved else ""
+            log.info("epoch %d done (step %d): %s%s", epoch, state.step, summary, best)
+            logger.log(state.step, metrics, epoch=epoch)
+            if args.early_stop and state.bad_epochs >= args.patience_epochs:
+                log.info("early stop: %s did not improve for %d epochs", key, state.bad_epochs)
                 break
     except KeyboardInterrupt:
         if info.is_main:
-            saver.save_last(checkpoint(epoch, batches_done, gather=False))
+            saver.save_last(state.checkpoint(run, gather=False))
             log.warning(
                 "interrupted at step %d: saved %s; continue with --resume %s",
-                step,
+                state.step,
                 saver.last,
                 saver.last,
             )
@@ -404,38 +315,97 @@ def train(args) -> int:
         weights = best["ema"] if ema is not None and best.get("ema") is not None else best["model"]
         model.backbone.load_state_dict(weights)
         test = evaluate(
-            model,
-            eval_loader("test"),
-            loss_fn,
-            metric_tree,
-            tokenizer.vocab_size,
-            device,
-            autocast,
-            prefix="test",
+            model, eval_loader("test"), loss_fn, device=device, prefix="test", **eval_kw
         )
-        log.info(
-            "test (best epoch %s): %s",
-            saver.best_epoch,
-            " ".join(f"{k} {v:.4f}" for k, v in test.items()),
-        )
+        summary = " ".join(f"{k} {v:.4f}" for k, v in test.items())
+        log.info("test (best epoch %s): %s", saver.best_epoch, summary)
         logger = RunLogger(out, info.is_main)
-        logger.log(step, test, epoch=saver.best_epoch)
+        logger.log(state.step, test, epoch=saver.best_epoch)
         logger.close()
     log.info("done: checkpoints in %s", out / "checkpoints")
     return 0
 
 
-def resolve_amp_dtype(args, device: torch.device) -> torch.dtype | None:
-    """--amp: bf16 where supported (CPU, Ampere+ GPUs), else fp16 with a GradScaler."""
-    if not args.amp:
+# The parts of train() that are more than a few lines ---------------------------------------------
+
+
+def run_folder(args) -> Path:
+    """--output, or a fresh runs/<model>-<mode>-<loss>-<time> (rank 0's name on every rank)."""
+    if args.resume == "auto" and args.output is None:
+        raise ConfigError("--resume auto continues the run in --output: name the folder")
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    default = f"runs/{args.model_name}-{args.mode}-{args.loss}-{stamp}"
+    return Path(hdist.broadcast_object(args.output or default))
+
+
+def resume_checkpoint(args, out: Path) -> dict | None:
+    """The checkpoint --resume names (``auto``: <output>/checkpoints/last.pt when it exists)."""
+    if not args.resume:
         return None
-    if args.amp_dtype == "float16":
-        return torch.float16
-    if args.amp_dtype == "bfloat16" or device.type == "cpu":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float16
+    path = out / "checkpoints" / "last.pt" if args.resume == "auto" else Path(args.resume)
+    if args.resume == "auto" and not path.exists():
+        log.info("--resume auto: no checkpoint in %s yet, starting fresh", path.parent)
+        return None
+    ckpt = load_checkpoint(path)
+    log.info("resuming from %s (epoch %d, step %d)", path, ckpt["epoch"], ckpt["step"])
+    return ckpt
+
+
+def convert_sync_bn(model: torch.nn.Module, distributed: bool) -> torch.nn.Module:
+    """--sync-bn: BatchNorm layers become SyncBatchNorm under DDP (the built-in models have none)."""
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if has_bn and distributed:
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    why = "single process" if has_bn else "the model has no BatchNorm layers to convert"
+    log.info("--sync-bn: %s", why)
+    return model
+
+
+def check_finite(first_bad: torch.Tensor) -> None:
+    """Raise at a log point if any update since the start was non-finite (one sync, here only)."""
+    if first_bad.item() >= 0:
+        raise NonFiniteLoss(f"non-finite loss at optimizer step {first_bad.item() + 1}")
+
+
+class Meter:
+    """Loss, targets and tokens summed on the device between log steps; read (and summed across
+    ranks) only when ``stats`` is called, so the loop never waits for the device otherwise."""
+
+    def __init__(self, device: torch.device, world_size: int, n_params: int, args):
+        self.device, self.world_size = device, world_size
+        self.peak = peak_flops(device)
+        attention = args.model_name in ("gpt2", "bert")
+        self.tok_flops = flops_per_token(
+            n_params, args.num_layers, args.hidden_size, args.max_seq_len, attention
+        )
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.targets = torch.zeros((), dtype=torch.long, device=self.device)
+        self.tokens = torch.zeros((), dtype=torch.long, device=self.device)  # input tokens
+        self.t0 = time.time()
+
+    def add(self, loss_sum: torch.Tensor, targets: torch.Tensor, tokens: torch.Tensor) -> None:
+        self.loss_sum += loss_sum
+        self.targets += targets
+        self.tokens += tokens
+
+    def stats(self, lr: float, grad_norm: torch.Tensor | None) -> dict[str, float]:
+        for t in (self.loss_sum, self.targets, self.tokens):
+            hdist.all_reduce_sum(t)
+        dt = time.time() - self.t0
+        stats = {
+            "train/loss": self.loss_sum.item() / max(self.targets.item(), 1),
+            "train/lr": lr,
+            "train/tokens_per_s": self.tokens.item() / dt,
+        }
+        if grad_norm is not None:
+            stats["train/grad_norm"] = float(grad_norm)
+        if self.peak is not None:
+            mfu = stats["train/tokens_per_s"] * self.tok_flops / self.peak / self.world_size
+            stats["train/mfu"] = mfu
+        return stats
 
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, ValueError, FileNotFoundError)

@@ -6,9 +6,9 @@ training step, on synthetic batches.
 
 What is measured is one optimizer update exactly as train.py runs it, nothing more: the
 ``LanguageModel`` (backbone + LM head over target positions), the configured ``HelmLoss``, the
-optimizer of ``build_optimizer`` (AdamW, fused on CUDA), ``helm.training.forward_backward`` under
-``torch.autocast`` (bf16 with ``--amp``; no GradScaler, as for bf16 in train.py), the gradient norm
-(clipped when the config sets ``clip-grad``), the optimizer step and ``zero_grad``. Each case is
+optimizer, built by ``helm.lm.build_training`` as train.py builds them, ``helm.lm.forward_backward``
+under train.py's precision policy (bf16 autocast with ``--amp``), and ``helm.lm.optimizer_step``
+(the gradient norm, clipped when the config sets ``clip-grad``, the step, ``zero_grad``). Each case is
 resolved from its YAML file by ``helm.config.parse_config``, so flags, defaults and validation are
 train.py's own; extra train.py flags after ``--`` apply to every case (``-- --loss HXE``).
 
@@ -16,7 +16,7 @@ The data are SYNTHETIC: no files are read and no loader runs. A few fixed-length
 codons, framed ``<cls> ... <eos>`` as the dataset frames them, are built on the device once and
 cycled: CLM inputs and labels are the row shifted by one; MLM selects each content position with
 probability ``masking_ratio`` (0.15) and replaces it with ``<mask>``. No row is padded, so there is
-no attention mask (as ``lm_collate`` drops it). Data loading, evaluation, logging and checkpoints
+no attention mask (as ``collate_lm`` drops it). Data loading, evaluation, logging and checkpoints
 are therefore excluded.
 
 Timing: ``--warmup`` updates (autotuning, ``--compile``'s compilation, allocator growth) are run
@@ -61,21 +61,13 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 
 import torch
 
+from helm.checkpoint import seed_everything
 from helm.config import parse_config
 from helm.hierarchy import build_hierarchy
-from helm.losses import IGNORE_INDEX, build_loss
-from helm.models import build_model, model_config
-from helm.optim import build_optimizer, clip_gradients, scaled_lr
+from helm.lm import build_training, flops_per_token, forward_backward, optimizer_step, peak_flops
+from helm.logger import setup_logging
 from helm.tokenizers import build_tokenizer
-from helm.training import (
-    LanguageModel,
-    flops_per_token,
-    forward_backward,
-    model_kwargs,
-    peak_flops,
-    seed_everything,
-    setup_logging,
-)
+from helm.vocab import IGNORE_INDEX
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -166,17 +158,15 @@ def measure(case: str, args, opts: argparse.Namespace, device: torch.device) -> 
         args.tokenizer, overlap=args.overlap, vocab_size=None, data_type=args.data_type
     )
     seed_everything(args.seed)
-    cfg = model_config(args.model_name, **model_kwargs(args, tokenizer.vocab_size))
-    model = LanguageModel(build_model(args.model_name, cfg)).to(device)
+    parts = build_training(
+        vars(args),
+        tokenizer=tokenizer,
+        hierarchy=build_hierarchy(args.hierarchy, args.seed),
+        device=device,
+        global_batch=args.batch_size,
+    )
+    model, cfg = parts.model, parts.model_config
     n_params = sum(p.numel() for p in model.parameters())
-    loss_fn = build_loss(args, tokenizer, build_hierarchy(args.hierarchy, args.seed)).to(device)
-    optimizer = build_optimizer(model, args, scaled_lr(args, args.batch_size))
-    amp_dtype = torch.bfloat16 if args.amp else None
-    scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 or fp32: no loss scaling
-
-    def autocast():
-        return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-
     train_model = torch.compile(model) if args.compile else model
     batches = synthetic_batches(args, tokenizer, device, NUM_BATCHES)
     model.train()
@@ -184,16 +174,11 @@ def measure(case: str, args, opts: argparse.Namespace, device: torch.device) -> 
 
     def step(i: int) -> None:
         loss_sum, n_targets, _ = forward_backward(
-            train_model, [batches[i % NUM_BATCHES]], loss_fn, scaler, autocast, 1
+            train_model, [batches[i % NUM_BATCHES]], parts.loss_fn, parts.scaler, parts.amp, 1
         )
-        scaler.unscale_(optimizer)
-        if args.clip_grad is not None:
-            clip_gradients(model.parameters(), args.clip_mode, args.clip_grad)
-        else:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(
+            model, parts.optimizer, parts.scaler, clip_grad=args.clip_grad, clip_mode=args.clip_mode
+        )
         if i % opts.steps == 0:
             losses.append(loss_sum / n_targets)  # a tensor: read after timing, no sync here
 

@@ -1,16 +1,22 @@
-"""Command line and YAML configuration of train.py.
+"""The configuration of a training run: the flags, YAML layers, validation, and the mapping from
+the user's names to the components' keywords.
 
-Flags keep the original HELM README's names (dashes and underscores as there). A YAML file given with
-``--config`` uses the same keys (either spelling); the command line beats YAML, and YAML beats the
-defaults; several ``--config`` files stack, later ones winning. When no training data is named anywhere, ``configs/quickstart.yaml`` becomes the base layer:
-a tiny model on the built-in synthetic demo corpus that trains on a CPU in a minute or two.
-Unknown keys and bad values fail before anything else happens, naming the key.
+Flags keep the original HELM README's names (dashes and underscores as there) and are listed once,
+one row each, in ``FLAGS``. A YAML file given with ``--config`` uses the same keys (either
+spelling); the command line beats YAML, and YAML beats the defaults; several ``--config`` files
+stack, later ones winning. When no training data is named anywhere, ``configs/quickstart.yaml``
+becomes the base layer: a tiny model on the built-in synthetic demo corpus that trains on a CPU in
+a minute or two. Unknown keys and bad values fail before anything else happens, naming the key.
+
+The library never sees the argparse namespace: ``model_kwargs``, ``loss_kwargs``, ``optimizer_kwargs``
+and their siblings turn the resolved configuration into the keywords of each builder.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +26,7 @@ from helm.hierarchy import HIERARCHIES
 from helm.losses import LOSSES
 from helm.models import MODELS
 from helm.models.common import ACTIVATIONS, POS_EMBEDDING_APPLY, POS_EMBEDDINGS
+from helm.ops import IMPLS
 from helm.optim import OPTIMIZERS
 from helm.sched import SCHEDULES
 from helm.tokenizers import DATA_TYPES, TOKENIZERS
@@ -57,479 +64,167 @@ def _floats(text: str) -> list[float]:
     return [float(x) for x in str(text).replace(",", " ").split()]
 
 
+class _Lower(tuple):
+    """Choices matched case-insensitively (the value is lower-cased first)."""
+
+
+# One row a flag: (flag, default, kind, help). kind: a type (int, float; None for text), a tuple of
+# choices, "on" (a switch), "bool" (true/false), "onoff" (--x / --no-x), "fractions" (three numbers,
+# comma- or space-separated), [type] (one or more values). Groups head their rows.
+FLAGS: dict[str, list[tuple[str, Any, Any, str]]] = {
+    "general": [
+        ("--config", None, [None], "YAML file(s) keyed by flag names; later files win"),
+    ],
+    "loss": [
+        ("--loss", "XE", LOSSES, "training loss: XE, or one that knows the genetic code (HXE, soft labels, amino-acid losses)"),
+        ("--hxe-alpha", 0.2, float, "HXE weight decay per tree level: w_d = exp(-alpha d) / Z"),
+        ("--hxe-normalize", True, "bool", "normalise HXE weights by Z (sum over nodes)"),
+        ("--soft-labels-beta", 15.0, float, "sharpness of soft-label targets"),
+        ("--aa-loss-weight", 1.0, float, "weight of the amino-acid term in aa_loss_add"),
+        ("--hierarchy", "true", HIERARCHIES, "codon tree; random keeps the shape"),
+        ("--loss-impl", "auto", IMPLS, "auto: Triton on CUDA"),
+    ],
+    "data": [
+        ("--data_dir", None, None, "folder holding the data files (none: built-in demo corpus)"),
+        ("--train_file", None, None, "training sequences (relative to --data_dir when not found as given)"),
+        ("--val_file", None, None, "absent: split from the training file, seeded"),
+        ("--test_file", None, None, "test sequences (absent: split from the training file)"),
+        ("--file_extension", None, None, "txt, csv, tsv, fasta, fa (+ .gz); default: from the name"),
+        ("--column_name", None, None, "sequence column of csv/tsv files"),
+        ("--split", [0.9, 0.05, 0.05], "fractions", "train/val/test fractions when splitting"),
+        ("--on-invalid", "error", ("error", "skip"), "bad records: stop, or skip and count"),
+        ("--cache_dir", None, None, "token cache (default $HELM_CACHE_DIR or ~/.cache/helm/tokens)"),
+        ("--max_seq_len", 256, int, "tokens per sequence seen by the model"),
+        ("--truncation", "head", ("head", "random"), "longer sequences: head or random crop"),
+        ("--masking_strategy", "single", ("single", "double", "span"), "MLM masks: single tokens, adjacent pairs, or geometric spans (mean 3, max 10)"),
+        ("--masking_ratio", 0.15, float, "fraction of tokens masked (in expectation) for MLM"),
+        ("--mask-replace", "mask", ("mask", "bert"), "bert: 80/10/10 replacement"),
+        ("--data-type", "nuc", DATA_TYPES, "nuc: nucleotides; codon: nuc read as codons (3mer); aa: proteins (nucleotides translated)"),
+        ("--tokenizer", "3mer", TOKENIZERS, "k-mers (3mer = codons, nuc, 6mer) or subwords trained on the training split (bpe, wp, ug)"),
+        ("--overlap", 0, int, "k-mer overlap: stride k - overlap"),
+        ("--position_ids", False, "on", "feed explicit position ids to the model"),
+        ("--mode", "mlm", ("mlm", "clm"), "mlm: masked LM, bidirectional; clm: next-token LM, causal"),
+        ("--batch_size", 64, int, "sequences per device per micro-step"),
+        ("--num_samples", -1, int, "use the first N training records (-1: all)"),
+    ],
+    "model": [
+        ("--model_name", "gpt2", tuple(MODELS), "backbone"),
+        ("--bidirectional", None, "onoff", "default: on for mlm, off for clm (a bidirectional clm is refused)"),
+        ("--ssm_layer", None, _Lower(("mamba", "mamba2")), "mamba only"),
+        ("--vocab_size", None, int, "subword vocabulary size; derived for k-mers"),
+        ("--num_layers", 4, int, "number of blocks"),
+        ("--num_heads", 4, int, "attention heads (gpt2, bert)"),
+        ("--pad_vocab_size_multiple", 8, int, "pad the embedding rows to a multiple"),
+        ("--pos_embedding", "absolute", POS_EMBEDDINGS, "positions: none, learned absolute, fixed sincos, rotary (attention only)"),
+        ("--pos_embedding_apply", "add", POS_EMBEDDING_APPLY, "add positions to tokens, or concatenate them (--pos_embedding_dim wide)"),
+        ("--pos_embedding_dim", None, int, "position width under concat"),
+        ("--tie_embeddings", False, "onoff", "share the token embedding with the LM head"),
+        ("--hidden_size", 256, int, "model width d_model"),
+        ("--intermediate_size", 1024, int, "MLP width d_ff"),
+        ("--dropout", 0.0, float, "dropout on residual branches and embeddings"),
+        ("--attn_dropout", 0.0, float, "dropout on attention probabilities (training only)"),
+        ("--activation", None, ACTIVATIONS, "MLP activation (default: the model's own: gelu; swiglu for mamba's gated MLP)"),
+        ("--compile", False, "on", "torch.compile the model"),
+    ],
+    "optimizer": [
+        ("--opt", "adamw", _Lower(OPTIMIZERS), "optimizer (timm names; sgd and nesterov are Nesterov momentum SGD)"),
+        ("--opt-eps", None, float, "optimizer epsilon (default: the optimizer's own)"),
+        ("--opt-betas", None, [float], "optimizer betas, two values (Adam family, LAMB)"),
+        ("--momentum", 0.9, float, "momentum of sgd, momentum, nesterov, rmsprop"),
+        ("--weight-decay", 2e-5, float, "decoupled weight decay (never on norms, biases, position tables, SSM A/D, filters)"),
+        ("--clip-grad", None, float, "clip threshold (none: no clipping)"),
+        ("--clip-mode", "norm", ("norm", "value", "agc"), "gradient clipping: total norm, per value, or adaptive (AGC)"),
+        ("--layer-decay", None, float, "per-layer lr scale: lr * decay^(depth from top)"),
+        ("--grad-accum-steps", 1, int, "micro-batches per optimizer update"),
+    ],
+    "learning-rate schedule (timm semantics)": [
+        ("--early-stop", False, "on", "stop after --patience-epochs without improvement"),
+        ("--sched", "cosine", SCHEDULES, "learning-rate schedule"),
+        ("--sched-on-updates", False, "on", "step the schedule per optimizer update (recommended)"),
+        ("--lr", None, float, "learning rate (none: --lr-base scaled by global batch)"),
+        ("--lr-base", 1e-3, float, "lr for --lr-base-size sequences, scaled to the global batch when --lr is not given"),
+        ("--lr-base-size", 256, int, "global batch size at which --lr-base applies"),
+        ("--lr-base-scale", "", ("", "linear", "sqrt"), "'': sqrt for adaptive optimizers, else linear"),
+        ("--lr-noise", None, [float], "noise window as epoch fractions/epochs"),
+        ("--lr-noise-pct", 0.67, float, "noise is resampled until |noise| < this fraction"),
+        ("--lr-noise-std", 1.0, float, "standard deviation of the lr noise"),
+        ("--lr-cycle-mul", 1.0, float, "each cosine/poly/tanh cycle is this much longer than the last"),
+        ("--lr-cycle-decay", 0.5, float, "each cycle's peak lr is this fraction of the last"),
+        ("--lr-cycle-limit", 1, int, "number of cycles"),
+        ("--lr-k-decay", 1.0, float, "k-decay exponent on the position within a cycle (1: plain schedule)"),
+        ("--warmup-lr", 1e-8, float, "lr at the start of the linear warmup"),
+        ("--min-lr", 0.0, float, "floor of cosine/poly/tanh schedules and of plateau reductions"),
+        ("--epochs", 300, int, "training epochs (plus --cooldown-epochs)"),
+        ("--epoch-repeats", 0.0, float, "passes over the data per epoch (0 or 1: one; 2.5: two and a half)"),
+        ("--start-epoch", None, int, "manual start epoch (resume overrides)"),
+        ("--decay-milestones", [90, 180, 270], [int], "epochs at which multistep decays the lr"),
+        ("--decay-epochs", 90, float, "interval of step decay, in epochs"),
+        ("--warmup-epochs", 5, int, "linear warmup length, in epochs"),
+        ("--warmup-prefix", False, "on", "warmup does not count toward the decay"),
+        ("--cooldown-epochs", 0, int, "epochs added at the end (at --min-lr for cycle schedules)"),
+        ("--patience-epochs", 10, int, "epochs without improvement before plateau cuts the lr / early stopping stops"),
+        ("--decay-rate", 0.1, float, "lr factor of step/multistep/plateau decays; power of poly"),
+    ],
+    "exponential moving average of the weights": [
+        ("--model-ema", False, "on", "keep an exponential moving average of the weights (validated and saved beside them)"),
+        ("--model-ema-force-cpu", False, "on", "keep the EMA on the CPU"),
+        ("--model-ema-decay", 0.9998, float, "EMA decay per optimizer update"),
+    ],
+    "run": [
+        ("--seed", 42, int, "seed of initialisation, splits, masks, data order and dropout"),
+        ("--resume", None, None, "checkpoint path, or 'auto' for <output>/checkpoints/last.pt"),
+        ("--accelerator", "auto", ("auto", "cpu", "cuda", "mps", "tpu"), "device (auto: cuda, then mps, then cpu); tpu is refused"),
+        ("--num_workers", 4, int, "DataLoader worker processes per rank"),
+        ("--distributed-backend", "auto", None, "auto (nccl on CUDA, gloo on CPU), nccl, gloo"),
+        ("--sync-bn", False, "on", "convert BatchNorm layers to SyncBatchNorm under DDP (the built-in models have none)"),
+        ("--num_nodes", 1, int, "nodes; more than one needs torchrun"),
+        ("--num_devices", 1, int, "processes per node; without torchrun they are spawned"),
+        ("--worker-seeding", "all", ("all", "part"), "DataLoader worker seeding as in timm: all (python, numpy, torch) or part"),
+        ("--checkpoint-hist", 10, int, "epoch checkpoints kept beside last and best"),
+        ("--eval-metric", "val_loss", EVAL_METRICS, "validation metric choosing best.pt and driving plateau and early stopping"),
+        ("--val-metric-mode", None, ("min", "max"), "default: from the metric"),
+        ("--log-interval", 10, int, "optimizer steps between log lines"),
+        ("--amp", False, "on", "bf16 autocast (fp16 + GradScaler where bf16 is unsupported)"),
+        ("--amp-dtype", "auto", ("auto", "bfloat16", "float16"), "autocast dtype under --amp (auto: bf16 where supported, else fp16 + GradScaler)"),
+        ("--pin-mem", False, "on", "pin host memory of batches (CUDA)"),
+        ("--no-prefetcher", False, "on", "no CUDA-stream prefetching of batches"),
+        ("--nan-policy", "stop", ("stop", "skip"), "non-finite loss: stop, or skip the step"),
+        ("--output", None, None, "run folder (default runs/<model>-<mode>-<loss>-<time>)"),
+    ],
+}  # fmt: skip
+
+
+def _add_flag(group, flag: str, default: Any, kind: Any, help: str) -> None:
+    kw: dict[str, Any] = {"default": default, "help": help}
+    if kind == "on":
+        kw["action"] = "store_true"
+    elif kind == "onoff":
+        kw["action"] = argparse.BooleanOptionalAction
+    elif kind == "bool":
+        kw["type"] = _bool
+    elif kind == "fractions":
+        kw["type"] = _floats
+    elif isinstance(kind, list):
+        kw.update(nargs="+", **({"type": kind[0]} if kind[0] is not None else {}))
+    elif isinstance(kind, tuple):
+        kw["choices"] = list(kind)
+        if isinstance(kind, _Lower):
+            kw["type"] = str.lower
+    elif kind is not None:
+        kw["type"] = kind
+    group.add_argument(flag, **kw)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train.py",
         description="Train a codon-level mRNA language model (HELM).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument(
-        "--config",
-        nargs="+",
-        default=None,
-        help="YAML file(s) keyed by flag names; later files win",
-    )
-
-    g = p.add_argument_group("loss")
-    g.add_argument(
-        "--loss",
-        default="XE",
-        choices=LOSSES,
-        help="training loss: XE, or one that knows the genetic code (HXE, soft labels, amino-acid losses)",
-    )
-    g.add_argument(
-        "--hxe-alpha",
-        type=float,
-        default=0.2,
-        help="HXE weight decay per tree level: w_d = exp(-alpha d) / Z",
-    )
-    g.add_argument(
-        "--hxe-normalize",
-        type=_bool,
-        default=True,
-        help="normalise HXE weights by Z (sum over nodes)",
-    )
-    g.add_argument(
-        "--soft-labels-beta", type=float, default=15.0, help="sharpness of soft-label targets"
-    )
-    g.add_argument(
-        "--aa-loss-weight",
-        type=float,
-        default=1.0,
-        help="weight of the amino-acid term in aa_loss_add",
-    )
-    g.add_argument(
-        "--hierarchy",
-        default="true",
-        choices=HIERARCHIES,
-        help="codon tree; random keeps the shape",
-    )
-    g.add_argument(
-        "--loss-impl",
-        default="auto",
-        choices=["auto", "torch", "triton"],
-        help="auto: Triton on CUDA",
-    )
-
-    g = p.add_argument_group("data")
-    g.add_argument(
-        "--data_dir",
-        default=None,
-        help="folder holding the data files (none: built-in demo corpus)",
-    )
-    g.add_argument(
-        "--train_file",
-        default=None,
-        help="training sequences (relative to --data_dir when not found as given)",
-    )
-    g.add_argument("--val_file", default=None, help="absent: split from the training file, seeded")
-    g.add_argument(
-        "--test_file", default=None, help="test sequences (absent: split from the training file)"
-    )
-    g.add_argument(
-        "--file_extension",
-        default=None,
-        help="txt, csv, tsv, fasta, fa (+ .gz); default: from the name",
-    )
-    g.add_argument("--column_name", default=None, help="sequence column of csv/tsv files")
-    g.add_argument(
-        "--split",
-        type=_floats,
-        default=[0.9, 0.05, 0.05],
-        help="train/val/test fractions when splitting",
-    )
-    g.add_argument(
-        "--on-invalid",
-        default="error",
-        choices=["error", "skip"],
-        help="bad records: stop, or skip and count",
-    )
-    g.add_argument(
-        "--cache_dir",
-        default=None,
-        help="token cache (default $HELM_CACHE_DIR or ~/.cache/helm/tokens)",
-    )
-    g.add_argument(
-        "--max_seq_len", type=int, default=256, help="tokens per sequence seen by the model"
-    )
-    g.add_argument(
-        "--truncation",
-        default="head",
-        choices=["head", "random"],
-        help="longer sequences: head or random crop",
-    )
-    g.add_argument(
-        "--masking_strategy",
-        default="single",
-        choices=["single", "double", "span"],
-        help="MLM masks: single tokens, adjacent pairs, or geometric spans (mean 3, max 10)",
-    )
-    g.add_argument(
-        "--masking_ratio",
-        type=float,
-        default=0.15,
-        help="fraction of tokens masked (in expectation) for MLM",
-    )
-    g.add_argument(
-        "--mask-replace",
-        default="mask",
-        choices=["mask", "bert"],
-        help="bert: 80/10/10 replacement",
-    )
-    g.add_argument(
-        "--data-type",
-        default="nuc",
-        choices=DATA_TYPES,
-        help="nuc: nucleotides; codon: nuc read as codons (3mer); aa: proteins (nucleotides translated)",
-    )
-    g.add_argument(
-        "--tokenizer",
-        default="3mer",
-        choices=TOKENIZERS,
-        help="k-mers (3mer = codons, nuc, 6mer) or subwords trained on the training split (bpe, wp, ug)",
-    )
-    g.add_argument("--overlap", type=int, default=0, help="k-mer overlap: stride k - overlap")
-    g.add_argument(
-        "--position_ids", action="store_true", help="feed explicit position ids to the model"
-    )
-    g.add_argument(
-        "--mode",
-        default="mlm",
-        choices=["mlm", "clm"],
-        help="mlm: masked LM, bidirectional; clm: next-token LM, causal",
-    )
-    g.add_argument("--batch_size", type=int, default=64, help="sequences per device per micro-step")
-    g.add_argument(
-        "--num_samples", type=int, default=-1, help="use the first N training records (-1: all)"
-    )
-
-    g = p.add_argument_group("model")
-    g.add_argument("--model_name", default="gpt2", choices=list(MODELS), help="backbone")
-    g.add_argument(
-        "--bidirectional",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="default: on for mlm, off for clm (a bidirectional clm is refused)",
-    )
-    g.add_argument(
-        "--ssm_layer", default=None, type=str.lower, choices=["mamba", "mamba2"], help="mamba only"
-    )
-    g.add_argument(
-        "--vocab_size", type=int, default=None, help="subword vocabulary size; derived for k-mers"
-    )
-    g.add_argument("--num_layers", type=int, default=4, help="number of blocks")
-    g.add_argument("--num_heads", type=int, default=4, help="attention heads (gpt2, bert)")
-    g.add_argument(
-        "--pad_vocab_size_multiple",
-        type=int,
-        default=8,
-        help="pad the embedding rows to a multiple",
-    )
-    g.add_argument(
-        "--pos_embedding",
-        default="absolute",
-        choices=POS_EMBEDDINGS,
-        help="positions: none, learned absolute, fixed sincos, rotary (attention only)",
-    )
-    g.add_argument(
-        "--pos_embedding_apply",
-        default="add",
-        choices=POS_EMBEDDING_APPLY,
-        help="add positions to tokens, or concatenate them (--pos_embedding_dim wide)",
-    )
-    g.add_argument(
-        "--pos_embedding_dim", type=int, default=None, help="position width under concat"
-    )
-    g.add_argument(
-        "--tie_embeddings",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="share the token embedding with the LM head",
-    )
-    g.add_argument("--hidden_size", type=int, default=256, help="model width d_model")
-    g.add_argument("--intermediate_size", type=int, default=1024, help="MLP width d_ff")
-    g.add_argument(
-        "--dropout", type=float, default=0.0, help="dropout on residual branches and embeddings"
-    )
-    g.add_argument(
-        "--attn_dropout",
-        type=float,
-        default=0.0,
-        help="dropout on attention probabilities (training only)",
-    )
-    g.add_argument(
-        "--activation",
-        default=None,
-        choices=ACTIVATIONS,
-        help="MLP activation (default: the model's own: gelu; swiglu for mamba's gated MLP)",
-    )
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
-
-    g = p.add_argument_group("optimizer")
-    g.add_argument(
-        "--opt",
-        default="adamw",
-        type=str.lower,
-        choices=OPTIMIZERS,
-        help="optimizer (timm names; sgd and nesterov are Nesterov momentum SGD)",
-    )
-    g.add_argument(
-        "--opt-eps",
-        type=float,
-        default=None,
-        help="optimizer epsilon (default: the optimizer's own)",
-    )
-    g.add_argument(
-        "--opt-betas",
-        type=float,
-        nargs="+",
-        default=None,
-        help="optimizer betas, two values (Adam family, LAMB)",
-    )
-    g.add_argument(
-        "--momentum", type=float, default=0.9, help="momentum of sgd, momentum, nesterov, rmsprop"
-    )
-    g.add_argument(
-        "--weight-decay",
-        type=float,
-        default=2e-5,
-        help="decoupled weight decay (never on norms, biases, position tables, SSM A/D, filters)",
-    )
-    g.add_argument(
-        "--clip-grad", type=float, default=None, help="clip threshold (none: no clipping)"
-    )
-    g.add_argument(
-        "--clip-mode",
-        default="norm",
-        choices=["norm", "value", "agc"],
-        help="gradient clipping: total norm, per value, or adaptive (AGC)",
-    )
-    g.add_argument(
-        "--layer-decay",
-        type=float,
-        default=None,
-        help="per-layer lr scale: lr * decay^(depth from top)",
-    )
-    g.add_argument(
-        "--grad-accum-steps", type=int, default=1, help="micro-batches per optimizer update"
-    )
-
-    g = p.add_argument_group("learning-rate schedule (timm semantics)")
-    g.add_argument(
-        "--early-stop", action="store_true", help="stop after --patience-epochs without improvement"
-    )
-    g.add_argument(
-        "--sched",
-        default="cosine",
-        choices=SCHEDULES,
-        help="learning-rate schedule",
-    )
-    g.add_argument(
-        "--sched-on-updates",
-        action="store_true",
-        help="step the schedule per optimizer update (recommended)",
-    )
-    g.add_argument(
-        "--lr",
-        type=float,
-        default=None,
-        help="learning rate (none: --lr-base scaled by global batch)",
-    )
-    g.add_argument(
-        "--lr-base",
-        type=float,
-        default=1e-3,
-        help="lr for --lr-base-size sequences, scaled to the global batch when --lr is not given",
-    )
-    g.add_argument(
-        "--lr-base-size", type=int, default=256, help="global batch size at which --lr-base applies"
-    )
-    g.add_argument(
-        "--lr-base-scale",
-        default="",
-        choices=["", "linear", "sqrt"],
-        help="'': sqrt for adaptive optimizers, else linear",
-    )
-    g.add_argument(
-        "--lr-noise",
-        type=float,
-        nargs="+",
-        default=None,
-        help="noise window as epoch fractions/epochs",
-    )
-    g.add_argument(
-        "--lr-noise-pct",
-        type=float,
-        default=0.67,
-        help="noise is resampled until |noise| < this fraction",
-    )
-    g.add_argument(
-        "--lr-noise-std", type=float, default=1.0, help="standard deviation of the lr noise"
-    )
-    g.add_argument(
-        "--lr-cycle-mul",
-        type=float,
-        default=1.0,
-        help="each cosine/poly/tanh cycle is this much longer than the last",
-    )
-    g.add_argument(
-        "--lr-cycle-decay",
-        type=float,
-        default=0.5,
-        help="each cycle's peak lr is this fraction of the last",
-    )
-    g.add_argument("--lr-cycle-limit", type=int, default=1, help="number of cycles")
-    g.add_argument(
-        "--lr-k-decay",
-        type=float,
-        default=1.0,
-        help="k-decay exponent on the position within a cycle (1: plain schedule)",
-    )
-    g.add_argument(
-        "--warmup-lr", type=float, default=1e-8, help="lr at the start of the linear warmup"
-    )
-    g.add_argument(
-        "--min-lr",
-        type=float,
-        default=0.0,
-        help="floor of cosine/poly/tanh schedules and of plateau reductions",
-    )
-    g.add_argument(
-        "--epochs", type=int, default=300, help="training epochs (plus --cooldown-epochs)"
-    )
-    g.add_argument(
-        "--epoch-repeats",
-        type=float,
-        default=0.0,
-        help="passes over the data per epoch (0 or 1: one; 2.5: two and a half)",
-    )
-    g.add_argument(
-        "--start-epoch", type=int, default=None, help="manual start epoch (resume overrides)"
-    )
-    g.add_argument(
-        "--decay-milestones",
-        type=int,
-        nargs="+",
-        default=[90, 180, 270],
-        help="epochs at which multistep decays the lr",
-    )
-    g.add_argument(
-        "--decay-epochs", type=float, default=90, help="interval of step decay, in epochs"
-    )
-    g.add_argument("--warmup-epochs", type=int, default=5, help="linear warmup length, in epochs")
-    g.add_argument(
-        "--warmup-prefix", action="store_true", help="warmup does not count toward the decay"
-    )
-    g.add_argument(
-        "--cooldown-epochs",
-        type=int,
-        default=0,
-        help="epochs added at the end (at --min-lr for cycle schedules)",
-    )
-    g.add_argument(
-        "--patience-epochs",
-        type=int,
-        default=10,
-        help="epochs without improvement before plateau cuts the lr / early stopping stops",
-    )
-    g.add_argument(
-        "--decay-rate",
-        type=float,
-        default=0.1,
-        help="lr factor of step/multistep/plateau decays; power of poly",
-    )
-
-    g = p.add_argument_group("exponential moving average of the weights")
-    g.add_argument(
-        "--model-ema",
-        action="store_true",
-        help="keep an exponential moving average of the weights (validated and saved beside them)",
-    )
-    g.add_argument("--model-ema-force-cpu", action="store_true", help="keep the EMA on the CPU")
-    g.add_argument(
-        "--model-ema-decay", type=float, default=0.9998, help="EMA decay per optimizer update"
-    )
-
-    g = p.add_argument_group("run")
-    g.add_argument(
-        "--seed",
-        type=int,
-        default=42,
-        help="seed of initialisation, splits, masks, data order and dropout",
-    )
-    g.add_argument(
-        "--resume", default=None, help="checkpoint path, or 'auto' for <output>/checkpoints/last.pt"
-    )
-    g.add_argument(
-        "--accelerator",
-        default="auto",
-        choices=["auto", "cpu", "cuda", "mps", "tpu"],
-        help="device (auto: cuda, then mps, then cpu); tpu is refused",
-    )
-    g.add_argument(
-        "--num_workers", type=int, default=4, help="DataLoader worker processes per rank"
-    )
-    g.add_argument(
-        "--distributed-backend", default="auto", help="auto (nccl on CUDA, gloo on CPU), nccl, gloo"
-    )
-    g.add_argument(
-        "--sync-bn",
-        action="store_true",
-        help="convert BatchNorm layers to SyncBatchNorm under DDP (the built-in models have none)",
-    )
-    g.add_argument("--num_nodes", type=int, default=1, help="nodes; more than one needs torchrun")
-    g.add_argument(
-        "--num_devices",
-        type=int,
-        default=1,
-        help="processes per node; without torchrun they are spawned",
-    )
-    g.add_argument(
-        "--worker-seeding",
-        default="all",
-        choices=["all", "part"],
-        help="DataLoader worker seeding as in timm: all (python, numpy, torch) or part",
-    )
-    g.add_argument(
-        "--checkpoint-hist",
-        type=int,
-        default=10,
-        help="epoch checkpoints kept beside last and best",
-    )
-    g.add_argument(
-        "--eval-metric",
-        default="val_loss",
-        choices=list(EVAL_METRICS),
-        help="validation metric choosing best.pt and driving plateau and early stopping",
-    )
-    g.add_argument(
-        "--val-metric-mode", default=None, choices=["min", "max"], help="default: from the metric"
-    )
-    g.add_argument("--log-interval", type=int, default=10, help="optimizer steps between log lines")
-    g.add_argument(
-        "--amp",
-        action="store_true",
-        help="bf16 autocast (fp16 + GradScaler where bf16 is unsupported)",
-    )
-    g.add_argument(
-        "--amp-dtype",
-        default="auto",
-        choices=["auto", "bfloat16", "float16"],
-        help="autocast dtype under --amp (auto: bf16 where supported, else fp16 + GradScaler)",
-    )
-    g.add_argument("--pin-mem", action="store_true", help="pin host memory of batches (CUDA)")
-    g.add_argument(
-        "--no-prefetcher", action="store_true", help="no CUDA-stream prefetching of batches"
-    )
-    g.add_argument(
-        "--nan-policy",
-        default="stop",
-        choices=["stop", "skip"],
-        help="non-finite loss: stop, or skip the step",
-    )
-    g.add_argument(
-        "--output", default=None, help="run folder (default runs/<model>-<mode>-<loss>-<time>)"
-    )
+    for title, rows in FLAGS.items():
+        group = p if title == "general" else p.add_argument_group(title)
+        for row in rows:
+            _add_flag(group, *row)
     return p
 
 
@@ -689,3 +384,118 @@ def validate(args: argparse.Namespace) -> None:
 def to_dict(args: argparse.Namespace) -> dict[str, Any]:
     """The resolved configuration (written next to the checkpoints and into each of them)."""
     return {k: v for k, v in sorted(vars(args).items())}
+
+
+# From the user's names to the components' keywords -------------------------------------------------
+# The library's builders take keywords; these functions are the one place that knows which flag feeds
+# which keyword. Each takes the resolved configuration as a mapping (``vars(args)``, or the ``config``
+# stored in a checkpoint).
+
+
+def model_kwargs(cfg: Mapping[str, Any], vocab_size: int) -> dict[str, Any]:
+    """The model config's fields (``helm.models.model_config``)."""
+    kw = dict(
+        vocab_size=vocab_size,
+        pad_vocab_size_multiple=cfg["pad_vocab_size_multiple"],
+        d_model=cfg["hidden_size"],
+        num_layers=cfg["num_layers"],
+        num_heads=cfg["num_heads"],
+        d_ff=cfg["intermediate_size"],
+        dropout=cfg["dropout"],
+        attn_dropout=cfg["attn_dropout"],
+        tie_embeddings=cfg["tie_embeddings"],
+        pos_embedding=cfg["pos_embedding"],
+        pos_embedding_apply=cfg["pos_embedding_apply"],
+        pos_embedding_dim=cfg["pos_embedding_dim"],
+        max_seq_len=cfg["max_seq_len"],
+        bidirectional=cfg["bidirectional"],
+    )
+    if cfg["activation"] is not None:  # otherwise each model keeps its own default
+        kw["activation"] = cfg["activation"]
+    if cfg["model_name"] == "mamba" and cfg["ssm_layer"] is not None:
+        kw["ssm_layer"] = cfg["ssm_layer"]
+    return kw
+
+
+def loss_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """``helm.losses.build_loss``'s keywords, less the tokenizer's and the tree's."""
+    return dict(
+        name=cfg["loss"],
+        hxe_alpha=cfg["hxe_alpha"],
+        hxe_normalize=cfg["hxe_normalize"],
+        soft_labels_beta=cfg["soft_labels_beta"],
+        aa_loss_weight=cfg["aa_loss_weight"],
+        impl=cfg["loss_impl"],
+    )
+
+
+def data_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """``helm.data.prepare.prepare_data``'s keywords, less the run's folders and rank."""
+    keys = (
+        "demo_corpus data_dir train_file val_file test_file file_extension column_name split seed "
+        "on_invalid num_samples tokenizer overlap vocab_size data_type cache_dir"
+    )
+    return {k: cfg[k] for k in keys.split()}
+
+
+def dataset_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """``helm.data.dataset.LMDataset``'s keywords, less the store, vocabulary and truncation."""
+    return dict(
+        mode=cfg["mode"],
+        max_seq_len=cfg["max_seq_len"],
+        masking_strategy=cfg["masking_strategy"],
+        masking_ratio=cfg["masking_ratio"],
+        mask_replace=cfg["mask_replace"],
+        seed=cfg["seed"],
+        return_position_ids=cfg.get("position_ids", False),
+    )
+
+
+def lr_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """``helm.optim.scaled_lr``'s keywords, less the global batch."""
+    return dict(
+        lr=cfg["lr"],
+        lr_base=cfg["lr_base"],
+        lr_base_size=cfg["lr_base_size"],
+        lr_base_scale=cfg["lr_base_scale"],
+        opt=cfg["opt"],
+    )
+
+
+def optimizer_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """``helm.optim.build_optimizer``'s keywords, less the parameters and the lr."""
+    return dict(
+        opt=cfg["opt"],
+        weight_decay=cfg["weight_decay"],
+        layer_decay=cfg["layer_decay"],
+        momentum=cfg["momentum"],
+        eps=cfg["opt_eps"],
+        betas=cfg["opt_betas"],
+    )
+
+
+def schedule_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """``helm.sched.build_scheduler``'s keywords, less the optimizer, base lr and epoch length."""
+    return dict(
+        sched=cfg["sched"],
+        on_updates=cfg["sched_on_updates"],
+        epochs=cfg["epochs"],
+        min_lr=cfg["min_lr"],
+        warmup_epochs=cfg["warmup_epochs"],
+        warmup_lr=cfg["warmup_lr"],
+        warmup_prefix=cfg["warmup_prefix"],
+        cooldown_epochs=cfg["cooldown_epochs"],
+        cycle_mul=cfg["lr_cycle_mul"],
+        cycle_decay=cfg["lr_cycle_decay"],
+        cycle_limit=cfg["lr_cycle_limit"],
+        k_decay=cfg["lr_k_decay"],
+        decay_epochs=cfg["decay_epochs"],
+        decay_milestones=cfg["decay_milestones"],
+        decay_rate=cfg["decay_rate"],
+        noise=cfg["lr_noise"],
+        noise_pct=cfg["lr_noise_pct"],
+        noise_std=cfg["lr_noise_std"],
+        seed=cfg["seed"],
+        plateau_mode=cfg["val_metric_mode"],
+        patience_epochs=cfg["patience_epochs"],
+    )

@@ -90,6 +90,20 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def is_distributed() -> bool:
+    """Whether this process is one rank of several (a process group is up)."""
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_gather_object(obj: object) -> list[object]:
+    """Every rank's ``obj``, in rank order (``[obj]`` in a single process)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_object(obj: object, src: int = 0) -> object:
     if not dist.is_initialized():
         return obj
@@ -98,7 +112,7 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     return box[0]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -120,4 +134,4 @@ def spawn_local(num_devices: int, fn: Callable[[list[str]], None], argv: list[st
     """Start ``num_devices`` local ranks running ``fn(argv)``, as torchrun would on one node."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_spawned, args=(num_devices, _free_port(), fn, argv), nprocs=num_devices, join=True)
+    mp.spawn(_spawned, args=(num_devices, free_port(), fn, argv), nprocs=num_devices, join=True)

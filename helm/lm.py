@@ -1,19 +1,23 @@
-"""The language-model step: backbone + LM head, forward/backward of one update, evaluation, AMP, MFU.
+"""The language-model step: backbone + LM head, building a run's model/loss/optimizer, one update
+(forward/backward, optimizer step), evaluation, the mixed-precision policy and MFU.
 
 ``train.py``, ``eval.py`` and ``bench/`` run the model through these functions, so the loss
-normalisation, the mixed-precision policy and the metrics cannot differ between them.
+normalisation, the precision policy, the clipping and the metrics cannot differ between them.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from helm.distributed import all_reduce_sum
 from helm.metrics import MetricAccumulator
+from helm.optim import build_optimizer, clip_gradients, scaled_lr
 from helm.vocab import IGNORE_INDEX
 
 Batch = dict[str, torch.Tensor]
@@ -193,3 +197,64 @@ def flops_per_token(
     """Training FLOPs per token: 6N for the weights (forward + backward) plus, for attention
     models, 12 * layers * d_model * seq_len for the score and value products (PaLM appendix B)."""
     return 6 * n_params + (12 * num_layers * d_model * seq_len if attention else 0)
+
+
+# Building and stepping a run's model -------------------------------------------------------------
+
+
+@dataclass
+class Training:
+    """The parts of an update: the model (backbone + head), loss, optimizer and precision."""
+
+    model: LanguageModel
+    loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    lr: float  # the base learning rate (scaled to the global batch unless --lr was given)
+    amp: torch.dtype | None
+    scaler: torch.amp.GradScaler
+    model_config: Any  # the backbone's config dataclass
+
+
+def build_training(
+    cfg: Mapping[str, Any], *, tokenizer, hierarchy, device: torch.device, global_batch: int
+) -> Training:
+    """Model, loss and optimizer of a resolved configuration (``vars(args)``), as train.py and the
+    benchmarks build them. The model is initialised from the current RNG state."""
+    from helm.config import loss_kwargs, lr_kwargs, model_kwargs, optimizer_kwargs
+    from helm.losses import build_loss
+    from helm.models import build_model, model_config
+
+    model_cfg = model_config(cfg["model_name"], **model_kwargs(cfg, tokenizer.vocab_size))
+    model = LanguageModel(build_model(cfg["model_name"], model_cfg)).to(device)
+    loss_fn = build_loss(
+        **loss_kwargs(cfg),
+        vocab_size=tokenizer.vocab_size,
+        is_codon=tokenizer.is_codon,
+        hierarchy=hierarchy,
+    ).to(device)
+    lr = scaled_lr(**lr_kwargs(cfg), global_batch=global_batch)
+    optimizer = build_optimizer(model, lr=lr, **optimizer_kwargs(cfg))
+    amp = amp_dtype(device, cfg["amp"], cfg["amp_dtype"])
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    return Training(model, loss_fn, optimizer, lr, amp, scaler, model_cfg)
+
+
+def optimizer_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    *,
+    clip_grad: float | None = None,
+    clip_mode: str = "norm",
+) -> torch.Tensor | None:
+    """Unscale, clip (``clip_mode`` at ``clip_grad``, or only measure the norm), step, zero the
+    gradients. Returns the gradient norm before clipping (None for value and AGC clipping)."""
+    scaler.unscale_(optimizer)
+    if clip_grad is not None:
+        grad_norm = clip_gradients(model.parameters(), clip_mode, clip_grad)
+    else:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm

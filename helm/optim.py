@@ -44,8 +44,10 @@ def param_groups(
     weight_decay: float,
     layer_decay: float | None = None,
     num_layers: int | None = None,
+    lr_scale: float = 1.0,
 ) -> list[dict]:
-    """Group parameters by (weight decay, lr scale); each group carries ``lr_scale`` for the scheduler."""
+    """Group parameters by (weight decay, lr scale); each group carries ``lr_scale`` for the
+    scheduler (``lr_scale`` here multiplies every group's, e.g. a backbone under a fresh head)."""
     if layer_decay is not None and num_layers is None:
         num_layers = len(getattr(model, "blocks", []))
     groups: dict[tuple[float, float], dict] = {}
@@ -56,7 +58,7 @@ def param_groups(
         # A no-weight-decay tag wins over a hint's weight decay (a filter bias stays undecayed).
         no_decay = getattr(p, "_no_weight_decay", False) or p.ndim <= 1
         wd = 0.0 if no_decay else hints.get("weight_decay", weight_decay)
-        scale = hints.get("lr_scale", 1.0)
+        scale = lr_scale * hints.get("lr_scale", 1.0)
         if layer_decay is not None:
             scale *= layer_decay ** (num_layers + 1 - layer_id(name, num_layers))
         group = groups.setdefault(
@@ -67,16 +69,35 @@ def param_groups(
     return list(groups.values())
 
 
-def build_optimizer(model: nn.Module, args, lr: float) -> torch.optim.Optimizer:
-    """timm-style optimizer factory over ``param_groups``; fused AdamW/Adam on CUDA."""
-    name = args.opt.lower()
-    groups = param_groups(model, args.weight_decay, args.layer_decay)
-    for g in groups:
-        g.pop("names")
+def build_optimizer(
+    params: nn.Module | list[dict],
+    *,
+    lr: float,
+    opt: str = "adamw",
+    weight_decay: float = 0.0,
+    layer_decay: float | None = None,
+    momentum: float = 0.9,
+    eps: float | None = None,
+    betas: tuple[float, float] | list[float] | None = None,
+) -> torch.optim.Optimizer:
+    """timm-style optimizer factory; fused AdamW/Adam on CUDA.
+
+    ``params`` is a model (grouped by ``param_groups`` with ``weight_decay`` and ``layer_decay``) or
+    groups made with ``param_groups`` already. Each group starts at ``lr * lr_scale``; a scheduler
+    sets the lr from then on.
+    """
+    name = opt.lower()
+    if isinstance(params, nn.Module):
+        params = param_groups(params, weight_decay, layer_decay)
+    groups = []
+    for g in params:
+        g = {k: v for k, v in g.items() if k != "names"}
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+        groups.append(g)
     kw: dict = {"lr": lr}
-    if args.opt_eps is not None:
-        kw["eps"] = args.opt_eps
-    betas = tuple(args.opt_betas) if args.opt_betas else None
+    if eps is not None:
+        kw["eps"] = eps
+    betas = tuple(betas) if betas else None
     if betas is not None and name not in ("adamw", "adam", "radam", "nadam", "lamb"):
         raise ValueError(f"--opt-betas does not apply to --opt {name}")
     if betas is not None and len(betas) != 2:
@@ -90,9 +111,9 @@ def build_optimizer(model: nn.Module, args, lr: float) -> torch.optim.Optimizer:
     if name in ("sgd", "nesterov", "momentum"):
         kw.pop("eps", None)
         # timm: sgd and nesterov are Nesterov momentum SGD; momentum is plain momentum SGD.
-        return torch.optim.SGD(groups, momentum=args.momentum, nesterov=name != "momentum", **kw)
+        return torch.optim.SGD(groups, momentum=momentum, nesterov=name != "momentum", **kw)
     if name == "rmsprop":
-        return torch.optim.RMSprop(groups, alpha=0.9, momentum=args.momentum, **kw)
+        return torch.optim.RMSprop(groups, alpha=0.9, momentum=momentum, **kw)
     if name == "adagrad":
         return torch.optim.Adagrad(groups, **kw)
     if name == "radam":
@@ -104,7 +125,7 @@ def build_optimizer(model: nn.Module, args, lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adafactor(groups, **kw)
     if name == "lamb":
         return Lamb(groups, **kw)
-    raise ValueError(f"--opt must be one of {', '.join(OPTIMIZERS)}; got {args.opt!r}")
+    raise ValueError(f"--opt must be one of {', '.join(OPTIMIZERS)}; got {opt!r}")
 
 
 class Lamb(torch.optim.Optimizer):
@@ -151,16 +172,22 @@ class Lamb(torch.optim.Optimizer):
         return loss
 
 
-def scaled_lr(args, global_batch: int) -> float:
-    """``--lr`` as given, or ``--lr-base`` scaled by global batch / ``--lr-base-size`` (timm):
-    sqrt scaling for adaptive optimizers, linear otherwise, unless ``--lr-base-scale`` says."""
-    if args.lr is not None:
-        return args.lr
-    mode = args.lr_base_scale or (
-        "sqrt" if any(k in args.opt.lower() for k in ("ada", "lamb")) else "linear"
-    )
-    ratio = global_batch / args.lr_base_size
-    return args.lr_base * (math.sqrt(ratio) if mode == "sqrt" else ratio)
+def scaled_lr(
+    *,
+    global_batch: int,
+    lr: float | None = None,
+    lr_base: float = 1e-3,
+    lr_base_size: int = 256,
+    lr_base_scale: str = "",
+    opt: str = "adamw",
+) -> float:
+    """``lr`` as given, or ``lr_base`` scaled by global batch / ``lr_base_size`` (timm): sqrt
+    scaling for adaptive optimizers, linear otherwise, unless ``lr_base_scale`` says."""
+    if lr is not None:
+        return lr
+    mode = lr_base_scale or ("sqrt" if any(k in opt.lower() for k in ("ada", "lamb")) else "linear")
+    ratio = global_batch / lr_base_size
+    return lr_base * (math.sqrt(ratio) if mode == "sqrt" else ratio)
 
 
 def clip_gradients(params, mode: str, value: float, eps: float = 1e-3) -> torch.Tensor | None:

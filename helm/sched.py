@@ -199,49 +199,72 @@ class LRScheduler:
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, args, base_lr: float, updates_per_epoch: int
+    optimizer: torch.optim.Optimizer,
+    *,
+    base_lr: float,
+    updates_per_epoch: int,
+    epochs: int,
+    sched: str = "cosine",
+    on_updates: bool = False,
+    min_lr: float = 0.0,
+    warmup_epochs: float = 0,
+    warmup_lr: float = 0.0,
+    warmup_prefix: bool = False,
+    cooldown_epochs: int = 0,
+    cycle_mul: float = 1.0,
+    cycle_decay: float = 0.5,
+    cycle_limit: int = 1,
+    k_decay: float = 1.0,
+    decay_epochs: float = 90,
+    decay_milestones: list[int] | tuple[int, ...] = (),
+    decay_rate: float = 0.1,
+    noise: list[float] | None = None,
+    noise_pct: float = 0.67,
+    noise_std: float = 1.0,
+    seed: int = 42,
+    plateau_mode: str = "min",
+    patience_epochs: int = 10,
 ) -> tuple[LRScheduler, int]:
     """timm's create_scheduler_v2: returns the scheduler and the number of epochs to train
-    (``--epochs``, or the decay cycles for cosine/poly/tanh, plus ``--cooldown-epochs``)."""
-    on_updates = bool(args.sched_on_updates)
-    if args.sched == "plateau" and on_updates:
+    (``epochs``, or the decay cycles for cosine/poly/tanh, plus ``cooldown_epochs``). Every
+    epoch-valued argument counts updates when ``on_updates`` (times ``updates_per_epoch``)."""
+    if sched == "plateau" and on_updates:
         raise ValueError(
             "--sched plateau reacts to validation metrics once per epoch: drop --sched-on-updates"
         )
     scale = updates_per_epoch if on_updates else 1
-    noise = None
-    if args.lr_noise:
-        ends = [n * args.epochs * scale for n in args.lr_noise]
-        noise = ends[0] if len(ends) == 1 else (ends[0], ends[1])
+    noise_range = None
+    if noise:
+        ends = [n * epochs * scale for n in noise]
+        noise_range = ends[0] if len(ends) == 1 else (ends[0], ends[1])
     schedule = Schedule(
-        kind=args.sched,
+        kind=sched,
         base_lr=base_lr,
-        t_initial=args.epochs * scale,
-        lr_min=args.min_lr,
-        warmup_t=args.warmup_epochs * scale,
-        warmup_lr=args.warmup_lr,
-        warmup_prefix=args.warmup_prefix,
-        cycle_mul=args.lr_cycle_mul,
-        cycle_decay=args.lr_cycle_decay,
-        cycle_limit=args.lr_cycle_limit,
-        k_decay=args.lr_k_decay,
-        decay_t=args.decay_epochs * scale,
-        milestones=[m * scale for m in args.decay_milestones],
-        decay_rate=args.decay_rate,
-        noise_range=noise,
-        noise_pct=args.lr_noise_pct,
-        noise_std=args.lr_noise_std,
-        noise_seed=args.seed,
+        t_initial=epochs * scale,
+        lr_min=min_lr,
+        warmup_t=warmup_epochs * scale,
+        warmup_lr=warmup_lr,
+        warmup_prefix=warmup_prefix,
+        cycle_mul=cycle_mul,
+        cycle_decay=cycle_decay,
+        cycle_limit=cycle_limit,
+        k_decay=k_decay,
+        decay_t=decay_epochs * scale,
+        milestones=[m * scale for m in decay_milestones],
+        decay_rate=decay_rate,
+        noise_range=noise_range,
+        noise_pct=noise_pct,
+        noise_std=noise_std,
+        noise_seed=seed,
     )
-    sched = LRScheduler(
+    scheduler = LRScheduler(
         optimizer,
         schedule,
         on_updates=on_updates,
-        plateau_mode=args.val_metric_mode,
-        patience=args.patience_epochs,
+        plateau_mode=plateau_mode,
+        patience=patience_epochs,
     )
     # Cycle schedules train for their cycles (timm's get_cycle_length); every schedule then adds
     # the cooldown, during which cycle schedules sit at --min-lr and the others continue their rule.
-    total = schedule.cycle_length() + args.cooldown_epochs * scale
-    epochs = int(math.ceil(total / scale))
-    return sched, epochs
+    total = schedule.cycle_length() + cooldown_epochs * scale
+    return scheduler, int(math.ceil(total / scale))

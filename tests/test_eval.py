@@ -9,10 +9,10 @@ import pytest
 import torch
 from helpers import TINY, load_script
 
+from helm.checkpoint import load_for_eval
 from helm.data.demo import demo_sequences
 from helm.embed import extract, window_capacity
 from helm.generate import filter_logits, protein_masks
-from helm.training import load_checkpoint_model
 from helm.vocab import AMINO_ACIDS, codon_id, translate
 
 train = load_script("train.py")
@@ -155,7 +155,7 @@ def test_embed_shapes_order_ids_and_pooling(work, run, tmp_path):
 
 
 def test_long_sequences_windowed_features(work):
-    model = load_checkpoint_model(ckpt(work, "mlm")).model
+    model = load_for_eval(ckpt(work, "mlm")).model
     cap = window_capacity(model.cfg.max_seq_len, causal=False)
     rng = np.random.default_rng(0)
     ids = [rng.integers(5, 69, size=n) for n in (3 * cap + 5, cap // 2, cap)]

@@ -1,5 +1,3 @@
-from types import SimpleNamespace
-
 import pytest
 import torch
 import torch.nn as nn
@@ -33,11 +31,8 @@ class Tiny(nn.Module):
         return self.head(h)
 
 
-def _args(**kw):
-    base = dict(opt="adamw", opt_eps=None, opt_betas=None, momentum=0.9, weight_decay=0.1, layer_decay=None,
-                lr=None, lr_base=1e-3, lr_base_size=256, lr_base_scale="")
-    base.update(kw)
-    return SimpleNamespace(**base)
+def _opt_kw(**kw):
+    return dict(opt="adamw", weight_decay=0.1, layer_decay=None, momentum=0.9, eps=None, betas=None) | kw
 
 
 def test_weight_decay_groups():
@@ -67,7 +62,7 @@ def test_layer_decay_scales():
 def test_every_optimizer_lowers_a_loss(name):
     torch.manual_seed(0)
     m = Tiny()
-    opt = build_optimizer(m, _args(opt=name), lr=1e-2 if name != "sgd" else 1e-1)
+    opt = build_optimizer(m, **_opt_kw(opt=name), lr=1e-2 if name != "sgd" else 1e-1)
     x = torch.randint(0, 10, (8, 5))
     losses = []
     for _ in range(15):
@@ -81,10 +76,10 @@ def test_every_optimizer_lowers_a_loss(name):
 
 def test_optimizer_flag_errors():
     with pytest.raises(ValueError, match="--opt-betas does not apply"):
-        build_optimizer(Tiny(), _args(opt="sgd", opt_betas=[0.9, 0.99]), lr=0.1)
+        build_optimizer(Tiny(), **_opt_kw(opt="sgd", betas=[0.9, 0.99]), lr=0.1)
     with pytest.raises(ValueError, match="two values"):
-        build_optimizer(Tiny(), _args(opt_betas=[0.9]), lr=0.1)
-    opt = build_optimizer(Tiny(), _args(opt_betas=[0.8, 0.95], opt_eps=1e-7), lr=0.1)
+        build_optimizer(Tiny(), **_opt_kw(betas=[0.9]), lr=0.1)
+    opt = build_optimizer(Tiny(), **_opt_kw(betas=[0.8, 0.95], eps=1e-7), lr=0.1)
     assert opt.defaults["betas"] == (0.8, 0.95) and opt.defaults["eps"] == 1e-7
 
 
@@ -98,10 +93,10 @@ def test_lamb_trust_ratio():
 
 
 def test_scaled_lr():
-    assert scaled_lr(_args(lr=0.5), 1024) == 0.5
-    assert scaled_lr(_args(opt="sgd", lr_base=0.1), 512) == pytest.approx(0.2)  # linear
-    assert scaled_lr(_args(opt="adamw", lr_base=1e-3), 1024) == pytest.approx(2e-3)  # sqrt
-    assert scaled_lr(_args(opt="adamw", lr_base=1e-3, lr_base_scale="linear"), 1024) == pytest.approx(4e-3)
+    assert scaled_lr(lr=0.5, global_batch=1024) == 0.5
+    assert scaled_lr(opt="sgd", lr_base=0.1, global_batch=512) == pytest.approx(0.2)  # linear
+    assert scaled_lr(opt="adamw", lr_base=1e-3, global_batch=1024) == pytest.approx(2e-3)  # sqrt
+    assert scaled_lr(opt="adamw", lr_base=1e-3, lr_base_scale="linear", global_batch=1024) == pytest.approx(4e-3)
 
 
 def test_clip_modes():

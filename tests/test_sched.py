@@ -1,5 +1,4 @@
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -102,30 +101,29 @@ def test_plateau_reduces_after_patience():
     assert fresh.optimizer.param_groups[0]["lr"] == pytest.approx(0.1)
 
 
-def _args(**kw):
-    base = dict(sched="cosine", sched_on_updates=True, epochs=4, min_lr=0.0, warmup_epochs=1, warmup_lr=0.0,
-                warmup_prefix=False, lr_cycle_mul=1.0, lr_cycle_decay=0.5, lr_cycle_limit=1, lr_k_decay=1.0,
-                decay_epochs=2, decay_milestones=[2], decay_rate=0.1, lr_noise=None, lr_noise_pct=0.67,
-                lr_noise_std=1.0, seed=0, val_metric_mode="min", patience_epochs=2, cooldown_epochs=0)
-    base.update(kw)
-    return SimpleNamespace(**base)
+def _sched_kw(**kw):
+    base = dict(sched="cosine", on_updates=True, epochs=4, min_lr=0.0, warmup_epochs=1, warmup_lr=0.0,
+                warmup_prefix=False, cycle_mul=1.0, cycle_decay=0.5, cycle_limit=1, k_decay=1.0,
+                decay_epochs=2, decay_milestones=[2], decay_rate=0.1, noise=None, noise_pct=0.67,
+                noise_std=1.0, seed=0, plateau_mode="min", patience_epochs=2, cooldown_epochs=0)
+    return base | kw
 
 
 def test_build_scheduler_counts_in_updates():
     opt = _opt((1.0,))
-    sched, epochs = build_scheduler(opt, _args(), base_lr=1.0, updates_per_epoch=10)
+    sched, epochs = build_scheduler(opt, **_sched_kw(), base_lr=1.0, updates_per_epoch=10)
     assert epochs == 4
     assert sched.schedule.warmup_t == 10 and sched.schedule.t_initial == 40
     sched.step_update(5)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.5)
-    _, epochs = build_scheduler(_opt((1.0,)), _args(cooldown_epochs=2), 1.0, 10)
+    _, epochs = build_scheduler(_opt((1.0,)), **_sched_kw(cooldown_epochs=2), base_lr=1.0, updates_per_epoch=10)
     assert epochs == 6
-    _, epochs = build_scheduler(_opt((1.0,)), _args(lr_cycle_limit=2, lr_cycle_mul=2.0), 1.0, 10)
+    _, epochs = build_scheduler(_opt((1.0,)), **_sched_kw(cycle_limit=2, cycle_mul=2.0), base_lr=1.0, updates_per_epoch=10)
     assert epochs == 4 + 8
-    sched, _ = build_scheduler(_opt((1.0,)), _args(lr_noise=[0.5, 0.75]), 1.0, 10)
+    sched, _ = build_scheduler(_opt((1.0,)), **_sched_kw(noise=[0.5, 0.75]), base_lr=1.0, updates_per_epoch=10)
     assert sched.schedule.noise_range == (20, 30)
 
 
 def test_plateau_on_updates_is_refused():
     with pytest.raises(ValueError, match="plateau"):
-        build_scheduler(_opt((1.0,)), _args(sched="plateau"), 1.0, 10)
+        build_scheduler(_opt((1.0,)), **_sched_kw(sched="plateau"), base_lr=1.0, updates_per_epoch=10)

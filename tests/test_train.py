@@ -150,9 +150,9 @@ def _ddp_worker(rank: int, world: int, port: int, batch, out_path: str) -> None:
 
 def _tiny_lm():
     from helm.hierarchy import build_hierarchy
+    from helm.lm import LanguageModel
     from helm.losses import HelmLoss, loss_tables
     from helm.models import build_model
-    from helm.training import LanguageModel
 
     torch.manual_seed(0)
     backbone = build_model(
@@ -163,12 +163,10 @@ def _tiny_lm():
 
 
 def _step(train_model, model, micro, loss_fn, world):
-    import contextlib
-
-    from helm.training import forward_backward
+    from helm.lm import forward_backward
 
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    forward_backward(train_model, micro, loss_fn, scaler, contextlib.nullcontext, world)
+    forward_backward(train_model, micro, loss_fn, scaler, None, world)
     with torch.no_grad():
         for p in model.parameters():
             p -= 0.5 * p.grad
@@ -190,11 +188,11 @@ def _masked_batch(B=8, T=12):
 def test_two_gloo_ranks_with_half_batches_equal_one_rank(tmp_path):
     import torch.multiprocessing as mp
 
-    from helm.distributed import _free_port
+    from helm.distributed import free_port
 
     batch = _masked_batch()
     out = tmp_path / "ddp.pt"
-    mp.spawn(_ddp_worker, args=(2, _free_port(), batch, str(out)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), batch, str(out)), nprocs=2, join=True)
     model, loss_fn = _tiny_lm()
     # One rank, the same four micro-batches' rows, same normalisation: one update.
     micro = [
@@ -409,13 +407,13 @@ def test_non_finite_loss(run, monkeypatch, capsys, policy):
 
 @pytest.mark.parametrize("tokenizer", ["bpe", "wp", "ug"])
 def test_subword_tokenizer_is_trained_saved_and_restored(run, tokenizer):
-    from helm.training import load_checkpoint_model
+    from helm.checkpoint import load_for_eval
 
     code, out = run(
         "--tokenizer", tokenizer, "--vocab_size", "120", "--loss", "XE", "--epochs", "1"
     )
     assert code == 0
-    loaded = load_checkpoint_model(out / "checkpoints" / "last.pt")
+    loaded = load_for_eval(out / "checkpoints" / "last.pt")
     assert loaded.tokenizer.name == tokenizer and loaded.tokenizer.vocab_size <= 120
     seq = "ATGGCTGCAAAGTTTCCCGGGTAA"
     assert loaded.tokenizer.decode(loaded.tokenizer.encode(seq)) == seq

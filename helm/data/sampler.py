@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from helm.data.dataset import collate
+from helm.data.dataset import collate, collate_lm
 
 
 class LengthBucketSampler(Sampler[list[int]]):
@@ -239,4 +239,45 @@ def build_dataloader(
         persistent_workers=num_workers > 0,
         prefetch_factor=prefetch_factor if num_workers else None,
         generator=generator,
+    )
+
+
+def build_loader(
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    train: bool,
+    num_replicas: int = 1,
+    rank: int = 0,
+    seed: int = 0,
+    repeats: float = 1.0,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    worker_seeding: str = "all",
+) -> DataLoader:
+    """The loader of an ``LMDataset`` (its ``lengths`` bucket the batches), as training and
+    evaluation read it: ``train`` shuffles per epoch and resumes (``loader.batch_sampler`` has
+    ``set_epoch`` and ``load_state_dict``); otherwise a fixed order, read in the main process.
+    Batches are ``collate_lm``'s: no attention mask when no row is padded."""
+    if train:
+        sampler = LengthBucketSampler(
+            dataset.lengths,
+            batch_size,
+            num_replicas=num_replicas,
+            rank=rank,
+            seed=seed,
+            repeats=repeats,
+        )
+    else:
+        sampler = LengthBucketSampler(
+            dataset.lengths, batch_size, num_replicas=num_replicas, rank=rank, shuffle=False
+        )
+    return build_dataloader(
+        dataset,
+        sampler,
+        num_workers=num_workers if train else 0,
+        pin_memory=pin_memory,
+        worker_seeding=worker_seeding,
+        seed=seed,
+        collate_fn=collate_lm,
     )
