@@ -6,6 +6,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from helpers import TINY, load_script  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -25,3 +26,38 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} not present")
     return SHARED_DATA
+
+
+# One tiny MLM (with EMA) and one tiny CLM checkpoint, trained once per session and shared by the
+# tests of eval.py, fine-tuning and checkpoint loading. Tests must not modify them.
+TINY_RUN = [*TINY, "--epochs", "1", "--warmup-epochs", "0", "--sched-on-updates", "--lr", "3e-3"]
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory) -> Path:
+    """A session folder with its own cache and the runs ``mlm`` (``--model-ema``) and ``clm``;
+    ``helpers.tiny_checkpoint(tiny_runs, mode)`` is each run's last.pt."""
+    root = tmp_path_factory.mktemp("tiny_runs")
+    train = load_script("train.py")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HELM_CACHE_DIR", str(root / "cache"))
+        for mode, extra in (("mlm", ["--model-ema"]), ("clm", [])):
+            code = train.main([*TINY_RUN, "--mode", mode, "--output", str(root / mode), *extra])
+            assert code == 0
+    return root
+
+
+@pytest.fixture
+def eval_run(tiny_runs, monkeypatch, capsys):
+    """eval.main in-process, with the session's cache: ``eval_run(*argv) -> (code, stdout, stderr)``."""
+    evalpy = load_script("eval.py")
+    monkeypatch.setenv("HELM_CACHE_DIR", str(tiny_runs / "cache"))
+    monkeypatch.delenv("HELM_TRACEBACK", raising=False)
+
+    def _run(*argv):
+        capsys.readouterr()
+        code = evalpy.main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return _run

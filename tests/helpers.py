@@ -1,4 +1,5 @@
-"""Shared by the end-to-end tests: the scripts as modules, and a tiny model's flags."""
+"""Shared by the end-to-end tests: the scripts as modules, a tiny model's flags, and where the
+session's tiny checkpoints are (conftest.py trains them)."""
 
 import importlib.util
 from functools import cache
@@ -21,3 +22,8 @@ def load_script(file: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def tiny_checkpoint(tiny_runs: Path, mode: str) -> Path:
+    """last.pt of the session's tiny ``mode`` run (fixture ``tiny_runs``)."""
+    return tiny_runs / mode / "checkpoints" / "last.pt"

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import TINY, load_script
+from helpers import tiny_checkpoint
 
 from helm.checkpoint import load_for_eval
 from helm.data.demo import demo_sequences
@@ -15,41 +15,7 @@ from helm.embed import extract, window_capacity
 from helm.generate import filter_logits, protein_masks
 from helm.vocab import AMINO_ACIDS, codon_id, translate
 
-train = load_script("train.py")
-evalpy = load_script("eval.py")
-TINY = [*TINY, "--epochs", "1", "--warmup-epochs", "0", "--sched-on-updates", "--lr", "3e-3"]
 STOPS = {"TAA", "TAG", "TGA"}
-
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    """A module folder with its own cache, one MLM (with EMA) and one CLM checkpoint."""
-    root = tmp_path_factory.mktemp("eval")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HELM_CACHE_DIR", str(root / "cache"))
-        for mode, extra in (("mlm", ["--model-ema"]), ("clm", [])):
-            code = train.main([*TINY, "--mode", mode, "--output", str(root / mode), *extra])
-            assert code == 0
-    return root
-
-
-@pytest.fixture
-def run(work, monkeypatch, capsys):
-    """eval.main in-process: (exit code, stdout, stderr)."""
-    monkeypatch.setenv("HELM_CACHE_DIR", str(work / "cache"))
-    monkeypatch.delenv("HELM_TRACEBACK", raising=False)
-
-    def _run(*argv):
-        capsys.readouterr()
-        code = evalpy.main([str(a) for a in argv])
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return _run
-
-
-def ckpt(work: Path, mode: str) -> Path:
-    return work / mode / "checkpoints" / "last.pt"
 
 
 def write_fasta(path: Path, records: list[tuple[str, str]]) -> Path:
@@ -80,15 +46,22 @@ TREE_KEYS = (
 )
 
 
-def test_pretrain_mlm_metrics_are_finite_and_seeded(work, run, tmp_path):
+def test_pretrain_mlm_metrics_are_finite_and_seeded(tiny_runs, eval_run, tmp_path):
     data = write_fasta(
         tmp_path / "seqs.fasta", [(f"s{i}", s) for i, s in enumerate(demo_sequences(40, seed=5))]
     )
     docs = []
     for seed in (3, 3, 4):
         out = tmp_path / f"m{len(docs)}.json"
-        code, _, err = run(
-            "pretrain", ckpt(work, "mlm"), "--file", data, "--seed", seed, "--out", out
+        code, _, err = eval_run(
+            "pretrain",
+            tiny_checkpoint(tiny_runs, "mlm"),
+            "--file",
+            data,
+            "--seed",
+            seed,
+            "--out",
+            out,
         )
         assert code == 0, err
         docs.append(json.loads(out.read_text()))
@@ -101,23 +74,29 @@ def test_pretrain_mlm_metrics_are_finite_and_seeded(work, run, tmp_path):
     assert docs[0]["metrics"] != docs[2]["metrics"]  # another seed masks other tokens
 
 
-def test_pretrain_clm_to_stdout_and_ema(work, run, tmp_path):
+def test_pretrain_clm_to_stdout_and_ema(tiny_runs, eval_run, tmp_path):
     data = tmp_path / "seqs.txt"
     data.write_text("\n".join(demo_sequences(20, seed=1)) + "\n")
-    code, out, err = run("pretrain", ckpt(work, "clm"), "--file", data)
+    code, out, err = eval_run("pretrain", tiny_checkpoint(tiny_runs, "clm"), "--file", data)
     assert code == 0, err
     doc = json.loads(out)
     assert doc["mode"] == "clm" and doc["seed"] is None
     assert all(math.isfinite(doc["metrics"][k]) for k in TREE_KEYS)
-    code, out, _ = run("pretrain", ckpt(work, "mlm"), "--file", data, "--ema")
+    code, out, _ = eval_run("pretrain", tiny_checkpoint(tiny_runs, "mlm"), "--file", data, "--ema")
     assert code == 0 and json.loads(out)["weights"] == "ema"
 
 
-def test_ema_without_ema_weights_is_a_clear_error(work, run, tmp_path):
+def test_ema_without_ema_weights_is_a_clear_error(tiny_runs, eval_run, tmp_path):
     data = tmp_path / "seqs.txt"
     data.write_text(demo_sequences(2)[0] + "\n")
-    code, out, err = run(
-        "embed", ckpt(work, "clm"), "--file", data, "--ema", "--out", tmp_path / "e.npy"
+    code, out, err = eval_run(
+        "embed",
+        tiny_checkpoint(tiny_runs, "clm"),
+        "--file",
+        data,
+        "--ema",
+        "--out",
+        tmp_path / "e.npy",
     )
     assert code == 2 and out == ""
     assert err.startswith("eval.py: error:") and "no EMA weights" in err and "Traceback" not in err
@@ -126,14 +105,14 @@ def test_ema_without_ema_weights_is_a_clear_error(work, run, tmp_path):
 # embed --------------------------------------------------------------------------------------------
 
 
-def test_embed_shapes_order_ids_and_pooling(work, run, tmp_path):
+def test_embed_shapes_order_ids_and_pooling(tiny_runs, eval_run, tmp_path):
     seqs = demo_sequences(7, seed=2)
     names = [f"rec{i} some description" for i in range(len(seqs))]
     forward = write_fasta(tmp_path / "f.fasta", list(zip(names, seqs)))
     backward = write_fasta(tmp_path / "b.fasta", list(zip(names, seqs))[::-1])
     out = {}
     for tag, path, pool in (("f", forward, "mean"), ("b", backward, "mean"), ("c", forward, "cls")):
-        code, _, err = run("embed", ckpt(work, "mlm"), "--file", path, "--pool", pool,
+        code, _, err = eval_run("embed", tiny_checkpoint(tiny_runs, "mlm"), "--file", path, "--pool", pool,
                            "--batch_size", "3", "--out", tmp_path / f"{tag}.npy")  # fmt: skip
         assert code == 0, err
         out[tag] = np.load(tmp_path / f"{tag}.npy")
@@ -147,15 +126,17 @@ def test_embed_shapes_order_ids_and_pooling(work, run, tmp_path):
 
     txt = tmp_path / "s.txt"
     txt.write_text("\n".join(seqs[:3]) + "\n")
-    code, _, err = run("embed", ckpt(work, "mlm"), "--file", txt, "--out", tmp_path / "t.pt")
+    code, _, err = eval_run(
+        "embed", tiny_checkpoint(tiny_runs, "mlm"), "--file", txt, "--out", tmp_path / "t.pt"
+    )
     assert code == 0, err
     saved = torch.load(tmp_path / "t.pt")
     assert saved["ids"] == ["1", "2", "3"] and saved["embeddings"].shape == (3, 32)
     np.testing.assert_allclose(saved["embeddings"].numpy(), out["f"][:3], rtol=1e-4, atol=1e-5)
 
 
-def test_long_sequences_windowed_features(work):
-    model = load_for_eval(ckpt(work, "mlm")).model
+def test_long_sequences_windowed_features(tiny_runs):
+    model = load_for_eval(tiny_checkpoint(tiny_runs, "mlm")).model
     cap = window_capacity(model.cfg.max_seq_len, causal=False)
     rng = np.random.default_rng(0)
     ids = [rng.integers(5, 69, size=n) for n in (3 * cap + 5, cap // 2, cap)]
@@ -174,8 +155,8 @@ def test_long_sequences_windowed_features(work):
 # generate -----------------------------------------------------------------------------------------
 
 
-def test_generate_samples_and_is_seeded(work, run, tmp_path):
-    code, out, err = run("generate", ckpt(work, "clm"), "--num", 3, "--max-length", 10,
+def test_generate_samples_and_is_seeded(tiny_runs, eval_run, tmp_path):
+    code, out, err = eval_run("generate", tiny_checkpoint(tiny_runs, "clm"), "--num", 3, "--max-length", 10,
                          "--top-k", 20, "--top-p", 0.9, "--seed", 7)  # fmt: skip
     assert code == 0, err
     records = read_fasta(out)
@@ -184,18 +165,18 @@ def test_generate_samples_and_is_seeded(work, run, tmp_path):
         assert {"gc=", "cai=", "loglik="} <= {f[: f.index("=") + 1] for f in header.split()[1:]}
         assert 0 < len(seq) <= 30 and len(seq) % 3 == 0 and set(seq) <= set("ACGT")
         assert float(header.split("loglik=")[1]) < 0
-    assert run("generate", ckpt(work, "clm"), "--num", 3, "--max-length", 10, "--top-k", 20,
+    assert eval_run("generate", tiny_checkpoint(tiny_runs, "clm"), "--num", 3, "--max-length", 10, "--top-k", 20,
                "--top-p", 0.9, "--seed", 7)[1] == out  # fmt: skip
-    code, out, _ = run("generate", ckpt(work, "clm"), "--prefix", "ATGGCC", "--num", 2,
+    code, out, _ = eval_run("generate", tiny_checkpoint(tiny_runs, "clm"), "--prefix", "ATGGCC", "--num", 2,
                        "--max-length", 4, "--out", tmp_path / "g.fasta")  # fmt: skip
     assert code == 0 and out == ""
     assert all(s.startswith("ATGGCC") for _, s in read_fasta((tmp_path / "g.fasta").read_text()))
 
 
 @pytest.mark.parametrize("protein", ["M", "MKV", AMINO_ACIDS, "WWHHCYQ", "MLLSSRRGP*"])
-def test_generate_protein_translates_back(work, run, protein):
-    code, out, err = run(
-        "generate", ckpt(work, "clm"), "--protein", protein, "--num", 3, "--seed", 1
+def test_generate_protein_translates_back(tiny_runs, eval_run, protein):
+    code, out, err = eval_run(
+        "generate", tiny_checkpoint(tiny_runs, "clm"), "--protein", protein, "--num", 3, "--seed", 1
     )
     assert code == 0, err
     records = read_fasta(out)
@@ -207,17 +188,19 @@ def test_generate_protein_translates_back(work, run, protein):
             assert seq.startswith("ATG")
 
 
-def test_generate_protein_file_and_errors(work, run, tmp_path):
+def test_generate_protein_file_and_errors(tiny_runs, eval_run, tmp_path):
     proteins = write_fasta(tmp_path / "p.fasta", [("p1", "MAST"), ("p2", "MGKE")])
-    code, out, err = run("generate", ckpt(work, "clm"), "--protein", proteins, "--num", 2)
+    code, out, err = eval_run(
+        "generate", tiny_checkpoint(tiny_runs, "clm"), "--protein", proteins, "--num", 2
+    )
     assert code == 0, err
     records = read_fasta(out)
     assert [translate(s) for _, s in records] == ["MAST*", "MAST*", "MGKE*", "MGKE*"]
     assert "source=p2" in records[-1][0]
 
-    code, _, err = run("generate", ckpt(work, "mlm"))
+    code, _, err = eval_run("generate", tiny_checkpoint(tiny_runs, "mlm"))
     assert code == 2 and "MLM" in err and "--mode clm" in err and "Traceback" not in err
-    code, _, err = run("generate", ckpt(work, "clm"), "--protein", "MKB")
+    code, _, err = eval_run("generate", tiny_checkpoint(tiny_runs, "clm"), "--protein", "MKB")
     assert code == 2 and "'B'" in err
 
 
@@ -240,9 +223,9 @@ def test_protein_masks_and_filters():
 GRID = ["--lrs", "1e-3", "--batch-sizes", "64", "--seeds", "0", "--max-epochs", "2"]
 
 
-def test_downstream_riboswitches(work, run, tmp_path, shared_data):
+def test_downstream_riboswitches(tiny_runs, eval_run, tmp_path, shared_data):
     out = tmp_path / "report.json"
-    code, stdout, err = run("downstream", ckpt(work, "mlm"), "--task", "tc_riboswitches",
+    code, stdout, err = eval_run("downstream", tiny_checkpoint(tiny_runs, "mlm"), "--task", "tc_riboswitches",
                             "--data_dir", shared_data, *GRID, "--out", out)  # fmt: skip
     assert code == 0, err
     assert "| method | spearman |" in stdout and "3-mers" in stdout
@@ -252,8 +235,8 @@ def test_downstream_riboswitches(work, run, tmp_path, shared_data):
         assert result["metric"] == "spearman" and len(result["values"]) == 1
         assert math.isfinite(result["mean"]) and result["std"] == 0.0
     assert doc["task"]["coding"] is False and "3-mers" in doc["task"]["model_input"]
-    # The features are cached: a second run (linear head) finds them.
-    code, _, err = run("downstream", ckpt(work, "mlm"), "--task", "tc_riboswitches", "--data_dir",
+    # The features are cached: a second eval_run (linear head) finds them.
+    code, _, err = eval_run("downstream", tiny_checkpoint(tiny_runs, "mlm"), "--task", "tc_riboswitches", "--data_dir",
                        shared_data, "--head", "linear", "--no-baselines", "--out", out)  # fmt: skip
     assert code == 0 and "features read from the cache" in err
 
@@ -268,10 +251,10 @@ def _task_file(path: Path, n: int = 30, long_every: int = 3, value=lambda i: f"{
     return path
 
 
-def test_downstream_user_file_with_long_sequences(work, run, tmp_path):
+def test_downstream_user_file_with_long_sequences(tiny_runs, eval_run, tmp_path):
     data = _task_file(tmp_path / "task.csv")
     out = tmp_path / "r.json"
-    code, stdout, err = run("downstream", ckpt(work, "clm"), "--file", data, "--sequence-column",
+    code, stdout, err = eval_run("downstream", tiny_checkpoint(tiny_runs, "clm"), "--file", data, "--sequence-column",
                             "seq", "--target-column", "y", "--split-column", "part", "--head",
                             "linear", "--no-baselines", "--long-seqs", "window", "--out", out)  # fmt: skip
     assert code == 0, err
@@ -280,15 +263,19 @@ def test_downstream_user_file_with_long_sequences(work, run, tmp_path):
     assert math.isfinite(doc["results"]["gpt2_clm_linear"]["mean"])
 
 
-def test_downstream_errors(work, run, tmp_path):
-    base = ["downstream", ckpt(work, "mlm"), *GRID, "--no-baselines"]
+def test_downstream_errors(tiny_runs, eval_run, tmp_path):
+    base = ["downstream", tiny_checkpoint(tiny_runs, "mlm"), *GRID, "--no-baselines"]
     data = _task_file(tmp_path / "task.csv")
-    code, _, err = run(*base, "--file", data, "--sequence-column", "seq", "--target-column", "yy")
+    code, _, err = eval_run(
+        *base, "--file", data, "--sequence-column", "seq", "--target-column", "yy"
+    )
     assert code == 2 and "no column(s) ['yy']" in err and err.count("\n") == 1
     bad = _task_file(tmp_path / "bad.csv", value=lambda i: "high" if i == 4 else "1.5")
-    code, _, err = run(*base, "--file", bad, "--sequence-column", "seq", "--target-column", "y")
+    code, _, err = eval_run(
+        *base, "--file", bad, "--sequence-column", "seq", "--target-column", "y"
+    )
     assert code == 2 and "non-numeric target" in err and "bad.csv:6" in err
-    code, _, err = run(*base, "--task", "no_such_task")
+    code, _, err = eval_run(*base, "--task", "no_such_task")
     assert code == 2 and "unknown --task" in err and "tc_riboswitches" in err
-    code, _, err = run(*base, "--file", data, "--finetune", "--long-seqs", "window")
+    code, _, err = eval_run(*base, "--file", data, "--finetune", "--long-seqs", "window")
     assert code == 2 and "--finetune" in err and "--long-seqs" in err
