@@ -5,9 +5,9 @@
 1. Tokenization: ``3mer`` ``encode_batch`` over the whole corpus on one core (the process is pinned
    to one CPU), in MB of nucleotides per second, against a plain Python loop that slices codons and
    looks them up in a dict, measured in the same run on the same sequences.
-2. Loader: tokens per second read from the `TokenStore` in shuffled batches: ``store[i]``, framing
-   ``<cls> ... <eos>``, truncation to ``--max-seq-len`` and padding into a (B, T) array, then
-   ``torch.from_numpy``. Single process.
+2. Loader: tokens per second read from the `TokenStore` in shuffled batches: ``store[i]``,
+   truncation to ``--max-seq-len``, framing ``<cls> ... <eos>`` and padding into (B, T) tensors with
+   the training code's `frame` and `pad_batch`. Single process.
 3. Peak RSS (VmHWM, i.e. ``getrusage``'s ru_maxrss for this process image) of a fresh process that builds the cache for the corpus, and for
    a corpus ten times larger (its records repeated 10x); both corpora are written as txt first so
    only the size differs. Flat RSS means the build streams.
@@ -104,22 +104,16 @@ def bench_tokenize(seqs: list[str], repeats: int) -> dict:
 
 
 def bench_loader(store, batch_size: int, max_seq_len: int, epochs: int) -> dict:
-    import torch
-
-    from helm.vocab import CLS_ID, EOS_ID, PAD_ID
+    from helm.data.dataset import frame, pad_batch
 
     def one_epoch(order: np.ndarray) -> int:
         tokens = 0
         for b in range(0, len(order), batch_size):
-            rows = [store[i][: max_seq_len - 2] for i in order[b : b + batch_size]]
-            width = max(len(r) for r in rows) + 2
-            batch = np.full((len(rows), width), PAD_ID, dtype=np.int64)  # (B, T)
-            for j, r in enumerate(rows):
-                batch[j, 0] = CLS_ID
-                batch[j, 1 : len(r) + 1] = r
-                batch[j, len(r) + 1] = EOS_ID
-                tokens += len(r) + 2
-            torch.from_numpy(batch)
+            rows = [
+                frame(store[i][: max_seq_len - 2], causal=False) for i in order[b : b + batch_size]
+            ]
+            pad_batch(rows)  # (B, T) input ids and attention mask
+            tokens += sum(len(r) for r in rows)
         return tokens
 
     rng = np.random.default_rng(0)

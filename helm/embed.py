@@ -18,7 +18,6 @@ extracts them once per (checkpoint, task).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -34,9 +33,10 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from helm.data.cache import file_fingerprint
-from helm.data.io import DataError, ReadReport, _validate, clean_sequence, iter_raw_records
-from helm.vocab import CLS_ID, EOS_ID, PAD_ID
+from helm.data import cache as data_cache
+from helm.data.dataset import frame, pad_batch
+from helm.data.io import DataError, iter_records
+from helm.lm import inference_autocast
 
 log = logging.getLogger("helm")
 
@@ -57,68 +57,29 @@ def read_records(
     require_codons: bool = False,
     data_type: str = "nuc",
 ) -> tuple[list[str], list[str]]:
-    """(ids, cleaned sequences) of a sequence file, validated as `helm.data.io.iter_sequences` does.
+    """(ids, cleaned sequences) of a sequence file, read by `helm.data.io.iter_records`.
 
-    Ids are the FASTA headers (the text after ``>``), or the 1-based record number for txt and
-    csv/tsv files. Invalid records raise `DataError` (``on_invalid="error"``, the first few named
-    with file and line) or are dropped with a logged count (``"skip"``).
+    Ids are the FASTA headers (the whole text after ``>``), or the 1-based record number for txt
+    and csv/tsv files. Invalid records raise `DataError` (``on_invalid="error"``, the first few
+    named with file and line) or are dropped with a logged count (``"skip"``).
     """
-    if on_invalid not in ("error", "skip"):
-        raise ValueError(f"on_invalid must be 'error' or 'skip', got {on_invalid!r}")
-    if data_type == "codon":
-        data_type, require_codons = "nuc", True
-    report = ReadReport(str(path))
     ids, seqs = [], []
-    records = iter_raw_records(path, column_name, file_extension=file_extension)
-    for number, (location, raw) in enumerate(records, 1):
-        report.num_records += 1
-        seq, reason, detail = _validate(clean_sequence(raw, data_type), require_codons, data_type)
-        if reason is not None:
-            report.add_invalid(location, reason, detail)
-            continue
-        report.num_valid += 1
-        header = location.partition(" (>")[2]
-        ids.append(header[:-1] if header else str(number))
-        seqs.append(seq)
-    if report.invalid:
-        if on_invalid == "error":
-            listed = "\n  ".join(report.examples)
-            raise DataError(
-                f"{report.num_invalid:,} invalid record(s) in {path} (first "
-                f"{len(report.examples)}):\n  {listed}\nfix the file or pass --on-invalid skip"
-            )
-        log.warning("skipped invalid records: %s", report.summary())
+    for record in iter_records(
+        path,
+        column_name=column_name,
+        on_invalid=on_invalid,
+        file_extension=file_extension,
+        require_codons=require_codons,
+        data_type=data_type,
+    ):
+        ids.append(record.header if record.header is not None else record.id)
+        seqs.append(record.sequence)
     if not seqs:
         raise DataError(f"{path}: no usable records")
     return ids, seqs
 
 
 # Extraction --------------------------------------------------------------------------------------
-
-
-def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (fp16 where bf16 is unsupported); nothing on CPU."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
-
-
-def frame(ids: np.ndarray, causal: bool) -> np.ndarray:
-    """One model input: ``<cls> ids <eos>``, without ``<eos>`` for causal models (their training
-    inputs are the framed row minus its last token)."""
-    return np.concatenate(([CLS_ID], np.asarray(ids), [] if causal else [EOS_ID])).astype(np.int64)
-
-
-def pad_rows(rows: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded (B, T) input ids and their attention mask (1 real, 0 pad)."""
-    T = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), T), PAD_ID, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for r, row in enumerate(rows):
-        input_ids[r, : len(row)] = torch.from_numpy(np.asarray(row, dtype=np.int64))
-        mask[r, : len(row)] = 1
-    return input_ids, mask
 
 
 def window_capacity(max_seq_len: int, causal: bool) -> int:
@@ -188,8 +149,8 @@ def extract(
     show = sys.stderr.isatty() if progress is None else progress
     for b0 in tqdm(batches, desc="features", unit="batch", disable=not show, leave=False):
         batch = chunks[b0 : b0 + batch_size]
-        input_ids, mask = pad_rows([frame(token_ids[i][s:e], causal) for i, s, e in batch])
-        with autocast_for(device):
+        input_ids, mask = pad_batch([frame(token_ids[i][s:e], causal) for i, s, e in batch])
+        with inference_autocast(device):
             hidden = model(
                 input_ids.to(device),
                 attention_mask=None if bool(mask.all()) else mask.to(device),
@@ -228,12 +189,6 @@ def _coverage(n: int, capacity: int, long_seqs: str) -> np.ndarray:
 # On-disk cache ------------------------------------------------------------------------------------
 
 
-def default_feature_cache() -> Path:
-    """``$HELM_CACHE_DIR/features``, else ``~/.cache/helm/features``."""
-    root = os.environ.get("HELM_CACHE_DIR")
-    return Path(root) / "features" if root else Path.home() / ".cache" / "helm" / "features"
-
-
 def feature_key(checkpoint: str | os.PathLike, sequences: Sequence[str], **options) -> str:
     """Cache key: the checkpoint file's fingerprint, a hash of the sequences, and `options`."""
     digest = hashlib.sha256()
@@ -242,7 +197,7 @@ def feature_key(checkpoint: str | os.PathLike, sequences: Sequence[str], **optio
         digest.update(b"\n")
     inputs = {
         "version": FEATURE_CACHE_VERSION,
-        "checkpoint": file_fingerprint(checkpoint),
+        "checkpoint": data_cache.file_fingerprint(checkpoint),
         "sequences": digest.hexdigest(),
         **options,
     }
@@ -259,7 +214,7 @@ def cached_token_features(
     A cache entry is a folder with ``features.npy`` (all rows back to back, float32) and
     ``offsets.npy``; it is written under a temporary name and renamed, so a crash leaves no entry.
     """
-    root = Path(cache_dir) if cache_dir is not None else default_feature_cache()
+    root = Path(cache_dir) if cache_dir is not None else data_cache.cache_dir("features")
     final = root / key
     if not (final / "offsets.npy").is_file():
         feats = compute()

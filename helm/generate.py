@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from helm.embed import autocast_for
+from helm.data.dataset import frame
+from helm.lm import inference_autocast
 from helm.vocab import (
     AMINO_ACIDS,
     CLS_ID,
@@ -134,7 +135,7 @@ def sample(
     base[list(NEVER_SAMPLED)] = False
     if allowed is not None:
         allowed = allowed.to(device)
-    ctx = torch.tensor([[CLS_ID, *prefix_ids]], dtype=torch.long, device=device).repeat(num, 1)
+    ctx = torch.from_numpy(frame(prefix_ids, causal=True)).to(device).repeat(num, 1)  # (B, T)
     loglik = torch.zeros(num, dtype=torch.float64, device=device)
     done = torch.zeros(num, dtype=torch.bool, device=device)
     lengths = torch.full((num,), steps, dtype=torch.long, device=device)
@@ -142,7 +143,7 @@ def sample(
     model.eval()
     for step in range(steps):
         inp = ctx if ctx.shape[1] <= window else torch.cat([ctx[:, :1], ctx[:, -window + 1 :]], 1)
-        with autocast_for(device):
+        with inference_autocast(device):
             hidden = model(inp)[:, -1]  # (B, D)
             logits = model.lm_head(hidden)[:, :vocab_size].float()  # (B, V)
         logp = logits.log_softmax(-1)

@@ -1,4 +1,5 @@
-"""Reading, cleaning, validation and splits (helm.data.io); the demo corpus; codon usage and CAI."""
+"""Reading, cleaning, validation (helm.data.io) and splits (helm.data.splits); the demo corpus;
+codon usage and CAI."""
 
 from __future__ import annotations
 
@@ -12,7 +13,15 @@ import pytest
 
 from helm.codon_usage import cai, codon_frequencies, relative_adaptiveness
 from helm.data.demo import demo_sequences, write_demo_corpus
-from helm.data.io import DataError, count_records, iter_sequences, read_sequences, resolve_splits
+from helm.data.io import (
+    DataError,
+    ReadReport,
+    count_records,
+    iter_records,
+    iter_sequences,
+    read_sequences,
+)
+from helm.data.splits import resolve_splits
 from helm.vocab import genetic_code, synonymous_codons
 
 SEQS = ["ATGAAATAA", "ATGCCCGGGTGA", "ATGTTTTAG"]
@@ -169,6 +178,57 @@ def test_amino_acid_mode_translates_nucleotides_and_checks_proteins(tmp_path):
     assert seqs == ["MKW*", "MKWLV*"]
     assert report.invalid == {"invalid character": 1}
     assert "'B' at position 3" in report.examples[0]
+
+
+def test_records_carry_place_index_id_and_header(tmp_path):
+    fa = write(tmp_path / "x.fa", ">r0 first one\nATG\nAAA\n>r1|7\nATXG\n>\nCCC\n")
+    report = ReadReport(str(fa))
+    records = list(iter_records(fa, on_invalid="skip", report=report))
+    assert [(r.location, r.line, r.index, r.id, r.header) for r in records] == [
+        (f"{fa}:1", 1, 0, "r0", "r0 first one"),
+        (f"{fa}:6", 6, 2, "", ""),
+    ]
+    assert records[0].sequence == "ATGAAA" and records[0].fields is None
+    assert report.examples == [f"{fa}:4 record 2 (>r1|7): invalid character: 'X' at position 3"]
+
+    txt = write(tmp_path / "x.txt", "acg\n\nTTT\n")
+    records = list(iter_records(txt))
+    assert [(r.location, r.index, r.id, r.header) for r in records] == [
+        (f"{txt}:1", 0, "1", None),
+        (f"{txt}:3", 1, "2", None),
+    ]
+
+
+def test_table_columns_come_along_and_missing_ones_are_named(tmp_path):
+    path = write(tmp_path / "x.psv", "Sequence|Value\nATG|1\n|\nCCC|2\n")
+    records = list(iter_records(path, file_extension="csv", columns=["Value"], delimiter="sniff"))
+    assert [(r.sequence, r.fields, r.line) for r in records] == [
+        ("ATG", {"Sequence": "ATG", "Value": "1"}, 2),
+        ("CCC", {"Sequence": "CCC", "Value": "2"}, 4),  # the all-blank row is not a record
+    ]
+    with pytest.raises(DataError, match=r"no column\(s\) \['Label'\]"):
+        list(iter_records(path, file_extension="csv", delimiter="|", columns=["Label"]))
+
+
+def test_check_adds_reasons_under_the_same_policy(tmp_path):
+    path = write(tmp_path / "x.txt", "ATG\nCCC\nGGG\n")
+
+    def odd_lines(record):
+        return None if record.line % 2 else ("even line", str(record.line))
+
+    with pytest.raises(DataError, match=r"x\.txt:2: even line: 2"):
+        list(iter_records(path, check=odd_lines))
+    seqs = [r.sequence for r in iter_records(path, check=odd_lines, on_invalid="skip")]
+    assert seqs == ["ATG", "GGG"]
+    raw = [r.sequence for r in iter_records(path, validate=False)]
+    assert raw == ["ATG\n", "CCC\n", "GGG\n"]
+
+
+def test_indices_select_records_counted_over_the_whole_file(tmp_path):
+    path = write(tmp_path / "x.txt", "AAA\nXXX\nCCC\nGGG\n")
+    records = list(iter_records(path, indices=np.array([2, 3]), on_invalid="skip"))
+    assert [(r.index, r.sequence) for r in records] == [(2, "CCC"), (3, "GGG")]
+    assert list(iter_sequences(path, indices=[0, 2])) == ["AAA", "CCC"]
 
 
 # ---- splits -----------------------------------------------------------------------------------

@@ -8,7 +8,10 @@ from helm.data.dataset import (
     IGNORE_INDEX,
     LMDataset,
     collate,
+    collate_lm,
     double_start_prob,
+    frame,
+    pad_batch,
     sample_spans,
     span_length_probs,
     span_start_prob,
@@ -304,3 +307,25 @@ def test_repeated_pass_index_reads_the_same_record_with_its_own_mask():
     # Same record underneath (index i + n is record i in a repeated pass), different masks.
     assert torch.equal(unmasked(a), unmasked(b))
     assert not torch.equal(a["labels"], b["labels"])
+
+
+def test_frame_and_pad_batch():
+    assert frame(np.array([7, 8], dtype=np.uint8), causal=False).tolist() == [CLS_ID, 7, 8, EOS_ID]
+    assert frame([7, 8], causal=True).tolist() == [CLS_ID, 7, 8]
+    assert frame([], causal=False).dtype == np.int64
+    ids, mask = pad_batch([np.array([1, 5, 2]), torch.tensor([1, 6])], pad_to_multiple_of=4)
+    assert ids.tolist() == [[1, 5, 2, PAD_ID], [1, 6, PAD_ID, PAD_ID]]
+    assert mask.tolist() == [[1, 1, 1, 0], [1, 1, 0, 0]]
+    with pytest.raises(ValueError, match="empty"):
+        pad_batch([])
+
+
+def test_collate_lm_drops_the_mask_only_when_nothing_is_padded():
+    items = [{"input_ids": torch.tensor([1, 5, 2]), "labels": torch.tensor([-100, 5, -100])}] * 2
+    full = collate_lm(items)
+    assert "attention_mask" not in full and full["input_ids"].shape == (2, 3)
+    padded = collate_lm(
+        [items[0], {"input_ids": torch.tensor([1, 2]), "labels": torch.tensor([5, 2])}]
+    )
+    assert padded["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert padded["labels"][1].tolist() == [5, 2, IGNORE_INDEX]

@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helm.data.cache import TokenStore, build_token_cache, default_cache_dir
+from helm.data.cache import TokenStore, build_token_cache, cache_dir, default_cache_dir
 from helm.data.demo import write_demo_corpus
-from helm.data.io import DataError, read_sequences, resolve_splits
+from helm.data.io import DataError, read_sequences
+from helm.data.splits import resolve_splits
 from helm.tokenizers import build_tokenizer
 
 SEQS = ["ATGAAATAA", "ATGCCCGGGTGA", "ATGNNNTTTTAG", "ATG"]
@@ -220,6 +221,18 @@ def test_default_cache_dir_reads_the_environment(tmp_path, monkeypatch):
     assert default_cache_dir() == tmp_path / "here"
     monkeypatch.delenv("HELM_CACHE_DIR")
     assert default_cache_dir() == Path.home() / ".cache" / "helm" / "tokens"
+
+
+def test_cache_dirs_of_every_kind(tmp_path, monkeypatch):
+    monkeypatch.delenv("HELM_CACHE_DIR", raising=False)
+    home = Path.home() / ".cache" / "helm"
+    for kind in ("tokens", "features", "downstream"):
+        assert cache_dir(kind) == home / kind
+    monkeypatch.setenv("HELM_CACHE_DIR", str(tmp_path))
+    assert cache_dir("tokens") == cache_dir("downstream") == tmp_path
+    assert cache_dir("features") == tmp_path / "features"
+    with pytest.raises(ValueError, match="kind"):
+        cache_dir("nope")
 
 
 def test_empty_corpus_gives_an_empty_store(tmp_path, codon_tok):

@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from helm.data.io import ReadReport, Split, iter_sequences
+from helm.data.io import ReadReport, iter_sequences
+from helm.data.splits import Split
 
 try:  # POSIX; elsewhere concurrent builders rely on the atomic rename alone
     import fcntl
@@ -43,9 +44,29 @@ _FINGERPRINT_BYTES = 1 << 20
 _META, _TOKENS, _OFFSETS, _LENGTHS = "meta.json", "tokens.bin", "offsets.npy", "lengths.bin"
 
 
+# Which caches live in a sub-folder of $HELM_CACHE_DIR (the token cache and downstream task files
+# use the folder itself, as they always have, so existing caches stay where they are).
+_CACHE_KINDS = {"tokens": False, "features": True, "downstream": False}
+
+
+def cache_dir(kind: str) -> Path:
+    """The folder of one kind of cache: ``tokens`` (token caches), ``features`` (backbone
+    features) or ``downstream`` (task files).
+
+    Without ``$HELM_CACHE_DIR`` it is ``~/.cache/helm/<kind>``. With it: ``$HELM_CACHE_DIR/features``
+    for features, the folder itself for tokens and downstream files.
+    """
+    if kind not in _CACHE_KINDS:
+        raise ValueError(f"cache kind must be one of {sorted(_CACHE_KINDS)}, got {kind!r}")
+    root = os.environ.get("HELM_CACHE_DIR")
+    if not root:
+        return Path.home() / ".cache" / "helm" / kind
+    return Path(root) / kind if _CACHE_KINDS[kind] else Path(root)
+
+
 def default_cache_dir() -> Path:
-    """``$HELM_CACHE_DIR``, else ``~/.cache/helm/tokens``."""
-    return Path(os.environ.get("HELM_CACHE_DIR") or Path.home() / ".cache" / "helm" / "tokens")
+    """The token caches' folder: ``cache_dir("tokens")``."""
+    return cache_dir("tokens")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

@@ -1,4 +1,7 @@
-"""Map-style dataset over a token store: framing, truncation, MLM masking or CLM shift; collate.
+"""Map-style dataset over a token store: framing, truncation, MLM masking or CLM shift; batching.
+
+`frame` and `pad_batch` are the one framing (``<cls> ids <eos>``) and right padding (with its
+attention mask) of every model input in HELM: training rows, features, finetuning, generation.
 
 Determinism: item ``i`` in epoch ``e`` draws every random number (crop offset, mask, replacements)
 from ``np.random.default_rng(SeedSequence([seed, e, i]))``. An item therefore depends on nothing but
@@ -32,9 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from helm.vocab import CLS_ID, EOS_ID, MASK_ID, NUM_SPECIAL, PAD_ID
-
-IGNORE_INDEX = -100
+from helm.vocab import CLS_ID, EOS_ID, IGNORE_INDEX, MASK_ID, NUM_SPECIAL, PAD_ID
 
 
 class TokenStoreLike(Protocol):
@@ -216,7 +217,7 @@ class LMDataset(Dataset):
                 0 if self.truncation == "head" else int(rng.integers(len(content) - capacity + 1))
             )
             content = content[offset : offset + capacity]
-        framed = np.concatenate(([self.cls_id], content, [self.eos_id]))
+        framed = frame(content, causal=False, cls_id=self.cls_id, eos_id=self.eos_id)
         if self.mode == "clm":
             input_ids, labels = framed[:-1], framed[1:].copy()
             if cut:
@@ -283,36 +284,74 @@ class LMDataset(Dataset):
         return q
 
 
+def frame(
+    ids: Sequence[int] | np.ndarray, causal: bool, *, cls_id: int = CLS_ID, eos_id: int = EOS_ID
+) -> np.ndarray:
+    """One model input: ``<cls> ids <eos>`` as int64, without ``<eos>`` for causal models at
+    inference (their training inputs are the framed row minus its last token)."""
+    n = len(ids)
+    row = np.empty(n + (1 if causal else 2), dtype=np.int64)
+    row[0] = cls_id
+    row[1 : n + 1] = ids
+    if not causal:
+        row[-1] = eos_id
+    return row
+
+
+def _padded(rows: Sequence[torch.Tensor | np.ndarray], T: int, value: int) -> torch.Tensor:
+    """(B, T) int64: the rows left-aligned, `value` after their ends."""
+    out = torch.full((len(rows), T), value, dtype=torch.int64)
+    for r, row in enumerate(rows):
+        if not isinstance(row, torch.Tensor):
+            row = torch.from_numpy(np.asarray(row, dtype=np.int64))
+        out[r, : len(row)] = row
+    return out
+
+
+def pad_batch(
+    rows: Sequence[torch.Tensor | np.ndarray],
+    pad_id: int = PAD_ID,
+    pad_to_multiple_of: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (B, T) input ids and their attention mask (1 real, 0 pad), both int64.
+
+    ``T`` is the longest row, rounded up to ``pad_to_multiple_of`` when given (tensor-core
+    friendly shapes, fewer recompilations).
+    """
+    if not rows:
+        raise ValueError("cannot collate an empty batch")
+    sizes = torch.tensor([len(row) for row in rows], dtype=torch.int64)
+    T = int(sizes.max())
+    if pad_to_multiple_of:
+        T = -(-T // pad_to_multiple_of) * pad_to_multiple_of
+    mask = (torch.arange(T)[None, :] < sizes[:, None]).to(torch.int64)  # (B, T)
+    return _padded(rows, T, pad_id), mask
+
+
 def collate(
     batch: Sequence[dict[str, torch.Tensor]],
     pad_id: int = PAD_ID,
     pad_to_multiple_of: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Right-pad items to ``(B, T)``: ``input_ids`` with ``pad_id``, ``labels`` with -100,
-    ``position_ids`` (when present) with 0; ``attention_mask`` is 1 at real tokens, 0 at padding.
-
-    ``T`` is the longest item, rounded up to ``pad_to_multiple_of`` when given (tensor-core
-    friendly shapes, fewer recompilations).
-    """
-    if not batch:
-        raise ValueError("cannot collate an empty batch")
-    sizes = [len(item["input_ids"]) for item in batch]
-    T = max(sizes)
-    if pad_to_multiple_of:
-        T = -(-T // pad_to_multiple_of) * pad_to_multiple_of
-    B = len(batch)
+    """Right-pad `LMDataset` items to ``(B, T)`` (`pad_batch`): ``input_ids`` with ``pad_id``,
+    ``labels`` with -100, ``position_ids`` (when present) with 0; ``attention_mask`` is 1 at real
+    tokens, 0 at padding."""
+    input_ids, mask = pad_batch([item["input_ids"] for item in batch], pad_id, pad_to_multiple_of)
+    T = input_ids.shape[1]
     out = {
-        "input_ids": torch.full((B, T), pad_id, dtype=torch.int64),
-        "labels": torch.full((B, T), IGNORE_INDEX, dtype=torch.int64),
-        "attention_mask": torch.zeros((B, T), dtype=torch.int64),
+        "input_ids": input_ids,
+        "labels": _padded([item["labels"] for item in batch], T, IGNORE_INDEX),
+        "attention_mask": mask,
     }
-    with_positions = "position_ids" in batch[0]
-    if with_positions:
-        out["position_ids"] = torch.zeros((B, T), dtype=torch.int64)
-    for b, (item, n) in enumerate(zip(batch, sizes)):
-        out["input_ids"][b, :n] = item["input_ids"]
-        out["labels"][b, :n] = item["labels"]
-        out["attention_mask"][b, :n] = 1
-        if with_positions:
-            out["position_ids"][b, :n] = item["position_ids"]
+    if "position_ids" in batch[0]:
+        out["position_ids"] = _padded([item["position_ids"] for item in batch], T, 0)
+    return out
+
+
+def collate_lm(batch: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """`collate`, minus the attention mask when no row is padded (decided on the host, no sync):
+    a mask-free batch lets causal attention take SDPA's flash path. The training collate_fn."""
+    out = collate(batch)
+    if bool(out["attention_mask"].all()):
+        del out["attention_mask"]
     return out

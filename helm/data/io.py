@@ -1,14 +1,19 @@
-"""Reading, cleaning and validating sequence files.
+"""Reading, cleaning and validating sequence files: one reader, one invalid-record policy.
 
-Formats: ``txt`` (one sequence a line; blank lines are not records), ``csv``/``tsv`` (one column holds
-the sequences), ``fasta``/``fa``/``fna`` (multi-line records), each optionally gzip-compressed
-(``.gz``). Cleaning strips whitespace, drops a literal ``<pad>`` filler, upper-cases and reads U as T.
-Validation reports empty records, letters outside ``ACGTN`` and, for codon tokenizers, lengths that
-are not a multiple of 3, naming the file, line (txt/csv) or record and header (fasta), and the reason.
+Formats: ``txt`` (one sequence a line; blank lines are not records), ``csv``/``tsv`` or any
+delimited table (one column holds the sequences; the other columns can come along as
+`Record.fields`), ``fasta``/``fa``/``fna`` (multi-line records), each optionally gzip-compressed
+(``.gz``). Cleaning strips whitespace, drops a literal ``<pad>`` filler, upper-cases and reads U as
+T. Validation reports empty records, letters outside ``ACGTN`` and, for codon tokenizers, lengths
+that are not a multiple of 3, naming the file, line (txt/csv) or record and header (fasta), and the
+reason.
 
-`iter_sequences` streams cleaned records (the token cache builds from it in bounded memory);
-`read_sequences` collects them into a list. Record *indices* count every record in the file, valid
-or not, so the train/val/test split of a file (`resolve_splits`) does not depend on `on_invalid`.
+`iter_records` is the reader: it streams `Record` objects (place, index, id, header, cleaned
+sequence) in bounded memory and applies the invalid-record policy (``on_invalid="error"`` raises
+`DataError` listing the first few invalid records and the total, ``"skip"`` drops them with a logged
+count; `ReadReport` keeps the counts). `iter_sequences` and `read_sequences` are views of it that
+keep only the sequences. Record *indices* count every record in the file, valid or not, so the
+train/val/test split of a file (`helm.data.splits.resolve_splits`) does not depend on `on_invalid`.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import io
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +35,7 @@ from helm.vocab import AMINO_ACIDS, STOP, translate
 logger = logging.getLogger("helm")
 
 FORMATS = ("txt", "csv", "tsv", "fasta")
+ON_INVALID = ("error", "skip")
 _FORMAT_ALIASES = {
     "txt": "txt",
     "text": "txt",
@@ -43,9 +49,11 @@ _FORMAT_ALIASES = {
     "ffn": "fasta",
     "fas": "fasta",
 }
+# Names accepted for a table's delimiter beside the character itself.
+_DELIMITER_NAMES = {"tab": "\t", "\\t": "\t", "comma": ",", "semicolon": ";", "pipe": "|"}
 # Column names tried, case-insensitively and in this order, when no column_name is given.
 _SEQUENCE_COLUMNS = ("sequence", "seq", "cds", "sequences", "mrna", "rna", "dna", "nucleotides")
-_MAX_EXAMPLES = 5
+MAX_EXAMPLES = 5
 
 _BAD_NUCLEOTIDE = re.compile(r"[^ACGTN]")
 _BAD_AMINO_ACID = re.compile(f"[^{AMINO_ACIDS}X{re.escape(STOP)}]")
@@ -58,6 +66,34 @@ EMPTY, BAD_CHARACTER, NOT_CODONS = "empty", "invalid character", "length not a m
 
 class DataError(ValueError):
     """A data file that cannot be used as given: the message names the file, place and reason."""
+
+
+@dataclass(slots=True)
+class Record:
+    """One record of a sequence file.
+
+    `location` is ``file:line`` (for FASTA the header's line); `index` counts every record of the
+    file from 0, valid or not; `id` is the FASTA header's first word, else the 1-based record
+    number; `header` is the whole FASTA header (None for other formats); `sequence` is cleaned and
+    validated (raw text with ``validate=False``); `fields` maps a table's header to the row's cells
+    when `iter_records` was asked for `columns`.
+    """
+
+    location: str
+    line: int
+    index: int
+    id: str
+    sequence: str
+    header: str | None = None
+    fields: dict[str, str] | None = None
+
+    @property
+    def where(self) -> str:
+        """The record's place in messages: ``file:line``, or for FASTA
+        ``file:line record N (>header)``."""
+        if self.header is None:
+            return self.location
+        return f"{self.location} record {self.index + 1} (>{self.header})"
 
 
 @dataclass
@@ -78,7 +114,7 @@ class ReadReport:
     def add_invalid(self, location: str, reason: str, detail: str = "") -> None:
         """Count one invalid record under `reason`; keep its description among the first few."""
         self.invalid[reason] = self.invalid.get(reason, 0) + 1
-        if len(self.examples) < _MAX_EXAMPLES:
+        if len(self.examples) < MAX_EXAMPLES:
             self.examples.append(f"{location}: {reason}{': ' + detail if detail else ''}")
 
     def summary(self) -> str:
@@ -89,6 +125,14 @@ class ReadReport:
             text += f"; {self.num_invalid:,} invalid ({parts})"
         return text
 
+    def error(self) -> DataError:
+        """The error that stops a read with invalid records under ``on_invalid="error"``."""
+        listed = "\n  ".join(self.examples)
+        return DataError(
+            f"{self.num_invalid:,} invalid record(s) in {self.path} (first {len(self.examples)}):"
+            f"\n  {listed}\nfix the file or pass on_invalid='skip' (--on-invalid skip) to drop them"
+        )
+
     def to_dict(self) -> dict:
         """JSON-able form (token cache meta.json)."""
         return {
@@ -98,6 +142,12 @@ class ReadReport:
             "invalid": dict(self.invalid),
             "examples": list(self.examples),
         }
+
+
+def check_on_invalid(on_invalid: str) -> None:
+    """Refuse an `on_invalid` value other than ``"error"`` or ``"skip"``."""
+    if on_invalid not in ON_INVALID:
+        raise ValueError(f"on_invalid must be 'error' or 'skip', got {on_invalid!r}")
 
 
 def detect_format(path: str | os.PathLike, file_extension: str | None = None) -> tuple[str, bool]:
@@ -117,11 +167,41 @@ def detect_format(path: str | os.PathLike, file_extension: str | None = None) ->
     return fmt, gz
 
 
-def _open_text(path: str | os.PathLike, gz: bool) -> io.TextIOBase:
+def open_text(path: str | os.PathLike, gz: bool | None = None) -> io.TextIOBase:
+    """A file opened for reading text, gunzipped when `gz` (default: the name ends in ``.gz``)."""
+    if gz is None:
+        gz = Path(path).name.lower().endswith(".gz")
     # newline="" lets the csv module see quoted newlines; the other readers strip line ends anyway.
     if gz:
         return gzip.open(path, "rt", encoding="utf-8", newline="")
     return open(path, encoding="utf-8", newline="")
+
+
+def table_rows(
+    path: str | os.PathLike, *, gz: bool | None = None, delimiter: str = ","
+) -> tuple[list[str] | None, Iterator[tuple[int, list[str]]]]:
+    """(header with names stripped, or None for an empty file; iterator of (line, row)) of a
+    delimited file. `delimiter` is a character, a name (``tab``, ``comma``, ``semicolon``,
+    ``pipe``) or ``"sniff"`` (guessed among ``, tab ; |`` from the first lines, else ``,``)."""
+    if delimiter == "sniff":
+        with open_text(path, gz) as f:
+            sample = "".join(line for _, line in zip(range(20), f))
+        try:
+            delimiter = csv.Sniffer().sniff(sample, delimiters=",\t;|").delimiter
+        except csv.Error:
+            delimiter = ","
+    csv.field_size_limit(2**31 - 1)  # sequences can exceed the default 128 KiB field limit
+    f = open_text(path, gz)
+    reader = csv.reader(f, delimiter=_DELIMITER_NAMES.get(delimiter, delimiter))
+    header = next(reader, None)
+
+    def rows() -> Iterator[tuple[int, list[str]]]:
+        with f:
+            for row in reader:
+                if row:
+                    yield reader.line_num, row
+
+    return (None if header is None else [h.strip() for h in header]), rows()
 
 
 def _pick_column(path: str | os.PathLike, header: list[str], column_name: str | None) -> int:
@@ -129,7 +209,7 @@ def _pick_column(path: str | os.PathLike, header: list[str], column_name: str | 
         if column_name in header:
             return header.index(column_name)
         raise DataError(f"{path}: no column {column_name!r}; the header has {header}")
-    lowered = [h.strip().lower() for h in header]
+    lowered = [h.lower() for h in header]
     for candidate in _SEQUENCE_COLUMNS:
         if candidate in lowered:
             return lowered.index(candidate)
@@ -140,71 +220,89 @@ def _pick_column(path: str | os.PathLike, header: list[str], column_name: str | 
     )
 
 
-def iter_raw_records(
+def _raw_records(
     path: str | os.PathLike,
-    column_name: str | None = None,
-    *,
-    file_extension: str | None = None,
-) -> Iterator[tuple[str, str]]:
-    """Yield ``(location, raw_text)`` for every record of a file, uncleaned and unvalidated.
-
-    The location is ``file:line`` for txt and csv/tsv, ``file:line record N (>header)`` for fasta.
-    """
+    column_name: str | None,
+    file_extension: str | None,
+    columns: Sequence[str] | None,
+    delimiter: str | None,
+) -> Iterator[Record]:
+    """Every record of a file with its raw (uncleaned, unvalidated) text as `sequence`."""
     fmt, gz = detect_format(path, file_extension)
-    with _open_text(path, gz) as f:
-        if fmt == "txt":
+    if fmt == "fasta":
+        yield from _fasta_records(path, gz)
+        return
+    if fmt == "txt":
+        with open_text(path, gz) as f:
+            index = 0
             for line_no, line in enumerate(f, 1):
                 if line.strip():
-                    yield f"{path}:{line_no}", line
-        elif fmt in ("csv", "tsv"):
-            reader = _csv_reader(f, fmt)
-            header = next(reader, None)
-            if header is None:
-                return
-            col = _pick_column(path, header, column_name)
-            for row in reader:
-                if not row:
-                    continue
-                yield f"{path}:{reader.line_num}", row[col] if col < len(row) else ""
-        else:
-            yield from _fasta_records(path, f)
+                    index += 1
+                    yield Record(f"{path}:{line_no}", line_no, index - 1, str(index), line)
+        return
+    default = "," if fmt == "csv" else "\t"
+    header, rows = table_rows(path, gz=gz, delimiter=delimiter or default)
+    if columns is None:
+        if header is None:
+            return
+    else:
+        header = header or []
+        wanted = [*([column_name] if column_name is not None else []), *columns]
+        missing = [c for c in wanted if c not in header]
+        if missing:
+            rows.close()
+            raise DataError(f"{path}: no column(s) {missing}; the header has {header}")
+    col = _pick_column(path, header, column_name)
+    index = 0
+    for line_no, row in rows:
+        # A labelled table's all-blank row (a spreadsheet's trailing ",,,") is not a record.
+        if columns is not None and not any(cell.strip() for cell in row):
+            continue
+        index += 1
+        yield Record(
+            f"{path}:{line_no}",
+            line_no,
+            index - 1,
+            str(index),
+            row[col] if col < len(row) else "",
+            fields=None if columns is None else dict(zip(header, row)),
+        )
 
 
-def _csv_reader(f: io.TextIOBase, fmt: str):
-    # Sequences can exceed the csv module's default 128 KiB field limit.
-    csv.field_size_limit(2**31 - 1)
-    return csv.reader(f, delimiter="," if fmt == "csv" else "\t")
+def _fasta_records(path: str | os.PathLike, gz: bool) -> Iterator[Record]:
+    def record(header: str, line_no: int, index: int, chunks: list[str]) -> Record:
+        words = header.split(maxsplit=1)
+        return Record(
+            f"{path}:{line_no}", line_no, index, words[0] if words else "", "".join(chunks), header
+        )
 
-
-def _fasta_records(path: str | os.PathLike, f: io.TextIOBase) -> Iterator[tuple[str, str]]:
     header, header_line, chunks, count = None, 0, [], 0
-    for line_no, line in enumerate(f, 1):
-        if line.startswith(">"):
-            if header is not None:
-                yield f"{path}:{header_line} record {count} (>{header})", "".join(chunks)
-            count += 1
-            header, header_line, chunks = line[1:].strip(), line_no, []
-        elif header is None:
-            if line.strip():
-                raise DataError(f"{path}:{line_no}: sequence data before the first '>' header")
-        else:
-            chunks.append(line)
+    with open_text(path, gz) as f:
+        for line_no, line in enumerate(f, 1):
+            if line.startswith(">"):
+                if header is not None:
+                    yield record(header, header_line, count - 1, chunks)
+                count += 1
+                header, header_line, chunks = line[1:].strip(), line_no, []
+            elif header is None:
+                if line.strip():
+                    raise DataError(f"{path}:{line_no}: sequence data before the first '>' header")
+            else:
+                chunks.append(line)
     if header is not None:
-        yield f"{path}:{header_line} record {count} (>{header})", "".join(chunks)
+        yield record(header, header_line, count - 1, chunks)
 
 
 def count_records(
     path: str | os.PathLike, column_name: str | None = None, *, file_extension: str | None = None
 ) -> int:
-    """Number of records in a file, valid or not (the index space of `iter_sequences`)."""
+    """Number of records in a file, valid or not (the index space of `iter_records`)."""
     fmt, gz = detect_format(path, file_extension)
     if fmt in ("csv", "tsv"):
         # Rows count the same whichever column is read, so no column has to be chosen here.
-        with _open_text(path, gz) as f:
-            reader = _csv_reader(f, fmt)
-            next(reader, None)
-            return sum(1 for row in reader if row)
-    return sum(1 for _ in iter_raw_records(path, column_name, file_extension=file_extension))
+        _, rows = table_rows(path, gz=gz, delimiter="," if fmt == "csv" else "\t")
+        return sum(1 for _ in rows)
+    return sum(1 for _ in _raw_records(path, column_name, file_extension, None, None))
 
 
 def clean_sequence(raw: str, data_type: str = "nuc") -> str:
@@ -213,74 +311,14 @@ def clean_sequence(raw: str, data_type: str = "nuc") -> str:
     return seq.translate(_WHITESPACE_AND_U if data_type == "nuc" else _WHITESPACE)
 
 
-def iter_sequences(
-    path: str | os.PathLike,
-    column_name: str | None = None,
-    on_invalid: str = "error",
-    *,
-    file_extension: str | None = None,
-    num_samples: int | None = None,
-    require_codons: bool = False,
-    data_type: str = "nuc",
-    indices: np.ndarray | None = None,
-    report: ReadReport | None = None,
-) -> Iterator[str]:
-    """Stream cleaned, validated sequences of a file (see `read_sequences` for the arguments).
+def validate_sequence(
+    seq: str, require_codons: bool = False, data_type: str = "nuc"
+) -> tuple[str, str | None, str]:
+    """(sequence to use, reason it is invalid or None, detail) for a cleaned sequence.
 
-    `indices` restricts reading to those record numbers (0-based over all records); `report`, when
-    given, is filled in as records go by. With ``on_invalid="error"`` the stream stops yielding at
-    the first invalid record, reads on to count the others, then raises `DataError` listing the
-    first few and the total.
+    ``data_type="aa"``: a record that looks like nucleotides is checked as such and translated in
+    frame (stop kept as ``*``); any other is checked against the amino-acid alphabet.
     """
-    if on_invalid not in ("error", "skip"):
-        raise ValueError(f"on_invalid must be 'error' or 'skip', got {on_invalid!r}")
-    if data_type == "codon":  # the CLI's name for nucleotide data read as whole codons
-        data_type, require_codons = "nuc", True
-    if data_type not in ("nuc", "aa"):
-        raise ValueError(f"data_type must be 'nuc', 'codon' or 'aa', got {data_type!r}")
-    report = report if report is not None else ReadReport(str(path))
-    wanted, last = None, -1
-    if indices is not None:
-        # A boolean mask costs one byte a record, a set of ints ~60: splits of huge files stay small.
-        indices = np.asarray(indices, dtype=np.int64)
-        last = int(indices.max()) if indices.size else -1
-        wanted = np.zeros(last + 1, dtype=bool)
-        wanted[indices] = True
-    failed = False
-    records = iter_raw_records(path, column_name, file_extension=file_extension)
-    for index, (location, raw) in enumerate(records):
-        if wanted is not None:
-            if index > last:
-                break
-            if not wanted[index]:
-                continue
-        report.num_records += 1
-        seq, reason, detail = _validate(clean_sequence(raw, data_type), require_codons, data_type)
-        if reason is not None:
-            report.add_invalid(location, reason, detail)
-            failed = failed or on_invalid == "error"
-            continue
-        if failed:
-            continue
-        report.num_valid += 1
-        yield seq
-        if num_samples is not None and report.num_valid >= num_samples:
-            break
-    if report.invalid and not failed:
-        # Skipping is a choice, never silent: whoever reads the file hears what was dropped.
-        logger.warning(
-            "skipped invalid records: %s (first: %s)", report.summary(), report.examples[0]
-        )
-    if failed:
-        listed = "\n  ".join(report.examples)
-        raise DataError(
-            f"{report.num_invalid:,} invalid record(s) in {path} (first {len(report.examples)}):"
-            f"\n  {listed}\nfix the file or pass on_invalid='skip' (--on-invalid skip) to drop them"
-        )
-
-
-def _validate(seq: str, require_codons: bool, data_type: str) -> tuple[str, str | None, str]:
-    """(sequence to use, reason it is invalid or None, detail)."""
     if not seq:
         return seq, EMPTY, ""
     protein = data_type == "aa" and not _looks_like_nucleotides(seq)
@@ -303,6 +341,103 @@ def _looks_like_nucleotides(seq: str) -> bool:
     return looks_like_nucleotides(seq)
 
 
+def iter_records(
+    path: str | os.PathLike,
+    *,
+    column_name: str | None = None,
+    on_invalid: str = "error",
+    file_extension: str | None = None,
+    data_type: str = "nuc",
+    require_codons: bool = False,
+    indices: np.ndarray | None = None,
+    num_samples: int | None = None,
+    report: ReadReport | None = None,
+    columns: Sequence[str] | None = None,
+    delimiter: str | None = None,
+    check: Callable[[Record], tuple[str, str] | None] | None = None,
+    validate: bool = True,
+) -> Iterator[Record]:
+    """Stream the records of a sequence file, cleaned and validated, under one invalid-record policy.
+
+    Args:
+        path: a txt, csv, tsv (or other delimited table) or fasta file, optionally ``.gz``.
+        column_name: the table column holding sequences; by default a column named like
+            ``sequence``/``seq``/``CDS`` or the only column. Ignored for txt and fasta.
+        on_invalid: ``"error"``: the stream stops yielding at the first invalid record, reads on
+            to count the others, then raises `DataError` listing the first few and the total;
+            ``"skip"``: invalid records are dropped, counted in `report` and logged at the end.
+        file_extension: overrides the format read from the file name (e.g. ``"fasta.gz"``).
+        data_type: ``"nuc"``; ``"codon"`` (nucleotides with `require_codons`); or ``"aa"``
+            (see `validate_sequence`).
+        require_codons: lengths must be a multiple of 3 (codon tokenizers).
+        indices: read only these record numbers (0-based over all records).
+        num_samples: stop after this many valid records.
+        report: filled in as records go by (default: a fresh `ReadReport`).
+        columns: table columns that must exist beside the sequence column; when given (even
+            empty), each record carries its row as `Record.fields` and all-blank rows are skipped.
+        delimiter: a table's delimiter (default ``,`` for csv, tab for tsv; see `table_rows`).
+        check: a further test of each record (before its sequence is validated): None when the
+            record is good, else ``(reason, detail)``, counted like any invalid record.
+        validate: False yields the raw text as `Record.sequence` (no cleaning, no validation).
+    """
+    check_on_invalid(on_invalid)
+    if data_type == "codon":  # the CLI's name for nucleotide data read as whole codons
+        data_type, require_codons = "nuc", True
+    if data_type not in ("nuc", "aa"):
+        raise ValueError(f"data_type must be 'nuc', 'codon' or 'aa', got {data_type!r}")
+    report = report if report is not None else ReadReport(str(path))
+    wanted, last = None, -1
+    if indices is not None:
+        # A boolean mask costs one byte a record, a set of ints ~60: splits of huge files stay small.
+        indices = np.asarray(indices, dtype=np.int64)
+        last = int(indices.max()) if indices.size else -1
+        wanted = np.zeros(last + 1, dtype=bool)
+        wanted[indices] = True
+    failed = False
+    for record in _raw_records(path, column_name, file_extension, columns, delimiter):
+        if wanted is not None:
+            if record.index > last:
+                break
+            if not wanted[record.index]:
+                continue
+        report.num_records += 1
+        problem = check(record) if check is not None else None
+        if problem is None and validate:
+            seq, reason, detail = validate_sequence(
+                clean_sequence(record.sequence, data_type), require_codons, data_type
+            )
+            record.sequence = seq
+            problem = None if reason is None else (reason, detail)
+        if problem is not None:
+            report.add_invalid(record.where, *problem)
+            failed = failed or on_invalid == "error"
+            continue
+        if failed:
+            continue
+        report.num_valid += 1
+        yield record
+        if num_samples is not None and report.num_valid >= num_samples:
+            break
+    if failed:
+        raise report.error()
+    if report.invalid:
+        # Skipping is a choice, never silent: whoever reads the file hears what was dropped.
+        logger.warning(
+            "skipped invalid records: %s (first: %s)", report.summary(), report.examples[0]
+        )
+
+
+def iter_sequences(
+    path: str | os.PathLike,
+    column_name: str | None = None,
+    on_invalid: str = "error",
+    **options,
+) -> Iterator[str]:
+    """The cleaned, validated sequences of `iter_records` (same arguments)."""
+    for record in iter_records(path, column_name=column_name, on_invalid=on_invalid, **options):
+        yield record.sequence
+
+
 def read_sequences(
     path: str | os.PathLike,
     column_name: str | None = None,
@@ -313,23 +448,7 @@ def read_sequences(
     require_codons: bool = False,
     data_type: str = "nuc",
 ) -> tuple[list[str], ReadReport]:
-    """Read, clean and validate every sequence of a file.
-
-    Args:
-        path: a txt, csv, tsv or fasta file, optionally ``.gz``.
-        column_name: the csv/tsv column holding sequences; by default a column named like
-            ``sequence``/``seq``/``CDS`` or the only column. Ignored for txt and fasta.
-        on_invalid: ``"error"`` raises `DataError` naming the first invalid records and the total;
-            ``"skip"`` drops them and counts them in the report.
-        file_extension: overrides the format read from the file name (e.g. ``"fasta.gz"``).
-        num_samples: keep only the first N valid records.
-        require_codons: lengths must be a multiple of 3 (codon tokenizers).
-        data_type: ``"nuc"``; ``"codon"`` (nucleotides with `require_codons`); or ``"aa"``: nucleotide records are translated in frame (stop kept as
-            ``*``) and protein records validated against the amino-acid alphabet.
-
-    Returns:
-        The cleaned sequences and a `ReadReport`.
-    """
+    """Every cleaned, validated sequence of a file and the `ReadReport` (see `iter_records`)."""
     report = ReadReport(str(path))
     seqs = list(
         iter_sequences(
@@ -344,123 +463,3 @@ def read_sequences(
         )
     )
     return seqs, report
-
-
-# ---------------------------------------------------------------------------------------------------
-# Train / val / test splits
-
-_SPLIT_STEMS = {
-    "train": "train",
-    "training": "train",
-    "val": "val",
-    "valid": "val",
-    "validation": "val",
-    "dev": "val",
-    "test": "test",
-}
-
-
-@dataclass(eq=False)
-class Split:
-    """One split of the data: a file and, when the split is carved out of a file, its records.
-
-    `indices` holds sorted 0-based record numbers of `path` (as counted by `count_records`);
-    None means every record. `iter_sequences(split.path, indices=split.indices, ...)` reads it.
-    """
-
-    name: str
-    path: str
-    indices: np.ndarray | None = None
-    file_extension: str | None = None
-
-    def __repr__(self) -> str:
-        which = "all records" if self.indices is None else f"{len(self.indices):,} records"
-        return f"Split({self.name!r}, {self.path!r}, {which})"
-
-
-def _find_split_files(data_dir: str | os.PathLike, file_extension: str | None) -> dict[str, str]:
-    found: dict[str, list[str]] = {}
-    for entry in sorted(Path(data_dir).iterdir()):
-        if not entry.is_file():
-            continue
-        try:
-            detect_format(entry, file_extension)
-        except DataError:
-            continue
-        name = _SPLIT_STEMS.get(entry.name.split(".")[0].lower())
-        if name is not None:
-            found.setdefault(name, []).append(str(entry))
-    for name, paths in found.items():
-        if len(paths) > 1:
-            raise DataError(
-                f"{data_dir}: several {name} files {paths}; pass {name}_file explicitly"
-            )
-    return {name: paths[0] for name, paths in found.items()}
-
-
-def resolve_splits(
-    data_dir: str | os.PathLike | None = None,
-    train_file: str | os.PathLike | None = None,
-    val_file: str | os.PathLike | None = None,
-    test_file: str | os.PathLike | None = None,
-    file_extension: str | None = None,
-    seed: int = 0,
-    split: tuple[float, float, float] = (0.9, 0.05, 0.05),
-) -> dict[str, Split]:
-    """Decide which files, or which records of the training file, make train, val and test.
-
-    Explicit files win; otherwise `data_dir` is searched for files named ``train``, ``val`` (or
-    ``valid``, ``validation``, ``dev``) and ``test`` with a known extension. A missing val or test
-    split is carved out of the training file: a permutation of its record numbers seeded by `seed`
-    gives ``round(n * fraction)`` records (at least one) to each missing split, in the proportions
-    of `split` = (train, val, test); a zero fraction leaves that split out of the result.
-
-    Returns:
-        ``{"train": Split, "val": Split, "test": Split}`` (val/test absent when their fraction is 0).
-    """
-    if len(split) != 3 or min(split) < 0 or abs(sum(split) - 1.0) > 1e-6:
-        raise ValueError(f"split must be three non-negative fractions summing to 1, got {split}")
-    files = {"train": train_file, "val": val_file, "test": test_file}
-    if data_dir is not None:
-        if not Path(data_dir).is_dir():
-            raise DataError(f"data_dir {data_dir} is not a directory")
-        for name, path in _find_split_files(data_dir, file_extension).items():
-            files[name] = files[name] or path
-    if files["train"] is None:
-        where = f" (found none named train.* in {data_dir})" if data_dir is not None else ""
-        raise DataError(f"no training data: pass train_file or a data_dir with train.<ext>{where}")
-    for name, path in files.items():
-        if path is not None and not Path(path).is_file():
-            raise DataError(f"{name} file {path} does not exist")
-
-    splits = {
-        name: Split(name, str(path), None, file_extension)
-        for name, path in files.items()
-        if path is not None
-    }
-    fractions = dict(zip(("train", "val", "test"), split))
-    missing = [name for name in ("val", "test") if name not in splits and fractions[name] > 0]
-    if not missing:
-        return splits
-
-    train_path = splits["train"].path
-    n = count_records(train_path, file_extension=file_extension)
-    sizes = {name: max(1, round(n * fractions[name])) for name in missing}
-    if n - sum(sizes.values()) < 1:
-        raise DataError(f"{train_path}: {n} record(s) are too few to carve out {missing} splits")
-    perm = np.random.default_rng(seed).permutation(n)
-    start = 0
-    for name in missing:
-        part = perm[start : start + sizes[name]]
-        splits[name] = Split(name, train_path, np.sort(part), file_extension)
-        start += sizes[name]
-    splits["train"] = Split("train", train_path, np.sort(perm[start:]), file_extension)
-    logger.info(
-        "no %s file: split %s (%d records) with seed %d into %s",
-        "/".join(missing),
-        train_path,
-        n,
-        seed,
-        ", ".join(f"{k} {len(s.indices):,}" for k, s in splits.items() if s.indices is not None),
-    )
-    return {name: splits[name] for name in ("train", "val", "test") if name in splits}

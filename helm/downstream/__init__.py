@@ -17,7 +17,7 @@ from helm.downstream.heads import OneHotEncoder, TextCNN, codon_frequency_featur
 from helm.downstream.metrics import PRIMARY, compute_metrics
 from helm.downstream.protocol import (
     ProbeResult,
-    Split,
+    TaskSplit,
     evaluate_pooled,
     evaluate_probe,
     make_splits,
@@ -38,9 +38,9 @@ __all__ = [
     "TASKS",
     "OneHotEncoder",
     "ProbeResult",
-    "Split",
     "TaskData",
     "TaskSpec",
+    "TaskSplit",
     "TextCNN",
     "codon_frequency_features",
     "compute_metrics",

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from helm.downstream.heads import OneHotEncoder, codon_frequency_features
 from helm.downstream.metrics import LOWER_IS_BETTER
-from helm.downstream.protocol import ProbeResult, Split, evaluate_pooled, evaluate_probe
+from helm.downstream.protocol import ProbeResult, TaskSplit, evaluate_pooled, evaluate_probe
 from helm.downstream.tasks import TaskData, TaskSpec
 
 BASELINES = ("onehot_textcnn", "codon_freq")
@@ -22,7 +22,7 @@ BASELINES = ("onehot_textcnn", "codon_freq")
 
 def run_baselines(
     data: TaskData,
-    splits: Sequence[Split],
+    splits: Sequence[TaskSplit],
     *,
     methods: Sequence[str] = BASELINES,
     lrs: Sequence[float] = (3e-4, 1e-4, 1e-5),

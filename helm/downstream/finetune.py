@@ -2,9 +2,9 @@
 
 Each run starts from a fresh copy of the pretrained backbone and a new head on its last hidden
 states at the sequence's own tokens: the TextCNN of the probes, or ``head="linear"``, one linear
-layer on their mean. A record is framed as `helm.embed` frames it (``<cls> tokens <eos>`` for a
-bidirectional model, ``<cls> tokens`` for a causal one) and cut to the model's window
-(``max_seq_len``); batches are right-padded with an attention mask. AdamW trains the head at the
+layer on their mean. A record is framed by `helm.data.dataset.frame` as `helm.embed` frames it
+(``<cls> tokens <eos>`` for a bidirectional model, ``<cls> tokens`` for a causal one) and cut to
+the model's window (``max_seq_len``); batches are right-padded (`helm.data.dataset.pad_batch`). AdamW trains the head at the
 grid's learning rate and the backbone at ``backbone_lr_scale`` times it (per-parameter ``_optim``
 hints and ``_no_weight_decay`` tags honoured, as in pretraining), under bf16 autocast on CUDA.
 
@@ -23,11 +23,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from helm.data.dataset import frame, pad_batch
 from helm.data.io import DataError
 from helm.downstream.heads import TextCNN
 from helm.downstream.protocol import (
     ProbeResult,
-    Split,
+    TaskSplit,
     check_splits,
     search_grid,
     task_loss,
@@ -35,7 +36,8 @@ from helm.downstream.protocol import (
     training_targets,
 )
 from helm.downstream.tasks import TaskData
-from helm.embed import autocast_for, frame, pad_rows, window_capacity
+from helm.embed import window_capacity
+from helm.lm import amp_dtype, inference_autocast
 from helm.optim import param_groups
 
 HEADS = ("textcnn", "linear")
@@ -96,7 +98,7 @@ def collate(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Right-padded (B, T) input ids, their attention mask (None when nothing is padded) and the
     (B, T - 1) bool mask of each row's sequence tokens (after ``<cls>``, before ``<eos>``)."""
-    input_ids, attention_mask = pad_rows(rows)  # (B, T)
+    input_ids, attention_mask = pad_batch(rows)  # (B, T)
     T = input_ids.shape[1]
     lengths = attention_mask.sum(1)
     num_tokens = lengths - (1 if causal else 2)
@@ -131,7 +133,7 @@ def finetune_run(
     backbone: nn.Module,
     framed: Sequence[np.ndarray],
     data: TaskData,
-    split: Split,
+    split: TaskSplit,
     lr: float,
     batch_size: int,
     seed: int,
@@ -159,8 +161,8 @@ def finetune_run(
         copy.deepcopy(backbone), build_head(head, backbone.cfg.d_model, data.num_outputs)
     ).to(device)
     opt = build_optimizer(model, lr, backbone_lr_scale, weight_decay)
-    # bf16 autocast needs no loss scaling; the fp16 fallback of autocast_for does.
-    fp16 = device.type == "cuda" and not torch.cuda.is_bf16_supported()
+    # bf16 autocast needs no loss scaling; the fp16 fallback of the inference policy does.
+    fp16 = amp_dtype(device, enabled=device.type == "cuda") == torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=fp16)
 
     def train_epoch() -> None:
@@ -168,7 +170,7 @@ def finetune_run(
         perm = split.train[torch.randperm(len(split.train), generator=order).numpy()]
         for start in range(0, len(perm), batch_size):
             idx = perm[start : start + batch_size]
-            with autocast_for(device):
+            with inference_autocast(device):
                 out = model(*collate([framed[i] for i in idx], causal, device))
             loss = task_loss(task, out.float(), y_train[idx].to(device))
             opt.zero_grad(set_to_none=True)
@@ -182,7 +184,7 @@ def finetune_run(
         outs = []
         for start in range(0, len(idx), eval_batch_size):
             rows = [framed[i] for i in idx[start : start + eval_batch_size]]
-            with autocast_for(device):
+            with inference_autocast(device):
                 outs.append(model(*collate(rows, causal, device)).float())
         return torch.cat(outs)
 
@@ -196,7 +198,7 @@ def evaluate_finetune(
     backbone: nn.Module,
     token_ids: Sequence[np.ndarray],
     data: TaskData,
-    splits: Sequence[Split],
+    splits: Sequence[TaskSplit],
     *,
     lrs: Sequence[float] = (3e-4, 1e-4, 1e-5),
     batch_sizes: Sequence[int] = (8, 16, 32, 64),
@@ -244,7 +246,7 @@ def evaluate_finetune(
     device = torch.device(device) if device is not None else next(backbone.parameters()).device
     framed = frame_tokens(token_ids, backbone.cfg.max_seq_len, causal)
 
-    def run(split: Split, lr: float, batch_size: int, seed: int):
+    def run(split: TaskSplit, lr: float, batch_size: int, seed: int):
         return finetune_run(
             backbone,
             framed,

@@ -48,7 +48,7 @@ _EVAL_BATCH = 64
 
 
 @dataclass(eq=False)
-class Split:
+class TaskSplit:
     """Sorted record indices of a `TaskData` for training, model selection and testing."""
 
     name: str
@@ -58,7 +58,7 @@ class Split:
 
     def __repr__(self) -> str:
         sizes = ", ".join(f"{k} {len(getattr(self, k))}" for k in ("train", "val", "test"))
-        return f"Split({self.name!r}, {sizes})"
+        return f"TaskSplit({self.name!r}, {sizes})"
 
 
 def make_splits(
@@ -68,7 +68,7 @@ def make_splits(
     kfold: int | None = None,
     seed: int = 0,
     use_split_column: bool = True,
-) -> list[Split]:
+) -> list[TaskSplit]:
     """Train/val/test index sets of a task.
 
     - ``kfold=k``: k splits; fold i is the test set, fold i+1 (mod k) the validation set and the
@@ -95,7 +95,7 @@ def make_splits(
             sizes[fold_of_group[g]] += counts[g]
         fold = fold_of_group[inverse]
         return [
-            Split(
+            TaskSplit(
                 f"fold {i + 1}/{kfold}",
                 np.flatnonzero((fold != i) & (fold != (i + 1) % kfold)),
                 np.flatnonzero(fold == (i + 1) % kfold),
@@ -108,7 +108,7 @@ def make_splits(
         empty = [name for name, p in zip(("train", "val", "test"), parts) if not len(p)]
         if empty:
             raise DataError(f"{data.source}: the split column has no {empty} records")
-        return [Split("fixed", *parts)]
+        return [TaskSplit("fixed", *parts)]
     if fractions is None or len(fractions) != 3 or abs(sum(fractions) - 1) > 1e-6:
         raise ValueError(f"fractions must be three numbers summing to 1, got {fractions}")
     # Whole groups are taken in a seeded order until test, then val, hold at least their share.
@@ -120,10 +120,10 @@ def make_splits(
     part = np.zeros(len(uniq), dtype=np.int64)  # 0 train, 1 val, 2 test
     part[order[:end_test]], part[order[end_test:end_val]] = 2, 1
     where = part[inverse]
-    return [Split(f"random(seed={seed})", *(np.flatnonzero(where == k) for k in range(3)))]
+    return [TaskSplit(f"random(seed={seed})", *(np.flatnonzero(where == k) for k in range(3)))]
 
 
-def check_splits(splits: Sequence[Split], n: int) -> None:
+def check_splits(splits: Sequence[TaskSplit], n: int) -> None:
     """Raise unless every split has train, val and test records, all among the `n` of the task."""
     if not splits:
         raise ValueError("no splits given")
@@ -227,7 +227,7 @@ def train_with_early_stopping(
     train_epoch: Callable[[], None],
     predict: Callable[[np.ndarray], torch.Tensor],
     data: TaskData,
-    split: Split,
+    split: TaskSplit,
     mu: float | np.ndarray,
     sd: float | np.ndarray,
     max_epochs: int,
@@ -275,7 +275,7 @@ def train_with_early_stopping(
 def _train_textcnn(
     feats: list[torch.Tensor],
     data: TaskData,
-    split: Split,
+    split: TaskSplit,
     lr: float,
     batch_size: int,
     seed: int,
@@ -318,7 +318,7 @@ def _train_textcnn(
 
 
 def _linear_probe(
-    x: np.ndarray, data: TaskData, split: Split
+    x: np.ndarray, data: TaskData, split: TaskSplit
 ) -> tuple[dict, dict[str, float], list[dict]]:
     """Ridge / logistic regression on pooled features, penalty chosen on val.
 
@@ -352,7 +352,7 @@ def _linear_probe(
 
 
 def evaluate_pooled(
-    x: np.ndarray, data: TaskData, splits: Sequence[Split], method: str = "linear"
+    x: np.ndarray, data: TaskData, splits: Sequence[TaskSplit], method: str = "linear"
 ) -> ProbeResult:
     """Ridge (regression) or L2 logistic regression on one (N, D) feature vector per record.
 
@@ -378,7 +378,7 @@ def evaluate_pooled(
 def evaluate_probe(
     features: Sequence[np.ndarray],
     data: TaskData,
-    splits: Sequence[Split],
+    splits: Sequence[TaskSplit],
     *,
     task: str | None = None,
     lrs: Sequence[float] = (3e-4, 1e-4, 1e-5),
@@ -418,7 +418,7 @@ def evaluate_probe(
 
     feats = [torch.as_tensor(np.asarray(f), dtype=torch.float32) for f in features]
 
-    def run(split: Split, lr: float, batch_size: int, seed: int):
+    def run(split: TaskSplit, lr: float, batch_size: int, seed: int):
         return _train_textcnn(
             feats, data, split, lr, batch_size, seed, max_epochs, patience, device
         )
@@ -436,9 +436,9 @@ def evaluate_probe(
 
 
 def search_grid(
-    run: Callable[[Split, float, int, int], tuple[float, dict[str, float], int]],
+    run: Callable[[TaskSplit, float, int, int], tuple[float, dict[str, float], int]],
     data: TaskData,
-    splits: Sequence[Split],
+    splits: Sequence[TaskSplit],
     *,
     lrs: Sequence[float],
     batch_sizes: Sequence[int],

@@ -13,11 +13,9 @@ consecutive 3-mers from the first nucleotide, a trailing partial 3-mer dropped, 
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import logging
 import os
-import re
 import tempfile
 import urllib.error
 import urllib.request
@@ -26,16 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from helm.data.io import (
-    _SPLIT_STEMS,
-    DataError,
-    ReadReport,
-    _open_text,
-    _validate,
-    clean_sequence,
-    detect_format,
-    iter_raw_records,
-)
+from helm.data import cache as data_cache
+from helm.data.io import DataError, ReadReport, Record, detect_format, iter_records, table_rows
+from helm.data.splits import SPLIT_STEMS
 
 logger = logging.getLogger("helm")
 
@@ -132,11 +123,6 @@ def _check(path: Path, expected: str | None, spec: TaskSpec, delete: bool) -> No
         )
 
 
-def default_cache_dir() -> Path:
-    """``$HELM_CACHE_DIR`` or ``~/.cache/helm/downstream``."""
-    return Path(os.environ.get("HELM_CACHE_DIR") or Path.home() / ".cache/helm/downstream")
-
-
 def fetch_task(
     name: str | TaskSpec,
     data_dir: str | os.PathLike | None = None,
@@ -160,7 +146,8 @@ def fetch_task(
             if path.is_file():
                 _check(path, spec.sha256, spec, delete=False)
                 return path
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    # $HELM_CACHE_DIR itself, else ~/.cache/helm/downstream.
+    cache = Path(cache_dir) if cache_dir is not None else data_cache.cache_dir("downstream")
     path, record = cache / spec.file_name, cache / f"{spec.file_name}.sha256"
     expected = spec.sha256 or (record.read_text().strip() if record.is_file() else None)
     if path.is_file():
@@ -230,68 +217,27 @@ class TaskData:
         return [s[: len(s) - len(s) % 3] for s in self.sequences]
 
 
-_FASTA_HEADER = re.compile(r"record \d+ \(>(.*)\)$")
-_SEPARATORS = {"tab": "\t", "\\t": "\t", "comma": ",", "semicolon": ";", "pipe": "|"}
+def _header_fields(header: str) -> dict[str, str]:
+    """Labels of a FASTA header: ``>id key=value key2=value2`` (whitespace-separated pairs) or
+    ``>id|value`` (the value under the key ``label``); the record id under ``id``."""
+    first, _, rest = header.strip().partition(" ")
+    record_id, _, piped = first.partition("|")
+    fields = {"id": record_id}
+    if piped:
+        fields["label"] = piped
+    for token in rest.split():
+        k, eq, v = token.partition("=")
+        if eq:
+            fields[k] = v
+    return fields
 
 
-def _table_rows(path: Path, gz: bool, fmt: str, sep: str | None):
-    """(header, iterator of (line, row)) of a delimited file; the separator given or sniffed."""
-    if sep is None:
-        with _open_text(path, gz) as f:
-            sample = "".join(line for _, line in zip(range(20), f))
-        try:
-            sep = csv.Sniffer().sniff(sample, delimiters=",\t;|").delimiter
-        except csv.Error:
-            sep = "\t" if fmt == "tsv" else ","
-    csv.field_size_limit(2**31 - 1)  # sequences can exceed the default 128 KiB field limit
-    f = _open_text(path, gz)
-    reader = csv.reader(f, delimiter=_SEPARATORS.get(sep, sep))
-    header = [h.strip() for h in next(reader, [])]
-
-    def rows():
-        with f:
-            for row in reader:
-                if any(cell.strip() for cell in row):
-                    yield reader.line_num, row
-
-    return header, rows()
-
-
-def _fasta_fields(path: Path, label_file: str | os.PathLike | None):
-    """Records of a FASTA file as dicts: ``id``, ``sequence`` and the labels of header or side file.
-
-    Header labels: ``>id key=value key2=value2`` (whitespace-separated pairs) or ``>id|value``
-    (the value under the key ``label``). A `label_file` (csv/tsv, first column or ``id``: the
-    record id) supplies columns by id instead.
-    """
-    side: dict[str, dict[str, str]] = {}
-    if label_file is not None:
-        fmt, gz = detect_format(label_file)
-        header, rows = _table_rows(Path(label_file), gz, fmt, None)
-        key = header.index("id") if "id" in header else 0
-        side = {row[key].strip(): dict(zip(header, (c.strip() for c in row))) for _, row in rows}
-    for location, raw in iter_raw_records(path, file_extension="fasta" + ".gz" * _gz(path)):
-        match = _FASTA_HEADER.search(location)
-        header = match.group(1).strip() if match else ""
-        first, _, rest = header.partition(" ")
-        record_id, _, piped = first.partition("|")
-        fields = {"id": record_id}
-        if piped:
-            fields["label"] = piped
-        for token in rest.split():
-            k, eq, v = token.partition("=")
-            if eq:
-                fields[k] = v
-        if label_file is not None:
-            if record_id not in side:
-                fields["__missing__"] = f"id {record_id!r} not in {label_file}"
-            fields.update(side.get(record_id, {}))
-        fields["sequence"] = raw
-        yield location, fields
-
-
-def _gz(path: Path) -> bool:
-    return Path(path).name.lower().endswith(".gz")
+def _label_table(label_file: str | os.PathLike) -> dict[str, dict[str, str]]:
+    """Rows of a csv/tsv side file by record id (column ``id``, else the first column)."""
+    header, rows = table_rows(label_file, gz=detect_format(label_file)[1], delimiter="sniff")
+    header = header or []
+    key = header.index("id") if "id" in header else 0
+    return {row[key].strip(): dict(zip(header, (c.strip() for c in row))) for _, row in rows}
 
 
 def load_task_file(
@@ -312,17 +258,16 @@ def load_task_file(
 
     Tables need a header; `sep` forces the separator, otherwise it is sniffed. FASTA labels come
     from the header (``>id label=0.3`` or ``>id|0.3``; other ``key=value`` pairs serve as split or
-    group columns) or from `label_file`. Sequences are cleaned (upper case, U read as T) and
-    validated by `helm.data.io`; regression targets must be numbers; classification labels are
-    mapped to ids in sorted order (numeric order when all are numbers); multilabel targets are
+    group columns) or from `label_file`. Records are read by `helm.data.io.iter_records` (cleaned:
+    upper case, U read as T; validated); regression targets must be numbers; classification labels
+    are mapped to ids in sorted order (numeric order when all are numbers); multilabel targets are
     several 0/1 columns or one column of ``;``-separated label names. Invalid records raise
     `DataError` naming file, line and reason (``on_invalid="skip"`` drops and counts them).
     """
     if task not in TASK_TYPES:
         raise ValueError(f"task must be one of {TASK_TYPES}, got {task!r}")
-    if on_invalid not in ("error", "skip"):
-        raise ValueError(f"on_invalid must be 'error' or 'skip', got {on_invalid!r}")
     targets = [target_columns] if isinstance(target_columns, str) else list(target_columns)
+    others = [*targets, *filter(None, (split_column, group_column))]
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path} does not exist")
@@ -331,65 +276,59 @@ def load_task_file(
             fmt = detect_format(path)[0]
         except DataError:
             fmt = "table"  # an unknown extension (.psv, .dat, ...) is read as a delimited table
+    gz = ".gz" if path.name.lower().endswith(".gz") else ""
     fasta = fmt in ("fasta", "fa", "fna")
-    if fasta:
-        records = _fasta_fields(path, label_file)
-        seq_key = "sequence"
-    else:
-        header, rows = _table_rows(path, _gz(path), fmt, sep)
-        wanted = [sequence_column, *targets, *filter(None, (split_column, group_column))]
-        missing = [c for c in wanted if c not in header]
-        if missing:
-            raise DataError(f"{path}: no column(s) {missing}; the header has {header}")
-        records = (
-            (f"{path}:{line}", dict(zip(header, row))) for line, row in rows
-        )  # fmt: skip
-        seq_key = sequence_column
+    side = _label_table(label_file) if fasta and label_file is not None else None
 
-    report = ReadReport(str(path))
-    seqs, raw_targets, split_values, group_values, ids = [], [], [], [], []
-    for location, fields in records:
-        report.num_records += 1
-        if "__missing__" in fields:
-            report.add_invalid(location, "missing label", fields["__missing__"])
-            continue
-        absent = [c for c in (*targets, split_column, group_column) if c and c not in fields]
+    def fields_of(record: Record) -> dict[str, str]:
+        if not fasta:
+            return record.fields
+        fields = _header_fields(record.header)
+        if side is not None:
+            fields.update(side.get(fields["id"], {}))
+        return fields
+
+    def check(record: Record) -> tuple[str, str] | None:
+        """The task's own reasons to drop a record (its sequence is validated by the reader)."""
+        if side is not None:
+            record_id = _header_fields(record.header)["id"]
+            if record_id not in side:
+                return "missing label", f"id {record_id!r} not in {label_file}"
+        fields = fields_of(record)
+        absent = [c for c in others if c not in fields]
         if absent:
-            report.add_invalid(location, "missing field", ", ".join(absent))
-            continue
-        seq, reason, detail = _validate(clean_sequence(fields[seq_key]), require_codons, "nuc")
-        if reason is not None:
-            report.add_invalid(location, reason, detail)
-            continue
+            return "missing field", ", ".join(absent)
         values = [fields[c].strip() for c in targets]
         if task == "regression":
             bad = next((v for v in values if not _is_float(v)), None)
             if bad is not None:
-                report.add_invalid(location, "non-numeric target", repr(bad))
-                continue
+                return "non-numeric target", repr(bad)
         elif any(not v for v in values) and task == "classification":
-            report.add_invalid(location, "missing label", "")
-            continue
-        split = None
+            return "missing label", ""
+        if split_column is not None and fields[split_column].strip().lower() not in SPLIT_STEMS:
+            return "unknown split", repr(fields[split_column])
+        return None
+
+    report = ReadReport(str(path))
+    seqs, raw_targets, split_values, group_values, ids = [], [], [], [], []
+    for record in iter_records(
+        path,
+        column_name=None if fasta else sequence_column,
+        on_invalid=on_invalid,
+        file_extension=("fasta" if fasta else "tsv" if fmt == "tsv" else "csv") + gz,
+        require_codons=require_codons,
+        report=report,
+        columns=None if fasta else others,
+        delimiter=None if fasta else sep or "sniff",
+        check=check,
+    ):
+        fields = fields_of(record)
+        seqs.append(record.sequence)
+        raw_targets.append([fields[c].strip() for c in targets])
         if split_column is not None:
-            split = _SPLIT_STEMS.get(fields[split_column].strip().lower())
-            if split is None:
-                report.add_invalid(location, "unknown split", repr(fields[split_column]))
-                continue
-        report.num_valid += 1
-        seqs.append(seq)
-        raw_targets.append(values)
-        split_values.append(split)
+            split_values.append(SPLIT_STEMS[fields[split_column].strip().lower()])
         group_values.append(fields[group_column].strip() if group_column else None)
-        ids.append(fields.get("id", location.rsplit(":", 1)[-1]))
-    if report.num_invalid:
-        if on_invalid == "error":
-            listed = "\n  ".join(report.examples)
-            raise DataError(
-                f"{report.num_invalid:,} invalid record(s) in {path} (first {len(report.examples)})"
-                f":\n  {listed}\nfix the file or pass on_invalid='skip' (--on-invalid skip)"
-            )
-        logger.warning("%s", report.summary())
+        ids.append(fields.get("id", str(record.line)))
     if not seqs:
         raise DataError(f"{path}: no usable records")
     y, names = _encode_targets(raw_targets, targets, task, path)
