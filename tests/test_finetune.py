@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import TINY, load_script
+from helpers import tiny_checkpoint
 
+from helm.checkpoint import load_for_eval
 from helm.downstream import evaluate_finetune, evaluate_probe, make_splits
 from helm.downstream.finetune import (
     FinetuneModel,
@@ -23,12 +24,8 @@ from helm.downstream.finetune import (
 )
 from helm.downstream.tasks import TaskData
 from helm.embed import extract, window_capacity
-from helm.training import load_checkpoint_model
 from helm.vocab import CLS_ID, EOS_ID, PAD_ID
 
-train = load_script("train.py")
-evalpy = load_script("eval.py")
-TINY = [*TINY, "--epochs", "1", "--warmup-epochs", "0", "--sched-on-updates", "--lr", "3e-3"]
 GRID = dict(lrs=(3e-3,), batch_sizes=(16,), seeds=(0,), max_epochs=6, patience=3, progress=False)
 
 
@@ -41,19 +38,10 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def work(tmp_path_factory, one_thread):
-    """A module folder with its own cache and one tiny MLM checkpoint."""
-    root = tmp_path_factory.mktemp("finetune")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HELM_CACHE_DIR", str(root / "cache"))
-        assert train.main([*TINY, "--mode", "mlm", "--output", str(root / "mlm")]) == 0
-    return root
-
-
-@pytest.fixture(scope="module")
-def ckpt(work) -> Path:
-    return work / "mlm" / "checkpoints" / "last.pt"
+@pytest.fixture
+def ckpt(tiny_runs) -> Path:
+    """The session's tiny MLM checkpoint (conftest.py)."""
+    return tiny_checkpoint(tiny_runs, "mlm")
 
 
 def gc_task(n: int = 90, seed: int = 0) -> TaskData:
@@ -100,7 +88,7 @@ def test_frame_and_collate():
 
 @pytest.mark.parametrize("head", ["textcnn", "linear"])
 def test_padding_does_not_change_a_records_output(ckpt, head):
-    backbone = load_checkpoint_model(ckpt).model
+    backbone = load_for_eval(ckpt).model
     torch.manual_seed(0)
     model = FinetuneModel(backbone, build_head(head, backbone.cfg.d_model, 2)).eval()
     rng = np.random.default_rng(1)
@@ -120,7 +108,7 @@ class Recorder(torch.nn.Module):
 
 
 def test_head_reads_the_probe_features(ckpt):
-    backbone = load_checkpoint_model(ckpt).model
+    backbone = load_for_eval(ckpt).model
     rng = np.random.default_rng(2)
     ids = [rng.integers(5, 69, size=n) for n in (60, 9, 46)]  # one longer than the window
     model = FinetuneModel(backbone, Recorder()).eval()
@@ -136,7 +124,7 @@ def test_head_reads_the_probe_features(ckpt):
 
 
 def test_head_and_backbone_learning_rates(ckpt):
-    backbone = load_checkpoint_model(ckpt).model
+    backbone = load_for_eval(ckpt).model
     model = FinetuneModel(backbone, build_head("textcnn", backbone.cfg.d_model, 1))
     hinted = backbone.blocks[0].mlp.fc_in.weight
     hinted._optim = {"lr_scale": 2.0}
@@ -162,11 +150,11 @@ def test_head_and_backbone_learning_rates(ckpt):
 
 
 def test_finetuning_changes_the_backbone_and_probing_does_not(ckpt):
-    backbone = load_checkpoint_model(ckpt).model
+    backbone = load_for_eval(ckpt).model
     data = gc_task(40)
     split = make_splits(data, (0.6, 0.2, 0.2), seed=0)[0]
     framed = frame_tokens(
-        load_checkpoint_model(ckpt).tokenizer.encode_batch(data.codon_sequences()), 48, False
+        load_for_eval(ckpt).tokenizer.encode_batch(data.codon_sequences()), 48, False
     )
     before = state(backbone)
     run = dict(max_epochs=2, patience=2, head="textcnn")
@@ -192,7 +180,7 @@ def test_finetuning_changes_the_backbone_and_probing_does_not(ckpt):
 
 @pytest.mark.parametrize("head", ["textcnn", "linear"])
 def test_finetuning_learns_gc_content(ckpt, head):
-    loaded = load_checkpoint_model(ckpt)
+    loaded = load_for_eval(ckpt)
     data = gc_task()
     splits = make_splits(data, (0.6, 0.2, 0.2), seed=0)
     token_ids = loaded.tokenizer.encode_batch(data.codon_sequences())
@@ -212,22 +200,7 @@ def test_finetuning_learns_gc_content(ckpt, head):
 # Command line -------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def run(work, monkeypatch, capsys):
-    """eval.main in-process: (exit code, stdout, stderr)."""
-    monkeypatch.setenv("HELM_CACHE_DIR", str(work / "cache"))
-    monkeypatch.delenv("HELM_TRACEBACK", raising=False)
-
-    def _run(*argv):
-        capsys.readouterr()
-        code = evalpy.main([str(a) for a in argv])
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return _run
-
-
-def test_cli_finetune_writes_the_report(ckpt, run, tmp_path):
+def test_cli_finetune_writes_the_report(ckpt, eval_run, tmp_path):
     data = gc_task(60)
     rows = ["seq,gc,part"] + [
         f"{s},{y:.4f},{('train', 'train', 'train', 'val', 'test')[i % 5]}"
@@ -239,7 +212,7 @@ def test_cli_finetune_writes_the_report(ckpt, run, tmp_path):
             "gc", "--split-column", "part", "--lrs", "3e-3", "--batch-sizes", "16", "--seeds", "0",
             "--max-epochs", "2", "--finetune"]  # fmt: skip
     out = tmp_path / "r.json"
-    code, stdout, err = run(*base, "--out", out)
+    code, stdout, err = eval_run(*base, "--out", out)
     assert code == 0, err
     assert "| gpt2_mlm_finetune_textcnn |" in stdout and "| method | spearman |" in stdout
     doc = json.loads(out.read_text())
@@ -250,13 +223,13 @@ def test_cli_finetune_writes_the_report(ckpt, run, tmp_path):
     assert doc["task"]["backbone_lr_scale"] == 0.1 and "finetuned" in doc["task"]["training"]
     assert "features" not in doc["task"] and doc["task"]["long_seqs"] == "truncate"
 
-    code, _, err = run(*base, "--head", "linear", "--backbone-lr-scale", "0.5", "--no-baselines",
+    code, _, err = eval_run(*base, "--head", "linear", "--backbone-lr-scale", "0.5", "--no-baselines",
                        "--out", out)  # fmt: skip
     assert code == 0, err
     doc = json.loads(out.read_text())
     assert set(doc["results"]) == {"gpt2_mlm_finetune_linear"}
     assert doc["task"]["backbone_lr_scale"] == 0.5
 
-    code, stdout, err = run(*base, "--long-seqs", "window", "--out", out)
+    code, stdout, err = eval_run(*base, "--long-seqs", "window", "--out", out)
     assert code == 2 and stdout == "" and err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith("eval.py: error: --long-seqs window does not apply to --finetune")
