@@ -55,7 +55,7 @@ from helm.embed import (
 )
 from helm.generate import clean_protein, gc_content, protein_masks, sample
 from helm.lm import LanguageModel, amp_dtype, evaluate
-from helm.logger import setup_logging
+from helm.logger import setup_logging, teardown_logging
 from helm.losses import build_loss
 from helm.vocab import translate
 
@@ -590,6 +590,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"eval.py: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        teardown_logging()  # an in-process caller (a notebook, the tests) is left as it was
 
 
 if __name__ == "__main__":

@@ -17,13 +17,14 @@ from helm.downstream import evaluate_finetune, evaluate_probe, make_splits
 from helm.downstream.finetune import (
     FinetuneModel,
     build_head,
-    build_optimizer,
     collate,
+    finetune_param_groups,
     finetune_run,
     frame_tokens,
 )
 from helm.downstream.tasks import TaskData
 from helm.embed import extract, window_capacity
+from helm.optim import build_optimizer
 from helm.vocab import CLS_ID, EOS_ID, PAD_ID
 
 GRID = dict(lrs=(3e-3,), batch_sizes=(16,), seeds=(0,), max_epochs=6, patience=3, progress=False)
@@ -128,7 +129,9 @@ def test_head_and_backbone_learning_rates(ckpt):
     model = FinetuneModel(backbone, build_head("textcnn", backbone.cfg.d_model, 1))
     hinted = backbone.blocks[0].mlp.fc_in.weight
     hinted._optim = {"lr_scale": 2.0}
-    opt = build_optimizer(model, lr=1e-3, backbone_lr_scale=0.1, weight_decay=0.01)
+    opt = build_optimizer(
+        finetune_param_groups(model, backbone_lr_scale=0.1, weight_decay=0.01), lr=1e-3
+    )
     seen = {}
     for group in opt.param_groups:
         for p in group["params"]:

@@ -38,7 +38,7 @@ from helm.downstream.protocol import (
 from helm.downstream.tasks import TaskData
 from helm.embed import window_capacity
 from helm.lm import amp_dtype, inference_autocast
-from helm.optim import param_groups
+from helm.optim import build_optimizer, param_groups
 
 HEADS = ("textcnn", "linear")
 
@@ -107,26 +107,20 @@ def collate(
     return input_ids.to(device), mask, token_mask.to(device)
 
 
-def build_optimizer(
-    model: FinetuneModel, lr: float, backbone_lr_scale: float, weight_decay: float = 0.01
-) -> torch.optim.AdamW:
-    """AdamW with the head at `lr` and the backbone at ``lr * backbone_lr_scale``.
-
-    Groups come from `helm.optim.param_groups` (no decay for tagged and 1-D parameters, a
-    parameter's ``lr_scale`` hint multiplies its lr); each group is named ``head`` or ``backbone``.
-    """
+def finetune_param_groups(
+    model: FinetuneModel, backbone_lr_scale: float, weight_decay: float = 0.01
+) -> list[dict]:
+    """Optimizer groups with the head at the base lr and the backbone at ``backbone_lr_scale``
+    times it, from `helm.optim.param_groups` (no decay for tagged and 1-D parameters, a
+    parameter's ``lr_scale`` hint multiplies its lr); each group is named ``head`` or ``backbone``."""
     groups = []
     for name, module, scale in (
         ("head", model.head, 1.0),
         ("backbone", model.backbone, backbone_lr_scale),
     ):
-        for group in param_groups(module, weight_decay):
-            group.pop("names")
-            group["lr"] = lr * scale * group.pop("lr_scale")
-            group["name"] = name
-            groups.append(group)
-    on_cuda = all(p.is_cuda for g in groups for p in g["params"])
-    return torch.optim.AdamW(groups, lr=lr, fused=on_cuda or None)
+        for group in param_groups(module, weight_decay, lr_scale=scale):
+            groups.append(group | {"name": name})
+    return groups
 
 
 def finetune_run(
@@ -160,7 +154,7 @@ def finetune_run(
     model = FinetuneModel(
         copy.deepcopy(backbone), build_head(head, backbone.cfg.d_model, data.num_outputs)
     ).to(device)
-    opt = build_optimizer(model, lr, backbone_lr_scale, weight_decay)
+    opt = build_optimizer(finetune_param_groups(model, backbone_lr_scale, weight_decay), lr=lr)
     # bf16 autocast needs no loss scaling; the fp16 fallback of the inference policy does.
     fp16 = amp_dtype(device, enabled=device.type == "cuda") == torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=fp16)
