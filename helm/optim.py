@@ -5,6 +5,14 @@ Hyena filters; see helm.models.common.tag) and every 1-D tensor. The padded rows
 embedding are initialised to zero and never receive gradient, so decoupled decay leaves them at zero.
 ``--layer-decay d`` scales the lr of layer i (embeddings 0, blocks 1..L, head L+1) by d^(L+1-i).
 ``p._optim`` hints (``lr_scale``, ``weight_decay``) override a parameter's group settings.
+
+``--opt`` names mean what they mean in timm (``create_optimizer_v2``; pinned by the fixtures of
+tests/golden/make_timm_golden.py). Weight decay is coupled (added to the gradient, L2) for adam, sgd,
+momentum, nesterov, rmsprop, adagrad, radam, nadam and lamb, and decoupled (``w -= lr * wd * w``)
+for adamw, radamw and adafactor. Defaults as timm: adagrad eps 1e-8, rmsprop alpha 0.9,
+sgd/nesterov Nesterov momentum, adafactor timm's (factored second moments for dims > 16, update
+clipping at RMS 1, no first moment unless ``--opt-betas``), lamb with the global gradient norm
+clipped to 1 and the trust ratio applied to groups with weight decay only.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ OPTIMIZERS = (
     "rmsprop",
     "adagrad",
     "radam",
+    "radamw",
     "nadam",
     "adafactor",
     "lamb",
@@ -32,8 +41,9 @@ _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 
 
 def layer_id(name: str, num_layers: int) -> int:
-    """0 for embeddings, i + 1 for ``blocks.i``, num_layers + 1 for the final norm and head."""
-    if name.startswith("embed.") or ".embed." in name:
+    """0 for embeddings (``embed.*`` and BERT's ``embed_norm.*``), i + 1 for ``blocks.i``,
+    num_layers + 1 for the final norm and head."""
+    if re.search(r"(?:^|\.)embed(?:_norm)?\.", name):
         return 0
     m = _BLOCK.search(name)
     return int(m.group(1)) + 1 if m else num_layers + 1
@@ -98,7 +108,9 @@ def build_optimizer(
     if eps is not None:
         kw["eps"] = eps
     betas = tuple(betas) if betas else None
-    if betas is not None and name not in ("adamw", "adam", "radam", "nadam", "lamb"):
+    if betas is not None and name not in (
+        "adamw", "adam", "radam", "radamw", "nadam", "adafactor", "lamb"
+    ):  # fmt: skip
         raise ValueError(f"--opt-betas does not apply to --opt {name}")
     if betas is not None and len(betas) != 2:
         raise ValueError(f"--opt-betas needs two values, got {list(betas)}")
@@ -115,22 +127,22 @@ def build_optimizer(
     if name == "rmsprop":
         return torch.optim.RMSprop(groups, alpha=0.9, momentum=momentum, **kw)
     if name == "adagrad":
-        return torch.optim.Adagrad(groups, **kw)
-    if name == "radam":
-        return torch.optim.RAdam(groups, decoupled_weight_decay=True, **kw)
+        return torch.optim.Adagrad(groups, **({"eps": 1e-8} | kw))
+    if name in ("radam", "radamw"):
+        return torch.optim.RAdam(groups, decoupled_weight_decay=name == "radamw", **kw)
     if name == "nadam":
-        return torch.optim.NAdam(groups, decoupled_weight_decay=True, **kw)
+        return torch.optim.NAdam(groups, **kw)
     if name == "adafactor":
-        kw.pop("eps", None)
-        return torch.optim.Adafactor(groups, **kw)
+        return Adafactor(groups, **kw)
     if name == "lamb":
         return Lamb(groups, **kw)
     raise ValueError(f"--opt must be one of {', '.join(OPTIMIZERS)}; got {opt!r}")
 
 
 class Lamb(torch.optim.Optimizer):
-    """LAMB (You et al. 2020): Adam moments with decoupled decay, the update rescaled per tensor by
-    the trust ratio ||w|| / ||update|| (1 where either norm is zero)."""
+    """LAMB (You et al. 2020) as timm's: gradients divided by max(1, global grad norm /
+    ``max_grad_norm``), Adam moments, L2 decay added to the update, and in groups with weight decay
+    the update rescaled per tensor by the trust ratio ||w|| / ||update|| (1 where either is zero)."""
 
     def __init__(
         self,
@@ -139,14 +151,21 @@ class Lamb(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-6,
         weight_decay: float = 0.0,
+        max_grad_norm: float | None = 1.0,
     ):
         super().__init__(
             params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
         )
+        self.max_grad_norm = max_grad_norm
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        clip = None
+        if self.max_grad_norm is not None and grads:
+            norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
+            clip = (norm / self.max_grad_norm).clamp(min=1.0)
         for group in self.param_groups:
             b1, b2 = group["betas"]
             for p in group["params"]:
@@ -159,16 +178,88 @@ class Lamb(torch.optim.Optimizer):
                     state["v"] = torch.zeros_like(p)
                 state["step"] += 1
                 m, v, t = state["m"], state["v"], state["step"]
-                m.mul_(b1).add_(p.grad, alpha=1 - b1)
-                v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-                update = (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + group["eps"])
+                grad = p.grad if clip is None else p.grad / clip
+                m.mul_(b1).add_(grad, alpha=1 - b1)
+                v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+                update = (m / (1 - b1**t)) / (v.sqrt() / math.sqrt(1 - b2**t) + group["eps"])
                 if group["weight_decay"]:
                     update.add_(p, alpha=group["weight_decay"])
-                w_norm, u_norm = p.norm(), update.norm()
-                trust = torch.where(
-                    (w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm)
-                )
-                p.add_(update * trust, alpha=-group["lr"])
+                    w_norm, u_norm = p.norm(), update.norm()
+                    trust = torch.where(
+                        (w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm)
+                    )
+                    update.mul_(trust)
+                p.add_(update, alpha=-group["lr"])
+        return loss
+
+
+class Adafactor(torch.optim.Optimizer):
+    """Adafactor (Shazeer & Stern 2018) as timm's with a given lr: second moments factored into
+    row and column means for tensors whose last two dims exceed ``min_dim_size_to_factor``,
+    ``beta2_t = 1 - t ** decay_rate``, the update divided by max(1, RMS(update) / clip_threshold),
+    an optional first moment (``betas[0]``), and decay ``w -= lr * weight_decay * w``."""
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        eps: float = 1e-30,
+        clip_threshold: float = 1.0,
+        decay_rate: float = -0.8,
+        betas: tuple[float, float] | None = None,
+        weight_decay: float = 0.0,
+        min_dim_size_to_factor: int = 16,
+    ):
+        beta1 = None if betas is None else betas[0]
+        defaults = dict(lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate,
+                        beta1=beta1, weight_decay=weight_decay)  # fmt: skip
+        super().__init__(params, defaults)
+        self.min_dim = min_dim_size_to_factor
+
+    @staticmethod
+    def _rms(t: torch.Tensor) -> torch.Tensor:
+        return t.norm(2) / (t.numel() ** 0.5)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad.float() if p.grad.dtype in (torch.float16, torch.bfloat16) else p.grad
+                state = self.state[p]
+                factored = grad.ndim >= 2 and min(grad.shape[-2:]) > self.min_dim
+                if not state:
+                    state["step"] = 0
+                    if group["beta1"] is not None:
+                        state["exp_avg"] = torch.zeros_like(grad)
+                    if factored:
+                        state["row"] = grad.new_zeros(grad.shape[:-1])  # mean over columns
+                        state["col"] = grad.new_zeros(grad.shape[:-2] + grad.shape[-1:])
+                    else:
+                        state["exp_avg_sq"] = torch.zeros_like(grad)
+                state["step"] += 1
+                lr = group["lr"]
+                beta2t = 1.0 - state["step"] ** group["decay_rate"]
+                sq = grad**2 + group["eps"]
+                if factored:
+                    row, col = state["row"], state["col"]
+                    row.lerp_(sq.mean(dim=-1), 1.0 - beta2t)
+                    col.lerp_(sq.mean(dim=-2), 1.0 - beta2t)
+                    r = (row / row.mean(dim=-1, keepdim=True)).rsqrt().unsqueeze(-1)
+                    update = r * col.unsqueeze(-2).rsqrt() * grad
+                else:
+                    state["exp_avg_sq"].lerp_(sq, 1.0 - beta2t)
+                    update = state["exp_avg_sq"].rsqrt() * grad
+                update.div_((self._rms(update) / group["clip_threshold"]).clamp(min=1.0))
+                update.mul_(lr)
+                if group["beta1"] is not None:
+                    state["exp_avg"].lerp_(update, 1 - group["beta1"])
+                    update = state["exp_avg"]
+                if group["weight_decay"]:
+                    p.add_(p, alpha=-group["weight_decay"] * lr)
+                p.add_(-update.to(p.dtype))
         return loss
 
 
@@ -190,8 +281,18 @@ def scaled_lr(
     return lr_base * (math.sqrt(ratio) if mode == "sqrt" else ratio)
 
 
+_HEAD = re.compile(r"(?:^|\.)lm_head\.")
+
+
 def clip_gradients(params, mode: str, value: float, eps: float = 1e-3) -> torch.Tensor | None:
-    """``--clip-mode norm|value|agc``; returns the total grad norm before clipping for norm mode."""
+    """``--clip-mode norm|value|agc``; returns the total grad norm before clipping for norm mode.
+
+    ``params``: a model or an iterable of parameters. Given a model, ``agc`` leaves the LM head's own
+    parameters (``lm_head.*``) unclipped, as timm leaves the classifier out; a head tied to the
+    token embedding is the embedding's parameter and is clipped as such."""
+    if isinstance(params, nn.Module):
+        named = params.named_parameters()
+        params = [p for n, p in named if not (mode == "agc" and _HEAD.search(n))]
     params = [p for p in params if p.grad is not None]
     if mode == "norm":
         return torch.nn.utils.clip_grad_norm_(params, value)

@@ -2,10 +2,22 @@
 
 ``t`` counts epochs, or optimizer updates with ``--sched-on-updates`` (then every epoch-valued flag is
 multiplied by the updates per epoch, as in timm's ``create_scheduler_v2``). Warmup is linear from
-``--warmup-lr`` over ``warmup_t``; with ``--warmup-prefix`` the decay starts after it, otherwise the
-decay's clock includes the warmup. Noise (``--lr-noise``) multiplies the lr by (1 + n) inside its
-window, n ~ N(0, noise_std) resampled until |n| < noise_pct and seeded by (seed + t), so the value
-at t never depends on history. Each parameter group gets ``lr * group["lr_scale"]``.
+``--warmup-lr`` over ``warmup_t`` to the lr where the decay takes over (the base lr; for tanh without
+``--warmup-prefix`` the tanh value at ``warmup_t``, as timm); with ``--warmup-prefix`` the decay starts
+after it, otherwise the decay's clock includes the warmup. Noise (``--lr-noise``) multiplies the lr by
+(1 + n) inside its window, n ~ N(0, noise_std) resampled until |n| < noise_pct and seeded by
+(seed + t), so the value at t never depends on history; the lr set at construction has no noise, and
+plateau adds none during its warmup. Each parameter group gets ``lr * group["lr_scale"]``; plateau's
+``--min-lr`` floor applies to each group's lr after its scale (torch's ReduceLROnPlateau, as timm).
+
+Epochs to train (``build_scheduler``'s second value, timm's ``create_scheduler_v2``): cosine, poly and
+tanh train their cycles (plus the warmup when prefixed) plus ``--cooldown-epochs``, counted in whole
+epochs rounded down; the others train ``--epochs`` (plus the warmup when prefixed). Cooldown only
+exists for the cycle schedules: asking for it with another schedule is an error.
+
+``--start-epoch N``: ``LRScheduler.start_at(N, updates_per_epoch)`` sets the lr of epoch N's start
+(timm's train.py: ``step(N)``, or ``step_update(N * updates_per_epoch)`` with ``--sched-on-updates``);
+the loop then counts updates from ``N * updates_per_epoch``.
 """
 
 from __future__ import annotations
@@ -40,14 +52,37 @@ class Schedule:
     noise_std: float = 1.0
     noise_seed: int = 42
 
+    def __post_init__(self) -> None:
+        if self.kind not in SCHEDULES:
+            raise ValueError(f"--sched must be one of {', '.join(SCHEDULES)}; got {self.kind!r}")
+        if self.kind == "plateau" and not 0.0 < self.decay_rate < 1.0:
+            raise ValueError(
+                f"--decay-rate must be in (0, 1) for --sched plateau (it multiplies the lr at each "
+                f"plateau), got {self.decay_rate}"
+            )
+
     def __call__(self, t: float) -> float:
         """The learning rate at t, noise included (plateau: the lr before any reductions)."""
         return self._noise(self._lr(t), t)
 
     # timm's _get_lr of each scheduler -------------------------------------------------------
     def _lr(self, t: float) -> float:
+        """The lr at t without noise (plateau: before any reductions)."""
         if t < self.warmup_t:
-            return self.warmup_lr + t * (self.base_lr - self.warmup_lr) / self.warmup_t
+            return self.warmup_lr + t * (self._warmup_target() - self.warmup_lr) / self.warmup_t
+        return self._decay(t)
+
+    def _warmup_target(self) -> float:
+        # timm's tanh warms up to its own value at warmup_t (unless prefixed); the others to base_lr.
+        if self.kind == "tanh" and not self.warmup_prefix:
+            return self._decay(self.warmup_t)
+        return self.base_lr
+
+    def initial_lr(self) -> float:
+        """The lr before the first step: warmup_lr with a warmup, the base lr otherwise (timm)."""
+        return self.warmup_lr if self.warmup_t else self.base_lr
+
+    def _decay(self, t: float) -> float:
         if self.warmup_prefix:
             t = t - self.warmup_t
         if self.kind == "constant" or self.kind == "plateau":
@@ -86,14 +121,16 @@ class Schedule:
             t_curr = t - self.t_initial * i
         return i, t_i, t_curr
 
-    def _noise(self, lr: float, t: float) -> float:
+    def noisy(self, t: float) -> bool:
+        """Whether t lies in the noise window."""
         if self.noise_range is None:
-            return lr
+            return False
         if isinstance(self.noise_range, tuple):
-            inside = self.noise_range[0] <= t < self.noise_range[1]
-        else:
-            inside = t >= self.noise_range
-        if not inside:
+            return self.noise_range[0] <= t < self.noise_range[1]
+        return t >= self.noise_range
+
+    def _noise(self, lr: float, t: float) -> float:
+        if not self.noisy(t):
             return lr
         g = torch.Generator().manual_seed(int(self.noise_seed + t))
         while True:  # resample until inside the percent limit (rarely more than a few draws)
@@ -137,19 +174,43 @@ class LRScheduler:
         self.plateau_scale = 1.0  # product of plateau reductions so far
         self.best: float | None = None
         self.bad_epochs = 0
-        self.lr = schedule(0)
-        self._apply(self.lr)
+        self.lr = schedule.initial_lr()  # the lr of a group with lr_scale 1 (for logging)
+        self._apply([self.lr * g.get("lr_scale", 1.0) for g in optimizer.param_groups])
 
-    def _apply(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+    def _apply(self, lrs: list[float]) -> None:
+        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
 
     def _set(self, t: float) -> None:
-        lr = self.schedule(t)
-        if self.schedule.kind == "plateau" and t >= self.schedule.warmup_t:
-            lr = max(lr * self.plateau_scale, self.schedule.lr_min)
-        self.lr = lr
-        self._apply(lr)
+        s = self.schedule
+        scales = [g.get("lr_scale", 1.0) for g in self.optimizer.param_groups]
+        if s.kind == "plateau" and t > s.warmup_t:
+            # ReduceLROnPlateau on each group's lr: lr_k = max(lr_{k-1} * decay_rate, min_lr).
+            lrs = [s.base_lr * c * self.plateau_scale for c in scales]
+            if self.plateau_scale != 1.0:
+                lrs = [max(lr, s.lr_min) for lr in lrs]
+            self.lr = s.base_lr * self.plateau_scale
+            if self.plateau_scale != 1.0:
+                self.lr = max(self.lr, s.lr_min)
+            lrs = [s._noise(lr, t) for lr in lrs]
+            self.lr = s._noise(self.lr, t)
+        elif s.kind == "plateau":  # warmup: no noise
+            self.lr = s._lr(t)
+            lrs = [self.lr * c for c in scales]
+        else:
+            self.lr = s(t)
+            lrs = [self.lr * c for c in scales]
+        self._apply(lrs)
+
+    def start_at(self, epoch: int, updates_per_epoch: int) -> None:
+        """Set the lr at which a run resumed or started at ``epoch`` (``--start-epoch``) begins:
+        ``step(epoch)``, or ``step_update(epoch * updates_per_epoch)`` on updates (timm's train.py).
+        The caller then counts updates from ``epoch * updates_per_epoch``."""
+        if epoch > 0:
+            if self.on_updates:
+                self.step_update(epoch * updates_per_epoch)
+            else:
+                self.step(epoch)
 
     def step(self, epoch: int, metric: float | None = None) -> None:
         """Call after finishing epoch ``epoch - 1`` with ``epoch`` the next one (timm's convention)."""
@@ -188,6 +249,7 @@ class LRScheduler:
             "best": self.best,
             "bad_epochs": self.bad_epochs,
             "lr": self.lr,
+            "lrs": [g["lr"] for g in self.optimizer.param_groups],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -195,7 +257,8 @@ class LRScheduler:
         self.best = state["best"]
         self.bad_epochs = state["bad_epochs"]
         self.lr = state["lr"]
-        self._apply(self.lr)
+        lrs = state.get("lrs") or [self.lr * g.get("lr_scale", 1.0) for g in self.optimizer.param_groups]
+        self._apply(lrs)
 
 
 def build_scheduler(
@@ -228,6 +291,11 @@ def build_scheduler(
     """timm's create_scheduler_v2: returns the scheduler and the number of epochs to train
     (``epochs``, or the decay cycles for cosine/poly/tanh, plus ``cooldown_epochs``). Every
     epoch-valued argument counts updates when ``on_updates`` (times ``updates_per_epoch``)."""
+    if cooldown_epochs and sched not in ("cosine", "poly", "tanh"):
+        raise ValueError(
+            f"--cooldown-epochs applies to --sched cosine, poly and tanh (after their cycles, at "
+            f"--min-lr), not to {sched}"
+        )
     if sched == "plateau" and on_updates:
         raise ValueError(
             "--sched plateau reacts to validation metrics once per epoch: drop --sched-on-updates"
@@ -264,7 +332,8 @@ def build_scheduler(
         plateau_mode=plateau_mode,
         patience=patience_epochs,
     )
-    # Cycle schedules train for their cycles (timm's get_cycle_length); every schedule then adds
-    # the cooldown, during which cycle schedules sit at --min-lr and the others continue their rule.
-    total = schedule.cycle_length() + cooldown_epochs * scale
-    return scheduler, int(math.ceil(total / scale))
+    # timm: cycle schedules train for their cycles (get_cycle_length) and the cooldown, at --min-lr,
+    # rounded down to whole epochs; the others for --epochs, plus the warmup when prefixed.
+    if sched in ("cosine", "poly", "tanh"):
+        return scheduler, int((schedule.cycle_length() + cooldown_epochs * scale) // scale)
+    return scheduler, int(math.floor(epochs + (warmup_epochs if warmup_prefix else 0)))

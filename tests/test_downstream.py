@@ -328,6 +328,16 @@ def test_classification_metrics_by_hand():
     assert ml["auroc/0"] == 1.0 and ml["auroc/1"] == 0.0 and ml["auroc_mean"] == 0.5
 
 
+def test_auroc_of_nan_scores_is_nan():
+    y = np.array([0, 1, 0, 1, 1])
+    s = np.array([0.1, np.nan, 0.3, 0.8, 0.9])
+    assert np.isnan(auroc(y, s))
+    scores = np.tile(s[:, None], (1, 3))
+    scores[:, 0] = [0.5, 0.1, 0.2, 0.3, 0.4]  # one class's column is finite, another's is not
+    assert np.isnan(compute_metrics("classification", np.array([0, 1, 2, 1, 0]), scores)["auroc"])
+    assert np.isnan(compute_metrics("multilabel", np.stack([y, 1 - y], 1), scores[:, :2])["auroc_mean"])
+
+
 # ---- heads ------------------------------------------------------------------------------------
 
 

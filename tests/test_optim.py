@@ -1,3 +1,7 @@
+import copy
+import json
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
@@ -84,12 +88,21 @@ def test_optimizer_flag_errors():
 
 
 def test_lamb_trust_ratio():
+    sign = torch.tensor([1.0, -1.0, 1.0, -1.0])
     p = nn.Parameter(torch.full((4,), 2.0))
     opt = Lamb([p], lr=0.1, weight_decay=0.0)
-    p.grad = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    p.grad = sign.clone()
     opt.step()
-    # First Adam step: update = g / (|g| + eps) ~ sign(g); trust = ||w|| / ||update|| = 4 / 2 = 2.
-    assert torch.allclose(p.detach(), 2.0 - 0.1 * 2 * torch.tensor([1.0, -1.0, 1.0, -1.0]), atol=1e-4)
+    # First Adam step: update = g / (|g| + eps) ~ sign(g); without weight decay timm's LAMB does
+    # not adapt (trust ratio 1).
+    assert torch.allclose(p.detach(), 2.0 - 0.1 * sign, atol=1e-4)
+    p = nn.Parameter(torch.full((4,), 2.0))
+    opt = Lamb([p], lr=0.1, weight_decay=0.01)
+    p.grad = sign.clone()
+    opt.step()
+    # update = sign + 0.01 w; trust = ||w|| / ||update|| = 4 / ||sign + 0.02||.
+    u = sign + 0.02
+    assert torch.allclose(p.detach(), 2.0 - 0.1 * 4 / u.norm() * u, atol=1e-4)
 
 
 def test_scaled_lr():
@@ -131,3 +144,96 @@ def test_ema_update_rule_and_buffers():
     assert next(cpu.module.parameters()).device.type == "cpu"
     with pytest.raises(ValueError, match="model-ema-decay"):
         ModelEma(m, decay=1.0)
+
+
+def test_agc_leaves_the_lm_head_out():
+    m = nn.Module()
+    m.body = nn.Linear(3, 3)
+    m.lm_head = nn.Module()
+    m.lm_head.proj = nn.Linear(3, 5)
+    for p in m.parameters():
+        p.grad = torch.full_like(p, 10.0)
+    clip_gradients(m, "agc", 0.01)
+    assert torch.all(m.lm_head.proj.weight.grad == 10.0) and torch.all(m.lm_head.proj.bias.grad == 10.0)
+    assert torch.all(m.body.weight.grad < 10.0)
+    clip_gradients(m, "value", 1.0)  # the other modes clip every parameter
+    assert m.lm_head.proj.weight.grad.max() == 1.0
+
+
+# timm fixtures (tests/golden/make_timm_golden.py) ------------------------------------------------
+
+GOLDEN = json.loads((Path(__file__).parent / "golden" / "timm.json").read_text())
+
+
+def _problem():
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(20, 18, generator=g, dtype=torch.float64) * 0.1
+    b = torch.randn(18, generator=g, dtype=torch.float64) * 0.1
+    x = torch.randn(8, 20, generator=g, dtype=torch.float64)
+    y = torch.randn(8, 18, generator=g, dtype=torch.float64)
+    return W, b, x, y
+
+
+@pytest.mark.parametrize("key", sorted(GOLDEN["optimizers"]))
+def test_optimizer_matches_timm(key):
+    name, wd = key.split("/wd")
+    W, b, x, y = _problem()
+    W, b = nn.Parameter(W), nn.Parameter(b)
+    groups = [{"params": [W], "weight_decay": float(wd)}, {"params": [b], "weight_decay": 0.0}]
+    opt = build_optimizer(groups, lr=0.01, opt=name, weight_decay=float(wd), momentum=0.9)
+    for _ in range(5):
+        opt.zero_grad()
+        ((x @ W + b - y) ** 2).mean().backward()
+        opt.step()
+    got = W.detach()[::4, ::4].flatten().tolist() + [W.detach().square().sum().item()] + b.tolist()
+    assert got == pytest.approx(GOLDEN["optimizers"][key], rel=1e-9, abs=1e-12)
+
+
+def test_optimizer_fixtures_cover_every_opt():
+    assert {k.split("/wd")[0] for k in GOLDEN["optimizers"]} == set(OPTIMIZERS)
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+def test_ema_decay_matches_timm_model_ema_v3(warmup):
+    ema = ModelEma(nn.Linear(2, 2), decay=0.999, warmup=warmup)
+    got = [ema.get_decay(step) for step in GOLDEN["ema_steps"]]
+    assert got == pytest.approx(GOLDEN["ema_decay"][str(warmup)], rel=1e-12, abs=0)
+    assert ema.get_decay(None) == 0.999
+
+
+def test_ema_warmup_update():
+    m = nn.Linear(2, 2, bias=False)
+    ema = ModelEma(m, decay=0.99, warmup=True)
+    with torch.no_grad():
+        m.weight.fill_(1.0)
+    ema.update(m, step=1)  # first update copies the weights
+    assert torch.equal(ema.module.weight, m.weight)
+    with torch.no_grad():
+        m.weight.fill_(3.0)
+    ema.update(m, step=2)  # decay 1 - 2 ** (-2/3)
+    d = 1 - 2 ** (-2 / 3)
+    assert torch.allclose(ema.module.weight, torch.full((2, 2), d * 1.0 + (1 - d) * 3.0))
+
+
+def test_deepcopy_keeps_optimizer_tags():
+    from helm.models import build_model
+
+    model = build_model("hyena", d_model=16, num_layers=1, max_seq_len=32, filter_lr_scale=0.5)
+    clone = copy.deepcopy(model)
+    for (name, p), (_, q) in zip(model.named_parameters(), clone.named_parameters()):
+        assert getattr(q, "_no_weight_decay", False) == getattr(p, "_no_weight_decay", False), name
+        assert getattr(q, "_optim", None) == getattr(p, "_optim", None), name
+        assert q is not p
+    assert clone.lm_head.proj.weight is clone.embed.tok.weight  # tying survives
+    ema = ModelEma(model, decay=0.9)
+    assert ema.module.blocks[0].mixer.filter.mlp[0].weight._optim == {"lr_scale": 0.5, "weight_decay": 0.0}
+
+
+def test_bert_embedding_norm_gets_the_embedding_layer_decay():
+    from helm.models import build_model
+
+    model = build_model("bert", d_model=16, num_layers=2, num_heads=2, max_seq_len=32)
+    groups = param_groups(model, 0.05, layer_decay=0.5)
+    scale = {n: g["lr_scale"] for g in groups for n in g["names"]}
+    assert scale["embed_norm.weight"] == scale["embed.tok.weight"] == 0.5**3
+    assert scale["lm_head.dense.weight"] == 1.0

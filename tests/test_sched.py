@@ -1,4 +1,6 @@
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -127,3 +129,98 @@ def test_build_scheduler_counts_in_updates():
 def test_plateau_on_updates_is_refused():
     with pytest.raises(ValueError, match="plateau"):
         build_scheduler(_opt((1.0,)), **_sched_kw(sched="plateau"), base_lr=1.0, updates_per_epoch=10)
+
+
+# timm fixtures (tests/golden/make_timm_golden.py) ------------------------------------------------
+
+GOLDEN = json.loads((Path(__file__).parent / "golden" / "timm.json").read_text())
+
+
+def _replay(case: dict) -> tuple[int, list[list[float]]]:
+    """HELM's scheduler driven as timm's train.py drives timm's (the script's loop)."""
+    params = [torch.nn.Parameter(torch.zeros(1)) for _ in GOLDEN["lr_scales"]]
+    opt = torch.optim.SGD(
+        [{"params": [p], "lr_scale": s} for p, s in zip(params, GOLDEN["lr_scales"])], lr=1.0
+    )
+    kw = {k: v for k, v in case.items() if k != "name"}
+    upe = GOLDEN["updates_per_epoch"]
+    sched, num_epochs = build_scheduler(opt, base_lr=GOLDEN["base_lr"], updates_per_epoch=upe, **kw)
+    lrs = [[g["lr"] for g in opt.param_groups]]
+    metrics = GOLDEN["metrics"]
+    for epoch in range(int(num_epochs) + 2):
+        for u in range(upe):
+            sched.step_update(epoch * upe + u + 1)
+            if case["on_updates"]:
+                lrs.append([g["lr"] for g in opt.param_groups])
+        metric = metrics[epoch % len(metrics)] if case["sched"] == "plateau" else None
+        sched.step(epoch + 1, metric)
+        if not case["on_updates"]:
+            lrs.append([g["lr"] for g in opt.param_groups])
+    return num_epochs, lrs
+
+
+@pytest.mark.parametrize("golden", GOLDEN["schedules"], ids=lambda g: g["case"]["name"])
+def test_schedule_matches_timm(golden):
+    num_epochs, lrs = _replay(golden["case"])
+    assert num_epochs == golden["num_epochs"]
+    assert len(lrs) == len(golden["lrs"])
+    for i, (got, want) in enumerate(zip(lrs, golden["lrs"])):
+        assert got == pytest.approx(want, rel=1e-12, abs=1e-15), f"step {i}"
+
+
+def test_fixtures_cover_every_schedule_and_family():
+    from helm.sched import SCHEDULES
+
+    names = [g["case"]["name"] for g in GOLDEN["schedules"]]
+    assert {n.split("/")[0] for n in names} == set(SCHEDULES)
+    families = {n.split("/")[1] for n in names}
+    assert {"warmup", "warmup_prefix", "cooldown", "cycles", "cycles_mul", "k_decay"} <= families
+    assert {"noise_window", "noise_from"} <= families
+    assert GOLDEN["timm_version"]
+
+
+def test_plateau_decay_rate_must_shrink_the_lr():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    for rate in (1.0, 2.0, 0.0):
+        with pytest.raises(ValueError, match="--decay-rate"):
+            build_scheduler(opt, base_lr=0.1, updates_per_epoch=1, epochs=5, sched="plateau",
+                            decay_rate=rate)  # fmt: skip
+
+
+def test_cooldown_needs_a_cycle_schedule():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(ValueError, match="--cooldown-epochs"):
+        build_scheduler(opt, base_lr=0.1, updates_per_epoch=1, epochs=5, sched="step",
+                        cooldown_epochs=2)  # fmt: skip
+
+
+@pytest.mark.parametrize("on_updates", [False, True])
+@pytest.mark.parametrize("sched", ["cosine", "step", "tanh"])
+def test_start_epoch_moves_the_schedule(sched, on_updates):
+    """--start-epoch N: start_at(N) gives the lr an uninterrupted run has at epoch N's start, and
+    the updates after it continue that run's lrs (warmup not restarted, no warmup-lr epoch)."""
+    upe, N = 4, 3
+    kw = dict(base_lr=0.1, updates_per_epoch=upe, epochs=8, sched=sched, on_updates=on_updates,
+              warmup_epochs=2, warmup_lr=1e-8, decay_epochs=2)  # fmt: skip
+
+    def make():
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        return opt, build_scheduler(opt, **kw)[0]
+
+    opt_a, full = make()
+    lrs_a = []
+    for epoch in range(6):
+        for u in range(upe):
+            lrs_a.append(opt_a.param_groups[0]["lr"])
+            full.step_update(epoch * upe + u + 1)
+        full.step(epoch + 1)
+    opt_b, resumed = make()
+    resumed.start_at(N, upe)
+    lrs_b = []
+    for epoch in range(N, 6):
+        for u in range(upe):
+            lrs_b.append(opt_b.param_groups[0]["lr"])
+            resumed.step_update(epoch * upe + u + 1)
+        resumed.step(epoch + 1)
+    assert lrs_b == pytest.approx(lrs_a[N * upe :], rel=1e-12)
+    assert lrs_b[0] > 1e-3  # not the warmup lr

@@ -31,13 +31,15 @@ def average_ranks(x: np.ndarray) -> np.ndarray:
 
 
 def auroc(y_true: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve of binary labels; nan when only one class is present."""
+    """Area under the ROC curve of binary labels; nan when only one class is present or when any
+    score is nan (a diverged model has no ranking: it must not get a finite AUROC)."""
     y_true = np.asarray(y_true).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
     n_pos = int(y_true.sum())
     n_neg = len(y_true) - n_pos
-    if n_pos == 0 or n_neg == 0:
+    if n_pos == 0 or n_neg == 0 or np.isnan(scores).any():
         return float("nan")
-    ranks = average_ranks(np.asarray(scores, dtype=np.float64))
+    ranks = average_ranks(scores)
     return float((ranks[y_true].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
@@ -119,7 +121,7 @@ def classification_metrics(y_true: np.ndarray, scores: np.ndarray) -> dict[str, 
             out["auroc"] = auroc(y_true == 1, scores[:, 1])
         else:
             per_class = [auroc(y_true == k, scores[:, k]) for k in range(scores.shape[1])]
-            out["auroc"] = _nanmean(per_class)
+            out["auroc"] = _mean_auroc(per_class, scores)
     return out
 
 
@@ -128,8 +130,13 @@ def multilabel_metrics(y_true: np.ndarray, scores: np.ndarray) -> dict[str, floa
     y_true, scores = np.asarray(y_true), np.asarray(scores)
     per_label = [auroc(y_true[:, k], scores[:, k]) for k in range(y_true.shape[1])]
     out = {f"auroc/{k}": v for k, v in enumerate(per_label)}
-    out["auroc_mean"] = _nanmean(per_label)
+    out["auroc_mean"] = _mean_auroc(per_label, scores)
     return out
+
+
+def _mean_auroc(values: list[float], scores: np.ndarray) -> float:
+    """Mean over the classes (labels) with both kinds present; nan if any score is nan."""
+    return float("nan") if np.isnan(scores).any() else _nanmean(values)
 
 
 def _nanmean(values: list[float]) -> float:

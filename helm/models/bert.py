@@ -12,6 +12,12 @@ Attention is the same module as GPT-2's (``helm.models.gpt2.SelfAttention``, SDP
 mask). ``bidirectional=False`` is allowed and gives a causal post-LN encoder (a post-LN decoder-only
 model), e.g. to compare the block types under the same CLM objective.
 
+MLM head (``mlm_head``): "transform" (default) is BERT's (HF ``BertForMaskedLM``): dense + GELU +
+LayerNorm, then the (tied) projection plus an output bias; "linear" is the bare (tied) projection,
+as GPT-2's head. LayerNorms use BERT's eps 1e-12 (``norm_eps``). Checkpoints written before the
+head transform existed hold no ``lm_head.dense/norm/bias``: they load with ``mlm_head="linear"``
+and ``norm_eps=1e-5`` in their model config.
+
 Init: N(0, init_std) weights and zero biases as in BERT; unlike GPT-2 the residual output
 projections are not scaled down with depth (post-LN renormalises the residual stream after every
 sub-layer).
@@ -27,16 +33,23 @@ import torch.nn as nn
 from helm.models.common import MLP, Backbone, ModelConfig, init_weights
 from helm.models.gpt2 import SelfAttention, attention_inputs, check_attention_config
 
+MLM_HEADS = ("transform", "linear")
+
 
 @dataclass
 class BertConfig(ModelConfig):
-    """BERT options: all of ``ModelConfig``, bidirectional by default."""
+    """BERT options: all of ``ModelConfig``, bidirectional by default, BERT's LayerNorm eps and
+    MLM head (``mlm_head``: "transform" | "linear", see the module docstring)."""
 
     bidirectional: bool = True
+    norm_eps: float = 1e-12
+    mlm_head: str = "transform"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_attention_config(self)
+        if self.mlm_head not in MLM_HEADS:
+            raise ValueError(f"mlm_head must be one of {', '.join(MLM_HEADS)}; got {self.mlm_head!r}")
 
 
 class BertBlock(nn.Module):
@@ -73,6 +86,7 @@ class Bert(Backbone):
             BertBlock,
             norm_f=nn.Identity(),  # every block ends in a LayerNorm already
             embed_norm=nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps),
+            head_transform=cfg.mlm_head == "transform",
         )
 
     def init_weights(self, cfg: ModelConfig) -> None:

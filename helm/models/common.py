@@ -7,10 +7,13 @@ Conventions the optimizer and trainer rely on:
 - ``p._no_weight_decay = True`` marks parameters excluded from weight decay (norms, biases, position
   tables, SSM A/D, Hyena filters); ``p._optim = {"lr_scale": s, "weight_decay": wd}`` carries per-parameter
   hints (Hyena filter learning rates). Both are set where the parameter is created: see ``tag``.
+  ``copy.deepcopy`` of a Parameter drops such attributes, so ``Backbone.__deepcopy__`` copies them
+  onto the clone (``copy_tags``): a deep-copied backbone (fine-tuning, EMA) keeps its tags.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -100,6 +103,19 @@ def tag(param: nn.Parameter, *, no_weight_decay: bool = False, **optim: float) -
     return param
 
 
+TAGS = ("_no_weight_decay", "_optim")
+
+
+def copy_tags(src: nn.Module, dst: nn.Module) -> None:
+    """Copy the optimizer tags of ``src``'s parameters onto the same-named parameters of ``dst``
+    (a copy of ``src``): ``copy.deepcopy`` builds new Parameters without them."""
+    dst_params = dict(dst.named_parameters(remove_duplicate=False))
+    for name, p in src.named_parameters(remove_duplicate=False):
+        for attr in TAGS:
+            if hasattr(p, attr):
+                setattr(dst_params[name], attr, copy.deepcopy(getattr(p, attr)))
+
+
 # Position encodings ---------------------------------------------------------------------------
 
 
@@ -160,11 +176,17 @@ class Embeddings(nn.Module):
         x = self.tok(input_ids)  # (B, T, D or D - pos_dim)
         if self.cfg.pos_embedding in ("none", "rotary"):
             return x
+        # Positions are checked without a host sync: the length on the host, given positions on the
+        # device (an asynchronous assert: a CUDA error at the next sync, a RuntimeError on CPU).
         if position_ids is None:
+            if input_ids.shape[1] > self.cfg.max_seq_len:
+                raise ValueError(
+                    f"{input_ids.shape[1]} positions are beyond max_seq_len={self.cfg.max_seq_len}"
+                )
             position_ids = positions_like(input_ids)
-        if position_ids.max() >= self.cfg.max_seq_len:
-            raise ValueError(
-                f"position {int(position_ids.max())} is beyond max_seq_len={self.cfg.max_seq_len}"
+        else:
+            torch._assert_async(
+                (position_ids < self.cfg.max_seq_len).all(), "a position is beyond max_seq_len"
             )
         if self.pos is not None:
             p = self.pos(position_ids)
@@ -182,6 +204,16 @@ def positions_like(input_ids: torch.Tensor) -> torch.Tensor:
 # Feed-forward and norms -----------------------------------------------------------------------
 
 
+def activate(h: torch.Tensor, name: str) -> torch.Tensor:
+    """``name`` of ACTIVATIONS applied to h; ``swiglu`` halves the last dimension: silu(a) * b."""
+    if name == "swiglu":
+        a, b = h.chunk(2, dim=-1)
+        return F.silu(a) * b
+    if name == "gelu_tanh":
+        return F.gelu(h, approximate="tanh")
+    return {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}[name](h)
+
+
 class MLP(nn.Module):
     """d -> d_ff -> d with the chosen activation; ``swiglu`` is the gated SiLU variant (two inputs)."""
 
@@ -195,14 +227,7 @@ class MLP(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc_in(x)  # (B, T, d_ff or 2 d_ff)
-        if self.act == "swiglu":
-            a, b = h.chunk(2, dim=-1)
-            h = F.silu(a) * b
-        elif self.act == "gelu_tanh":
-            h = F.gelu(h, approximate="tanh")
-        else:
-            h = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}[self.act](h)
+        h = activate(self.fc_in(x), self.act)  # (B, T, d_ff)
         return self.drop(self.fc_out(h))
 
 
@@ -223,11 +248,22 @@ class LMHead(nn.Module):
 
     Columns at and beyond ``vocab_size`` are embedding padding: losses and metrics give them no
     probability. Tied heads share the token embedding matrix (when its width is d_model).
+
+    ``transform=True`` is BERT's MLM head (HF ``BertLMPredictionHead``): ``dense`` (d -> d), GELU,
+    LayerNorm ``norm``, then the projection plus an output ``bias`` (V_pad,). Otherwise the head is
+    the bare projection.
     """
 
-    def __init__(self, cfg: ModelConfig, tok_embedding: nn.Embedding | None = None):
+    def __init__(
+        self, cfg: ModelConfig, tok_embedding: nn.Embedding | None = None, transform: bool = False
+    ):
         super().__init__()
         self.vocab_size = cfg.vocab_size
+        self.dense = self.norm = self.bias = None
+        if transform:
+            self.dense = nn.Linear(cfg.d_model, cfg.d_model)
+            self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+            self.bias = tag(nn.Parameter(torch.zeros(cfg.padded_vocab_size)), no_weight_decay=True)
         self.proj = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
         if cfg.tie_embeddings:
             if tok_embedding is None or tok_embedding.weight.shape != self.proj.weight.shape:
@@ -238,7 +274,10 @@ class LMHead(nn.Module):
             self.proj.weight = tok_embedding.weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.proj(hidden)
+        if self.dense is None:
+            return self.proj(hidden)
+        h = self.norm(F.gelu(self.dense(hidden)))  # (..., D)
+        return self.proj(h) + self.bias
 
 
 def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
@@ -288,6 +327,7 @@ class Backbone(nn.Module):
         block: Callable[[ModelConfig], nn.Module],
         norm_f: nn.Module,
         embed_norm: nn.Module | None = None,
+        head_transform: bool = False,
     ):
         super().__init__()
         self.cfg = cfg
@@ -296,8 +336,16 @@ class Backbone(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(block(cfg) for _ in range(cfg.num_layers))
         self.norm_f = norm_f
-        self.lm_head = LMHead(cfg, self.embed.tok)
+        self.lm_head = LMHead(cfg, self.embed.tok, transform=head_transform)
         self.init_weights(cfg)
+
+    def __deepcopy__(self, memo: dict) -> Backbone:
+        """A deep copy that keeps the parameters' optimizer tags (see ``copy_tags``)."""
+        clone = self.__class__.__new__(self.__class__)
+        memo[id(self)] = clone
+        clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        copy_tags(self, clone)
+        return clone
 
     def init_weights(self, cfg: ModelConfig) -> None:
         """GPT-2 init from ``init_weights`` (scaled residual projections, no-decay tags)."""
