@@ -5,7 +5,7 @@ training step, on synthetic batches.
     python bench/train_throughput.py --preset recipes [--compile]   # one CUDA device: 50M recipes
 
 What is measured is one optimizer update exactly as train.py runs it, nothing more: the
-``LanguageModel`` (backbone + LM head over target positions), the configured ``HelmLoss``, the
+``LanguageModel`` (backbone + LM head on every position), the configured ``HelmLoss``, the
 optimizer, built by ``helm.lm.build_training`` as train.py builds them, ``helm.lm.forward_backward``
 under train.py's precision policy (bf16 autocast with ``--amp``), and ``helm.lm.optimizer_step``
 (the gradient norm, clipped when the config sets ``clip-grad``, the step, ``zero_grad``). Each case is

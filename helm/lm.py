@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from helm.distributed import all_reduce_sum
+from helm.distributed import Interrupted, all_reduce_sum
 from helm.metrics import MetricAccumulator
 from helm.optim import build_optimizer, clip_gradients, scaled_lr
 from helm.vocab import IGNORE_INDEX
@@ -24,10 +24,13 @@ Batch = dict[str, torch.Tensor]
 
 
 class LanguageModel(nn.Module):
-    """Backbone + LM head over target positions only: MLM projects the masked tokens alone.
+    """Backbone + LM head on every position.
 
-    ``forward`` returns ``(logits (N, V_pad), targets (N,))`` for the N positions whose label is not
-    ``IGNORE_INDEX``; the loss is computed outside, on these. DDP and compile wrap this module.
+    ``forward`` returns ``(logits (N, V_pad), labels (N,))`` flattened over all N = B * T positions;
+    rows whose label is ``IGNORE_INDEX`` are masked by the loss and the metrics (``ignore_index``),
+    not selected here: selecting them would need the count on the host (a sync and a graph break
+    under ``torch.compile``), and the head is cheap at V_pad = 72. The loss is computed outside.
+    DDP and compile wrap this module.
     """
 
     def __init__(self, backbone: nn.Module):
@@ -42,8 +45,8 @@ class LanguageModel(nn.Module):
         position_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self.backbone(input_ids, attention_mask=attention_mask, position_ids=position_ids)
-        keep = labels != IGNORE_INDEX  # (B, T)
-        return self.backbone.lm_head(hidden[keep]), labels[keep]  # (N, V_pad), (N,)
+        logits = self.backbone.lm_head(hidden)  # (B, T, V_pad)
+        return logits.flatten(0, 1), labels.flatten()  # (N, V_pad), (N,)
 
 
 # Mixed precision -----------------------------------------------------------------------------------
@@ -114,7 +117,7 @@ def forward_backward(
                 micro_sum = loss_fn(logits, targets, reduction="sum")
             scaler.scale(micro_sum * scale).backward()  # backward outside autocast, as recommended
         loss_sum += micro_sum.detach().double()
-        targets_seen += targets.numel()
+        targets_seen += (targets != IGNORE_INDEX).sum()
         mask = batch.get("attention_mask")
         tokens += mask.sum() if mask is not None else batch["input_ids"].numel()
     return loss_sum, targets_seen, tokens
@@ -131,13 +134,18 @@ def evaluate(
     device: torch.device,
     amp: torch.dtype | None = None,
     prefix: str = "val",
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, float]:
     """Loss and metrics over a loader, summed across ranks (sums and counts, not means of means).
-    ``hierarchy`` (codon tokenizers only) adds the tree metrics."""
+    ``hierarchy`` (codon tokenizers only) adds the tree metrics. ``should_stop`` is asked before
+    each batch; when it says so, ``Interrupted`` is raised (single process only: ranks must agree)."""
     was_training = model.training
     model.eval()
     acc = MetricAccumulator(hierarchy=hierarchy, vocab_size=vocab_size)
     for batch in loader:
+        if should_stop is not None and should_stop():
+            model.train(was_training)
+            raise Interrupted("evaluation interrupted")
         batch = to_device(batch, device)
         with autocast(device, amp):
             logits, targets = model(**batch)

@@ -45,8 +45,8 @@ before ``tl.dot`` (the same products, exactly).
 Backward (derivation in ``FFTConvFunction.backward``): dx = T^T g is the same tile loop with the lag
 reversed (anti-causal for a causal filter); dk is a per-channel cross-correlation reduced over the
 batch, computed by a second tensor-core kernel that writes every filter tap once (deterministic, no
-atomics; its lag blocks pad to 16 rows and include the causal triangle, so it does ~2-2.5x the
-useful FLOPs at L < 1k: the first thing to tune once measured); dD is dk at lag 0.
+atomics; the batch is folded into the matmul's reduction dimension, so M = 64-128 lags per tile:
+wgmma-sized on Hopper); dD is dk at lag 0.
 """
 
 from __future__ import annotations
@@ -55,7 +55,10 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.interpreter import fix_loop_bounds
+
 _INTERPRET = triton.knobs.runtime.interpret  # the same switch that made the kernels below
+fix_loop_bounds()  # program-id-dependent trip counts under Triton < 3.7's interpreter
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -71,12 +74,10 @@ def _conv_configs() -> list[triton.Config]:
     return [
         triton.Config({"BLOCK_P": p, "BLOCK_Q": q, "BLOCK_B": b}, num_warps=w, num_stages=s)
         for p, q, b, w, s in (
-            (64, 64, 16, 4, 3),
             (64, 64, 32, 4, 3),
             (64, 64, 64, 4, 3),
+            (128, 64, 32, 4, 3),
             (128, 64, 64, 8, 3),
-            (128, 32, 32, 4, 4),
-            (128, 64, 16, 4, 3),
         )
     ]
 
@@ -90,20 +91,27 @@ def _prune_conv(configs: list[triton.Config], named_args: dict, **kwargs) -> lis
 
 
 def _dk_configs() -> list[triton.Config]:
-    """BLOCK_R lag tiles of BLOCK_S lags per program; one config when interpreting."""
+    """BLOCK_R lag tiles of BLOCK_S lags per program, BLOCK_K // BLOCK_S batch rows per matmul
+    (BLOCK_S >= 64: the M of a Hopper wgmma); one config when interpreting."""
     if _INTERPRET:
-        return [triton.Config({"BLOCK_R": 16, "BLOCK_S": 16}, num_warps=4)]
+        return [triton.Config({"BLOCK_R": 16, "BLOCK_S": 16, "BLOCK_K": 32}, num_warps=4)]
     return [
-        triton.Config({"BLOCK_R": r, "BLOCK_S": s}, num_warps=w, num_stages=3)
-        for r, s, w in ((16, 32, 4), (32, 32, 4), (16, 64, 4), (32, 64, 4), (64, 64, 8))
+        triton.Config({"BLOCK_R": r, "BLOCK_S": s, "BLOCK_K": k}, num_warps=w, num_stages=3)
+        for r, s, k, w in ((8, 64, 128, 4), (16, 64, 128, 4), (16, 64, 256, 8), (16, 128, 128, 8))
     ]
 
 
 def _prune_dk(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Keep lag blocks no wider than the filter (wider ones compute only padding)."""
-    max_lags = max(256, triton.next_power_of_2(named_args["Lk"]))
-    kept = [c for c in configs if c.kwargs["BLOCK_R"] * c.kwargs["BLOCK_S"] <= max_lags]
-    return kept or configs[:1]
+    """Keep lag blocks no wider than the filter and batch folds no wider than the batch (wider
+    ones compute only padding)."""
+    max_lags = max(512, triton.next_power_of_2(named_args["Lk"]))
+    kept = [
+        c
+        for c in configs
+        if c.kwargs["BLOCK_R"] * c.kwargs["BLOCK_S"] <= max_lags
+        and c.kwargs["BLOCK_K"] // c.kwargs["BLOCK_S"] <= max(1, named_args["B"])
+    ]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_R"] * c.kwargs["BLOCK_S"])]
 
 
 @triton.jit
@@ -250,55 +258,65 @@ def _fftconv_bwd_dk_kernel(
     sdy_b, sdy_h, sdy_l, spo_b, spo_h, spo_l, su_b, su_h, su_l, spr_b, spr_h, spr_l,
     HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, BIDIR: tl.constexpr,
     OP_DTYPE: tl.constexpr, EMULATE_DOT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """dk[h, i] = sum_b sum_s x[b, s] g[b, s + lag(i)] for BLOCK_R tiles of BLOCK_S filter taps.
 
-    Row r of the program's accumulator holds taps r*BS .. r*BS + BS - 1 (lags l_r + d, with
-    l_r = r*BS, minus L-1 when two-sided). Stepping a window start t0 by BS, row r pairs the source
-    tile s = t0 - l_r + j with targets t = t0 + j + d (j, d < BS):
-        acc[r, d] += sum_b sum_j x[b, t0 - l_r + j] * g[b, t0 + j + d]
-    so every row shares the same Hankel tile of g (BS x BS, built from g[t0 : t0 + 2 BS - 1]) and
-    the update is one matmul (BLOCK_R x BS) @ (BS x BS) per batch row. Over all windows, row r sees
-    every source tile once, hence every (s, t = s + lag) pair once: each tap is written by exactly
-    one program, without atomics.
+    Column r of the program's accumulator holds taps r*BS .. r*BS + BS - 1 (lags l_r + d, with
+    l_r = r*BS, minus L-1 when two-sided). Stepping a window start t0 by BS, column r pairs the
+    source tile s = t0 - l_r + j with targets t = t0 + j + d (j, d < BS):
+        acc[d, r] += sum_b sum_j g[b, t0 + j + d] * x[b, t0 - l_r + j]
+    so every column shares the same Hankel tile of g (BS x BS, built from g[t0 : t0 + 2 BS - 1]).
+    The batch is folded into the reduction: k = (b, j) runs over BLOCK_K // BS batch rows at once,
+    and the update is one (BS x BLOCK_K) @ (BLOCK_K x BLOCK_R) matmul, M = BS lags (64 or more:
+    wgmma-sized on Hopper), N = BLOCK_R lag tiles. Over all windows, column r sees every source
+    tile once, hence every (s, t = s + lag) pair once: each tap is written by exactly one program,
+    without atomics.
     """
     pid_r = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     r0 = pid_r * BLOCK_R
-    rows = r0 + tl.arange(0, BLOCK_R)
-    j = tl.arange(0, BLOCK_S)
+    cols = r0 + tl.arange(0, BLOCK_R)  # lag tiles
+    d = tl.arange(0, BLOCK_S)  # lag within a tile
+    k = tl.arange(0, BLOCK_K)
+    kb = (k // BLOCK_S).to(tl.int64)  # batch row of reduction index k
+    kj = k % BLOCK_S  # window position of reduction index k
     if BIDIR:
         lag_off = 1 - L
     else:
         lag_off = 0
-    lag_r = rows * BLOCK_S + lag_off  # first lag of each row
-    # Windows with some target t in [0, L) and some source in [0, L) for some row of the block.
+    lag_r = cols * BLOCK_S + lag_off  # first lag of each tile
+    # Windows with some target t in [0, L) and some source in [0, L) for some tile of the block.
     t0_lo = tl.maximum(2 - 2 * BLOCK_S, r0 * BLOCK_S + lag_off + 1 - BLOCK_S)
     t0_hi = tl.minimum(L - 1, L - 1 + (r0 + BLOCK_R - 1) * BLOCK_S + lag_off)
-    acc = tl.zeros((BLOCK_R, BLOCK_S), dtype=tl.float32)
+    u_row = u_ptr + h * su_h
+    pre_row = pre_ptr + h * spr_h
+    dy_row = dy_ptr + h * sdy_h
+    post_row = post_ptr + h * spo_h
+    acc = tl.zeros((BLOCK_S, BLOCK_R), dtype=tl.float32)
     for t0 in range(t0_lo, t0_hi + 1, BLOCK_S):
-        offs_s = t0 - lag_r[:, None] + j[None, :]  # (BLOCK_R, BLOCK_S) sources
+        offs_s = t0 - lag_r[None, :] + kj[:, None]  # (BLOCK_K, BLOCK_R) sources
+        offs_t = t0 + kj[None, :] + d[:, None]  # (BLOCK_S, BLOCK_K) Hankel targets
         s_in = (offs_s >= 0) & (offs_s < L)
-        offs_t = t0 + j[:, None] + j[None, :]  # (BLOCK_S, BLOCK_S) Hankel targets
         t_in = (offs_t >= 0) & (offs_t < L)
-        u_row = u_ptr + h * su_h
-        pre_row = pre_ptr + h * spr_h
-        dy_row = dy_ptr + h * sdy_h
-        post_row = post_ptr + h * spo_h
-        for _ in range(0, B):
-            x = tl.load(u_row + offs_s * su_l, mask=s_in, other=0.0).to(tl.float32)
+        for b0 in range(0, B, BLOCK_K // BLOCK_S):
+            rb = b0 + kb  # (BLOCK_K,) batch rows
+            xs_mask = s_in & (rb < B)[:, None]
+            x = tl.load(u_row + rb[:, None] * su_b + offs_s * su_l, mask=xs_mask, other=0.0)
+            x = x.to(tl.float32)
             if HAS_PRE:
-                x = x * tl.load(pre_row + offs_s * spr_l, mask=s_in, other=0.0).to(tl.float32)
-            g = tl.load(dy_row + offs_t * sdy_l, mask=t_in, other=0.0).to(tl.float32)
+                x_pre = tl.load(pre_row + rb[:, None] * spr_b + offs_s * spr_l, mask=xs_mask,
+                                other=0.0)  # fmt: skip
+                x = x * x_pre.to(tl.float32)
+            gt_mask = t_in & (rb < B)[None, :]
+            g = tl.load(dy_row + rb[None, :] * sdy_b + offs_t * sdy_l, mask=gt_mask, other=0.0)
+            g = g.to(tl.float32)
             if HAS_POST:
-                g = g * tl.load(post_row + offs_t * spo_l, mask=t_in, other=0.0).to(tl.float32)
-            acc = _mma(x, g, acc, OP_DTYPE, EMULATE_DOT, PRECISION)
-            u_row += su_b
-            pre_row += spr_b
-            dy_row += sdy_b
-            post_row += spo_b
-    idx = rows[:, None] * BLOCK_S + j[None, :]
+                g_post = tl.load(post_row + rb[None, :] * spo_b + offs_t * spo_l, mask=gt_mask,
+                                 other=0.0)  # fmt: skip
+                g = g * g_post.to(tl.float32)
+            acc = _mma(g, x, acc, OP_DTYPE, EMULATE_DOT, PRECISION)
+    idx = cols[None, :] * BLOCK_S + d[:, None]  # (BLOCK_S, BLOCK_R) taps
     tl.store(dk_ptr + h * Lk + idx, acc, mask=idx < Lk)
 
 

@@ -1,11 +1,14 @@
 import os
 from pathlib import Path
 
-# Triton kernels run on the CPU under the interpreter; it must be set before triton is imported.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+# Without CUDA, Triton kernels run on the CPU under the interpreter (set before triton is first
+# imported); with CUDA they are compiled, and the `gpu` tests run them on the device.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 from helpers import TINY, load_script  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -81,8 +81,9 @@ class MambaConfig(ModelConfig):
     dt_init_floor: float = 1e-4
     headdim: int = 64  # Mamba-2: channels per head; must divide d_inner
     ngroups: int = 1  # Mamba-2: groups of heads sharing B and C
-    # Tokens per step of the PyTorch scans (the CUDA kernels ignore it): Mamba-1's log-space scan,
-    # whose working memory and fp32 rounding grow linearly with it, or Mamba-2's SSD chunk.
+    # Tokens per chunk: Mamba-1's PyTorch log-space scan (working memory and fp32 rounding grow
+    # linearly with it; mamba-ssm's selective_scan_fn ignores it) and Mamba-2's SSD chunk (used by
+    # both the PyTorch scan and mamba_chunk_scan_combined).
     chunk_size: int = 64
     bidirectional_strategy: str = "add"
     bidirectional_weight_tie: bool = False
@@ -107,6 +108,10 @@ class MambaConfig(ModelConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.scan_impl != "torch" and not 2 <= self.d_conv <= 4:
+            raise ValueError(
+                f"d_conv={self.d_conv}: causal-conv1d's kernel takes 2..4; use scan_impl='torch'"
+            )
         if not 0 < self.dt_min <= self.dt_max:
             raise ValueError(f"need 0 < dt_min <= dt_max, got {self.dt_min}, {self.dt_max}")
         if self.ssm_layer == "mamba2":

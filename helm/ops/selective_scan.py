@@ -43,12 +43,16 @@ logger = logging.getLogger(__name__)
 
 # Optional CUDA kernels; importing them can fail with more than ImportError on a machine without CUDA.
 _IMPORT_ERRORS: dict[str, str] = {}
+# The compiled extensions are probed by name: upstream imports them lazily, so the Python packages
+# can import without them and fail at the first forward.
 try:
+    import causal_conv1d_cuda  # noqa: F401
     from causal_conv1d import causal_conv1d_fn
 except (ImportError, OSError, RuntimeError) as err:
     causal_conv1d_fn = None
     _IMPORT_ERRORS["causal_conv1d"] = repr(err)
 try:
+    import selective_scan_cuda  # noqa: F401
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 except (ImportError, OSError, RuntimeError) as err:
     selective_scan_fn = None
