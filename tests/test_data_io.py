@@ -361,3 +361,65 @@ def test_real_codonbert_csv(shared_data, relpath):
     seqs, report = read_sequences(path, column_name=column, on_invalid="skip")
     assert report.num_valid > 100 and report.num_invalid == 0
     assert all("U" not in s and s.startswith("ATG") for s in seqs[:50])
+
+
+# Faults of the file itself: each one a DataError naming it -------------------------------------------
+
+
+def _gz(data: bytes) -> bytes:
+    return gzip.compress(data)
+
+
+FAULTS = {
+    "x.txt.gz": (b"ATGAAATAA\n", "not gzip-compressed, though its name ends in .gz"),
+    "y.txt.gz": (_gz(b"ATGAAATAA\n" * 500)[:-12], "gzip stream is truncated"),
+    "z.fasta.gz": (_gz(b">a\nATG\n")[:-8] + b"\xff\xff\xff\xff\0\0\0\0", "corrupt gzip data"),
+    "w.txt": (_gz(b"ATGAAATAA\n"), "w.txt:1: not UTF-8 text .*looks gzip-compressed"),
+    "u.txt": (b"ATG\nATGAAA\nATGA\xffAA\n", r"u.txt:3: not UTF-8 text \(byte 0xff at column 5\)"),
+    "v.csv": (
+        b"sequence\nATG\n\xc3\xa9\xe2\x82\n",
+        r"v.csv:3: not UTF-8 text \(byte 0xe2 at column 2\)",
+    ),
+    "t.fasta": (b">a\nATG\n>b \x80\nATG\n", r"t.fasta:3: not UTF-8 text \(byte 0x80 at column 4\)"),
+}
+
+
+@pytest.mark.parametrize("name", FAULTS)
+def test_file_faults_are_data_errors_naming_file_and_line(tmp_path, name):
+    data, message = FAULTS[name]
+    path = tmp_path / name
+    path.write_bytes(data)
+    for read in (lambda: read_sequences(path), lambda: count_records(path)):
+        with pytest.raises(DataError, match=message):
+            read()
+
+
+def test_a_directory_or_missing_file_is_a_data_error(tmp_path):
+    (tmp_path / "d.fasta").mkdir()
+    with pytest.raises(DataError, match="d.fasta is a directory"):
+        read_sequences(tmp_path / "d.fasta")
+    with pytest.raises(DataError, match="e.txt does not exist"):
+        read_sequences(tmp_path / "e.txt")
+
+
+@pytest.mark.parametrize("ext", ["txt", "csv", "tsv", "fasta", "txt.gz", "csv.gz"])
+def test_a_byte_order_mark_is_read_as_the_encoding_marker(tmp_path, ext):
+    text = {"txt": "\n".join(SEQS), "fasta": as_fasta(SEQS)}.get(ext.split(".")[0])
+    if text is None:
+        sep = "," if ext.startswith("csv") else "\t"
+        text = f"sequence{sep}id\n" + "".join(f"{s}{sep}{i}\n" for i, s in enumerate(SEQS))
+    data = b"\xef\xbb\xbf" + text.encode()
+    path = tmp_path / f"bom.{ext}"
+    path.write_bytes(gzip.compress(data) if ext.endswith(".gz") else data)
+    assert read_sequences(path)[0] == SEQS
+
+
+@pytest.mark.parametrize("ext", ["txt", "csv", "fasta", "txt.gz"])
+def test_zero_usable_records_are_refused_when_asked(tmp_path, ext):
+    path = write(tmp_path / f"e.{ext}", "")
+    assert read_sequences(path)[0] == []  # an empty file is no error by default
+    with pytest.raises(DataError, match=f"{path}: no records"):
+        read_sequences(path, require_records=True)
+    bad = write(tmp_path / f"b.{ext}", as_fasta(["XYZ"]) if ext == "fasta" else "sequence\nXYZ\n")
+    with pytest.raises(DataError, match=f"{bad}: no usable records \\(all \\d invalid"):
+        read_sequences(bad, on_invalid="skip", require_records=True)

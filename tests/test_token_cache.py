@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pickle
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from helm.data.cache import TokenStore, build_token_cache, cache_dir, default_cache_dir
+from helm.data.cache import (
+    TokenStore,
+    build_token_cache,
+    cache_dir,
+    default_cache_dir,
+    remove_stale_builds,
+)
 from helm.data.demo import write_demo_corpus
 from helm.data.io import DataError, read_sequences
 from helm.data.splits import resolve_splits
@@ -241,3 +249,48 @@ def test_empty_corpus_gives_an_empty_store(tmp_path, codon_tok):
     store = build_token_cache(path, codon_tok, tmp_path / "cache")
     assert len(store) == 0 and store.num_tokens == 0
     assert isinstance(TokenStore(store.directory), TokenStore)
+
+
+def test_empty_or_all_invalid_corpus_is_refused_when_records_are_required(tmp_path, codon_tok):
+    empty = tmp_path / "x.txt"
+    empty.write_text("\n")
+    with pytest.raises(DataError, match=f"{empty}: no records"):
+        build_token_cache(empty, codon_tok, tmp_path / "cache", require_records=True)
+    bad = tmp_path / "bad.txt"
+    bad.write_text("ATGA\nXYZ\n")
+    for _ in range(2):  # built, then reused: the same answer
+        with pytest.raises(DataError, match=f"{bad}: no usable records \\(all 2 invalid"):
+            build_token_cache(
+                bad, codon_tok, tmp_path / "cache", on_invalid="skip", require_records=True
+            )
+
+
+def _leftover(cache: Path, key: str, owner: str) -> Path:
+    folder = cache / f".{key}.tmp-{owner}-abc123"
+    folder.mkdir(parents=True)
+    (folder / "tokens.bin").write_bytes(b"\0" * 10)
+    return folder
+
+
+def test_killed_builds_are_removed_unless_a_live_build_holds_them(tmp_path, codon_tok):
+    """A killed build's folder (this host, lock free) goes; a live build's (its key's lock held)
+    stays, as does a recent one of another host (a shared filesystem); an old foreign one goes."""
+    from helm.data.cache import _HOST
+
+    cache = tmp_path / "cache"
+    dead = _leftover(cache, "a" * 20, _HOST)
+    live = _leftover(cache, "b" * 20, _HOST)
+    foreign = _leftover(cache, "c" * 20, "otherhost")
+    old_foreign = _leftover(cache, "d" * 20, "otherhost")
+    two_days_ago = time.time() - 2 * 86400
+    for path in (old_foreign, old_foreign / "tokens.bin"):
+        os.utime(path, (two_days_ago, two_days_ago))
+    with open(cache / f"{'b' * 20}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another builder at work
+        assert sorted(remove_stale_builds(cache)) == [dead, old_foreign]
+    assert live.is_dir() and foreign.is_dir()
+
+    # The next build of any corpus sweeps too; the lock is free now.
+    path = fasta(tmp_path / "x.fasta", SEQS[:2])
+    build_token_cache(path, codon_tok, cache)
+    assert not live.exists() and foreign.is_dir()

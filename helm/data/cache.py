@@ -8,7 +8,8 @@ Both arrays are opened with ``np.memmap``, so opening a cache costs memory indep
 The key hashes everything that changes the tokens: the source file (absolute path, size, mtime and a
 hash of its first and last MiB), ``tokenizer.config()``, the reading options and the split's record
 numbers. A build writes into a temporary directory renamed into place at the end, so a crashed
-build never leaves a cache that a later run would trust.
+build never leaves a cache that a later run would trust; the next build removes what a killed one
+left (`remove_stale_builds`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -29,7 +32,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from helm.data.io import ReadReport, iter_sequences
+from helm.data.io import ReadReport, iter_sequences, no_records_error
 from helm.data.splits import Split
 
 try:  # POSIX; elsewhere concurrent builders rely on the atomic rename alone
@@ -42,6 +45,10 @@ logger = logging.getLogger("helm")
 CACHE_VERSION = 1
 _FINGERPRINT_BYTES = 1 << 20
 _META, _TOKENS, _OFFSETS, _LENGTHS = "meta.json", "tokens.bin", "offsets.npy", "lengths.bin"
+# A build's temporary folder is ".<key>.tmp-<host>-<random>": the host tells whose lock covers it.
+_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+_TMP_DIR = re.compile(r"\.([0-9a-f]{20})\.tmp-(.*)")
+_FOREIGN_STALE_S = 24 * 3600
 
 
 # Which caches live in a sub-folder of $HELM_CACHE_DIR (the token cache and downstream task files
@@ -178,6 +185,59 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def _try_lock(path: Path) -> Iterator[bool]:
+    """Take `path`'s lock if it is free (True), without waiting."""
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _last_touched(folder: Path) -> float:
+    times = [folder.stat().st_mtime]
+    times += [p.stat().st_mtime for p in folder.iterdir() if p.is_file()]
+    return max(times)
+
+
+def remove_stale_builds(cache_dir: str | os.PathLike) -> list[Path]:
+    """Remove the temporary folders that killed builds left in `cache_dir`; returns them.
+
+    A build holds its key's lock from making its folder until the rename, so a folder of this host
+    whose key's lock is free belongs to no live build. A folder made on another host (a shared
+    filesystem, which a lock may not span) is removed only once untouched for a day.
+    """
+    if fcntl is None:  # pragma: no cover
+        return []
+    removed = []
+    for tmp in Path(cache_dir).glob(".*.tmp-*"):
+        match = _TMP_DIR.fullmatch(tmp.name)
+        if match is None or not tmp.is_dir():
+            continue
+        key, rest = match.groups()
+        try:
+            if (
+                not rest.startswith(f"{_HOST}-")
+                and time.time() - _last_touched(tmp) < _FOREIGN_STALE_S
+            ):
+                continue
+        except OSError:  # removed meanwhile
+            continue
+        with _try_lock(tmp.parent / f"{key}.lock") as free:
+            if free:
+                shutil.rmtree(tmp, ignore_errors=True)
+                removed.append(tmp)
+    if removed:
+        logger.info("removed %d unfinished token cache build(s) in %s", len(removed), cache_dir)
+    return removed
+
+
 def _chunks(seqs: Iterator[str], max_chars: int, max_records: int) -> Iterator[list[str]]:
     chunk, chars = [], 0
     for seq in seqs:
@@ -255,7 +315,7 @@ def _build(
 ) -> None:
     """Build the cache in a temporary sibling of `final`, then rename it into place."""
     start = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{_HOST}-", dir=final.parent))
     try:
         meta = _write_cache(split, tokenizer, tmp, read_options, meta, show_progress, chunk_chars)
         try:
@@ -296,6 +356,7 @@ def build_token_cache(
     data_type: str | None = None,
     show_progress: bool | None = None,
     chunk_chars: int = 1 << 22,
+    require_records: bool = False,
 ) -> TokenStore:
     """Tokenize a split (or a whole file) once into `cache_dir` and open it as a `TokenStore`.
 
@@ -315,6 +376,8 @@ def build_token_cache(
         data_type: ``"nuc"`` or ``"aa"``; default the tokenizer config's ``data_type``, else nuc.
         show_progress: tqdm bar; default on for rank 0 when stderr is a terminal.
         chunk_chars: letters per `encode_batch` call.
+        require_records: a cache of zero records (an empty file, or every record invalid and
+            skipped) raises `DataError` naming the file.
     """
     split = source if isinstance(source, Split) else Split("all", str(source))
     config = tokenizer.config()
@@ -346,6 +409,7 @@ def build_token_cache(
     build = lambda: _build(split, tokenizer, final, read_options, meta, show_progress, chunk_chars)
 
     if rank == 0:
+        remove_stale_builds(cache_dir)
         with _file_lock(cache_dir / f"{key}.lock"):
             if not _is_complete(final):
                 build()
@@ -356,4 +420,7 @@ def build_token_cache(
             with _file_lock(cache_dir / f"{key}.lock"):
                 if not _is_complete(final):
                     build()
-    return TokenStore(final)
+    store = TokenStore(final)
+    if require_records and len(store) == 0:
+        raise no_records_error(ReadReport(**store.meta["report"]))
+    return store

@@ -18,12 +18,15 @@ train/val/test split of a file (`helm.data.splits.resolve_splits`) does not depe
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import io
+import itertools
 import logging
 import os
 import re
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,13 +171,67 @@ def detect_format(path: str | os.PathLike, file_extension: str | None = None) ->
 
 
 def open_text(path: str | os.PathLike, gz: bool | None = None) -> io.TextIOBase:
-    """A file opened for reading text, gunzipped when `gz` (default: the name ends in ``.gz``)."""
+    """A file opened for reading text, gunzipped when `gz` (default: the name ends in ``.gz``).
+    A leading UTF-8 byte-order mark is read as the encoding marker it is, not as text."""
     if gz is None:
         gz = Path(path).name.lower().endswith(".gz")
     # newline="" lets the csv module see quoted newlines; the other readers strip line ends anyway.
     if gz:
-        return gzip.open(path, "rt", encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
+        return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
+    return open(path, encoding="utf-8-sig", newline="")
+
+
+def text_lines(path: str | os.PathLike, gz: bool | None = None) -> Iterator[str]:
+    """The lines of a text file (`open_text`); any fault of the file (missing, a directory, not
+    gzip, truncated or corrupt gzip, not UTF-8) raises `DataError` naming it and the line."""
+    count = 0
+    try:
+        with open_text(path, gz) as f:
+            for line in f:
+                count += 1
+                yield line
+    except UnicodeDecodeError:
+        raise _not_utf8(path, gz) from None
+    except IsADirectoryError:
+        raise DataError(f"{path} is a directory, not a sequence file") from None
+    except FileNotFoundError:
+        raise DataError(f"{path} does not exist") from None
+    except (OSError, EOFError, zlib.error) as exc:
+        after = f" (after line {count})" if count else ""
+        raise DataError(f"{path}: {_read_fault(exc)}{after}") from None
+
+
+def _read_fault(exc: BaseException) -> str:
+    if isinstance(exc, gzip.BadGzipFile) and str(exc).startswith("Not a gzipped file"):
+        return "not gzip-compressed, though its name ends in .gz (rename it without .gz)"
+    if isinstance(exc, EOFError):
+        return "the gzip stream is truncated (the file ends before its end-of-stream marker)"
+    if isinstance(exc, (gzip.BadGzipFile, zlib.error)):
+        return f"corrupt gzip data ({exc})"
+    return f"cannot be read ({getattr(exc, 'strerror', None) or exc})"
+
+
+def _not_utf8(path: str | os.PathLike, gz: bool | None) -> DataError:
+    """The first line that is not UTF-8 (found by reading the raw bytes again, on error only)."""
+    if gz is None:
+        gz = Path(path).name.lower().endswith(".gz")
+    try:
+        with (gzip.open if gz else open)(path, "rb") as f:
+            for line_no, raw in enumerate(f, 1):
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    column = len(raw[: exc.start].decode("utf-8", "replace")) + 1
+                    hint = ""
+                    if line_no == 1 and raw.startswith(b"\x1f\x8b"):
+                        hint = "; it looks gzip-compressed: name it .gz"
+                    return DataError(
+                        f"{path}:{line_no}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at "
+                        f"column {column}){hint}"
+                    )
+    except (OSError, EOFError, zlib.error):
+        pass
+    return DataError(f"{path}: not UTF-8 text")
 
 
 def table_rows(
@@ -184,22 +241,30 @@ def table_rows(
     delimited file. `delimiter` is a character, a name (``tab``, ``comma``, ``semicolon``,
     ``pipe``) or ``"sniff"`` (guessed among ``, tab ; |`` from the first lines, else ``,``)."""
     if delimiter == "sniff":
-        with open_text(path, gz) as f:
-            sample = "".join(line for _, line in zip(range(20), f))
+        with contextlib.closing(text_lines(path, gz)) as lines:
+            sample = "".join(itertools.islice(lines, 20))
         try:
             delimiter = csv.Sniffer().sniff(sample, delimiters=",\t;|").delimiter
         except csv.Error:
             delimiter = ","
     csv.field_size_limit(2**31 - 1)  # sequences can exceed the default 128 KiB field limit
-    f = open_text(path, gz)
-    reader = csv.reader(f, delimiter=_DELIMITER_NAMES.get(delimiter, delimiter))
-    header = next(reader, None)
+    lines = text_lines(path, gz)
+    reader = csv.reader(lines, delimiter=_DELIMITER_NAMES.get(delimiter, delimiter))
+    try:
+        header = next(reader, None)
+    except csv.Error as exc:
+        lines.close()
+        raise DataError(f"{path}:{reader.line_num}: {exc}") from None
 
     def rows() -> Iterator[tuple[int, list[str]]]:
-        with f:
+        try:
             for row in reader:
                 if row:
                     yield reader.line_num, row
+        except csv.Error as exc:
+            raise DataError(f"{path}:{reader.line_num}: {exc}") from None
+        finally:
+            lines.close()
 
     return (None if header is None else [h.strip() for h in header]), rows()
 
@@ -233,12 +298,11 @@ def _raw_records(
         yield from _fasta_records(path, gz)
         return
     if fmt == "txt":
-        with open_text(path, gz) as f:
-            index = 0
-            for line_no, line in enumerate(f, 1):
-                if line.strip():
-                    index += 1
-                    yield Record(f"{path}:{line_no}", line_no, index - 1, str(index), line)
+        index = 0
+        for line_no, line in enumerate(text_lines(path, gz), 1):
+            if line.strip():
+                index += 1
+                yield Record(f"{path}:{line_no}", line_no, index - 1, str(index), line)
         return
     default = "," if fmt == "csv" else "\t"
     header, rows = table_rows(path, gz=gz, delimiter=delimiter or default)
@@ -277,18 +341,17 @@ def _fasta_records(path: str | os.PathLike, gz: bool) -> Iterator[Record]:
         )
 
     header, header_line, chunks, count = None, 0, [], 0
-    with open_text(path, gz) as f:
-        for line_no, line in enumerate(f, 1):
-            if line.startswith(">"):
-                if header is not None:
-                    yield record(header, header_line, count - 1, chunks)
-                count += 1
-                header, header_line, chunks = line[1:].strip(), line_no, []
-            elif header is None:
-                if line.strip():
-                    raise DataError(f"{path}:{line_no}: sequence data before the first '>' header")
-            else:
-                chunks.append(line)
+    for line_no, line in enumerate(text_lines(path, gz), 1):
+        if line.startswith(">"):
+            if header is not None:
+                yield record(header, header_line, count - 1, chunks)
+            count += 1
+            header, header_line, chunks = line[1:].strip(), line_no, []
+        elif header is None:
+            if line.strip():
+                raise DataError(f"{path}:{line_no}: sequence data before the first '>' header")
+        else:
+            chunks.append(line)
     if header is not None:
         yield record(header, header_line, count - 1, chunks)
 
@@ -356,6 +419,7 @@ def iter_records(
     delimiter: str | None = None,
     check: Callable[[Record], tuple[str, str] | None] | None = None,
     validate: bool = True,
+    require_records: bool = False,
 ) -> Iterator[Record]:
     """Stream the records of a sequence file, cleaned and validated, under one invalid-record policy.
 
@@ -379,6 +443,11 @@ def iter_records(
         check: a further test of each record (before its sequence is validated): None when the
             record is good, else ``(reason, detail)``, counted like any invalid record.
         validate: False yields the raw text as `Record.sequence` (no cleaning, no validation).
+        require_records: a read that yields no record at all (an empty file, or only invalid
+            records skipped) raises `DataError`.
+
+    Every fault of the file itself (missing, a directory, not UTF-8, bad gzip, a malformed
+    table) raises `DataError` naming the file and, where there is one, the line.
     """
     check_on_invalid(on_invalid)
     if data_type == "codon":  # the CLI's name for nucleotide data read as whole codons
@@ -420,11 +489,24 @@ def iter_records(
             break
     if failed:
         raise report.error()
+    if require_records and report.num_valid == 0:
+        raise no_records_error(report)
     if report.invalid:
         # Skipping is a choice, never silent: whoever reads the file hears what was dropped.
         logger.warning(
             "skipped invalid records: %s (first: %s)", report.summary(), report.examples[0]
         )
+
+
+def no_records_error(report: ReadReport) -> DataError:
+    """The error for a read that found no usable record."""
+    if report.num_records == 0:
+        return DataError(f"{report.path}: no records (the file, or the part asked for, is empty)")
+    reasons = ", ".join(f"{n:,} {reason}" for reason, n in sorted(report.invalid.items()))
+    first = f"; first: {report.examples[0]}" if report.examples else ""
+    return DataError(
+        f"{report.path}: no usable records (all {report.num_records:,} invalid: {reasons}){first}"
+    )
 
 
 def iter_sequences(
@@ -447,6 +529,7 @@ def read_sequences(
     num_samples: int | None = None,
     require_codons: bool = False,
     data_type: str = "nuc",
+    require_records: bool = False,
 ) -> tuple[list[str], ReadReport]:
     """Every cleaned, validated sequence of a file and the `ReadReport` (see `iter_records`)."""
     report = ReadReport(str(path))
@@ -460,6 +543,7 @@ def read_sequences(
             require_codons=require_codons,
             data_type=data_type,
             report=report,
+            require_records=require_records,
         )
     )
     return seqs, report
