@@ -423,3 +423,10 @@ def test_zero_usable_records_are_refused_when_asked(tmp_path, ext):
     bad = write(tmp_path / f"b.{ext}", as_fasta(["XYZ"]) if ext == "fasta" else "sequence\nXYZ\n")
     with pytest.raises(DataError, match=f"{bad}: no usable records \\(all \\d invalid"):
         read_sequences(bad, on_invalid="skip", require_records=True)
+
+
+def test_empty_or_directory_split_paths_are_named(tmp_path):
+    with pytest.raises(DataError, match="train_file is an empty path"):
+        resolve_splits(train_file="")
+    with pytest.raises(DataError, match=f"val file {tmp_path} is a directory"):
+        resolve_splits(train_file=write(tmp_path / "t.txt", "ATG\n"), val_file=tmp_path)

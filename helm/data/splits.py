@@ -92,6 +92,9 @@ def resolve_splits(
     if len(split) != 3 or min(split) < 0 or abs(sum(split) - 1.0) > 1e-6:
         raise ValueError(f"split must be three non-negative fractions summing to 1, got {split}")
     files = {"train": train_file, "val": val_file, "test": test_file}
+    for name, path in files.items():
+        if path is not None and not str(path).strip():
+            raise DataError(f"{name}_file is an empty path: name a file, or leave it out")
     if data_dir is not None:
         if not Path(data_dir).is_dir():
             raise DataError(f"data_dir {data_dir} is not a directory")
@@ -102,7 +105,8 @@ def resolve_splits(
         raise DataError(f"no training data: pass train_file or a data_dir with train.<ext>{where}")
     for name, path in files.items():
         if path is not None and not Path(path).is_file():
-            raise DataError(f"{name} file {path} does not exist")
+            what = "is a directory, not a file" if Path(path).is_dir() else "does not exist"
+            raise DataError(f"{name} file {path} {what}")
 
     splits = {
         name: Split(name, str(path), None, file_extension)
