@@ -196,7 +196,8 @@ def _read(path: Path, map_location: Any) -> Any:
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"checkpoint {path} is refused: it holds {_refusal(exc)}, not only tensors and plain "
-            "data; loading such a file can run code, so nothing in it was loaded. Use checkpoints only from people you trust; a checkpoint of an older "
+            "data (a damaged or a crafted file); loading such a file can run code, so nothing in "
+            "it was loaded. Use checkpoints only from people you trust; a checkpoint of an older "
             "HELM that you trust can be rewritten with "
             f"'python -m helm.checkpoint convert --unsafe {path} NEW.pt'"
         ) from None
@@ -225,10 +226,16 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
             path,
             path,
         )
-        state = upgrade(state)
+        try:
+            state = upgrade(state)
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise CheckpointError(f"{path} is not a HELM checkpoint ({exc!r})") from None
     elif version == FORMAT_VERSION:
         stored = state.pop("digest", None)
-        actual = payload_digest(state)
+        try:
+            actual = payload_digest(state)
+        except TypeError as exc:  # only a damaged file holds what save_checkpoint refuses
+            raise CheckpointError(f"checkpoint {path} is corrupted: {exc}") from None
         if stored != actual:
             raise CheckpointError(
                 f"checkpoint {path} is corrupted: digest mismatch (stored {str(stored)[:16]}, "

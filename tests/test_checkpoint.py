@@ -294,6 +294,11 @@ def test_no_flipped_bit_or_truncation_loads_silently(tmp_path):
             assert load_checkpoint(bad)["digest"] == expected
         except CheckpointError as exc:
             assert str(bad) in str(exc)
+    odd = seal(_minimal())
+    odd["model"]["shape"] = torch.Size([3])  # loadable, but never written by save_checkpoint
+    torch.save(odd, bad)
+    with pytest.raises(CheckpointError, match=f"checkpoint {bad} is corrupted: .*torch.Size"):
+        load_checkpoint(bad)
     for cut in (0, 10, size // 3, size - 1):
         bad.write_bytes(good.read_bytes()[:cut])
         with pytest.raises(CheckpointError, match=f"checkpoint {bad} is corrupted"):
