@@ -6,11 +6,13 @@ A checkpoint is one dict, made by ``TrainState.checkpoint`` and read back by ``T
 - ``model``, ``ema``: the raw backbone's state dict, and the EMA's (or None);
 - ``optimizer``, ``scheduler``, ``scaler``, ``saver``: their state dicts;
 - ``epoch``, ``step``, ``batches_done``, ``bad_epochs``: where the run is (``batches_done``
-  batches of epoch ``epoch`` are trained); ``metrics``: the finished epoch's validation metrics;
+  batches of epoch ``epoch`` are trained);
 - ``rng``: the RNG states of every rank (python, numpy, torch, cuda), as tensors and numbers;
 - ``config``, ``model_name``, ``model_config``, ``tokenizer`` (its saved folder as a tar in a uint8
   tensor), ``hierarchy``: what the run is (``RunInfo``), enough to rebuild model, data and loss;
 - ``format_version`` (2) and ``digest``: the sha256 of everything else (`payload_digest`).
+
+Callers may add entries of plain data (train.py's ``epoch_metrics``).
 
 Only tensors and plain data (dict, list, tuple, str, int, float, bool, None) are stored, so every
 file is read with ``torch.load(weights_only=True)``: a file that would need anything else to load
@@ -517,12 +519,9 @@ class TrainState:
     bad_epochs: int = 0
     rank: int = field(default=0, repr=False)
 
-    def checkpoint(
-        self, run: RunInfo, *, gather: bool = True, metrics: dict[str, float] | None = None
-    ) -> dict[str, Any]:
+    def checkpoint(self, run: RunInfo, *, gather: bool = True) -> dict[str, Any]:
         """The checkpoint dict (module docstring). With ``gather`` it is a collective (every rank
-        calls it) and holds every rank's RNG; without, rank 0's alone (an interrupt's save).
-        ``metrics``: the finished epoch's validation metrics, so a resume can log them again."""
+        calls it) and holds every rank's RNG; without, rank 0's alone (an interrupt's save)."""
         rngs = [rng_state()]
         if gather and hdist.is_distributed():
             rngs = hdist.all_gather_object(rng_state())
@@ -538,7 +537,6 @@ class TrainState:
             "step": self.step,
             "batches_done": self.batches_done,
             "bad_epochs": self.bad_epochs,
-            "metrics": None if metrics is None else {k: float(v) for k, v in metrics.items()},
             "rng": rngs,
             **run.to_dict(),
         }
