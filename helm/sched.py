@@ -257,7 +257,9 @@ class LRScheduler:
         self.best = state["best"]
         self.bad_epochs = state["bad_epochs"]
         self.lr = state["lr"]
-        lrs = state.get("lrs") or [self.lr * g.get("lr_scale", 1.0) for g in self.optimizer.param_groups]
+        lrs = state.get("lrs") or [
+            self.lr * g.get("lr_scale", 1.0) for g in self.optimizer.param_groups
+        ]
         self._apply(lrs)
 
 

@@ -236,3 +236,27 @@ def test_cli_finetune_writes_the_report(ckpt, eval_run, tmp_path):
     code, stdout, err = eval_run(*base, "--long-seqs", "window", "--out", out)
     assert code == 2 and stdout == "" and err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith("eval.py: error: --long-seqs window does not apply to --finetune")
+
+
+@pytest.mark.parametrize("name", ["hyena", "gpt2", "bert", "mamba"])
+def test_finetune_backbone_groups_equal_the_trainers(name):
+    """finetune_run deep-copies the backbone: its optimizer groups must be the trainer's (no-decay
+    tags and Hyena's filter lr hints survive the copy), at backbone_lr_scale times the lr."""
+    import copy
+
+    from helm.models import build_model
+    from helm.optim import param_groups
+
+    kw = dict(d_model=16, num_layers=1, max_seq_len=32, num_heads=2)
+    if name == "hyena":
+        kw |= dict(filter_lr_scale=0.5)
+    backbone = build_model(name, **kw)
+    model = FinetuneModel(copy.deepcopy(backbone), build_head("linear", 16, 2))
+
+    def by_name(groups):
+        return {n: (g["weight_decay"], g["lr_scale"]) for g in groups for n in g["names"]}
+
+    got = by_name(g for g in finetune_param_groups(model, 0.1, 0.01) if g["name"] == "backbone")
+    want = by_name(param_groups(backbone, 0.01, lr_scale=0.1))
+    assert got == want
+    assert any(wd == 0.0 for wd, _ in got.values())

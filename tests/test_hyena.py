@@ -146,12 +146,30 @@ def test_varying_length_batches(bidirectional):
         m(torch.randint(5, 69, (1, 65)))
 
 
-def test_fftconv_impl_torch_matches_auto_on_cpu():
+def test_fftconv_impl_torch_matches_auto_on_cpu(monkeypatch):
+    """On CPU tensors "auto" is the PyTorch reference (spied on), and equals "torch"."""
+    import helm.ops.fftconv as ops_fftconv
+
+    calls = []
+    reference = ops_fftconv.fftconv_ref
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].device.type)
+        return reference(*args, **kwargs)
+
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("impl='auto' ran the Triton kernel on CPU tensors")
+
+    monkeypatch.setattr(ops_fftconv, "fftconv_ref", spy)
+    monkeypatch.setitem(__import__("sys").modules, "kernels.fftconv", type("M", (), {"fftconv_triton": no_kernel}))
     ids = torch.randint(5, 69, (2, 11), generator=torch.Generator().manual_seed(6))
+    m = model(True, fftconv_impl="auto")
     with torch.no_grad():
-        a = model(True, fftconv_impl="auto")(ids)
+        a = m(ids)
+        assert calls == ["cpu"] * len(m.blocks)
         b = model(True, fftconv_impl="torch")(ids)
-    torch.testing.assert_close(a, b)
+    assert len(calls) == 2 * len(m.blocks)
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize(

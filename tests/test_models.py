@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from helm.models import build_model, model_config
 from helm.models.common import ACTIVATIONS, POS_EMBEDDING_APPLY, POS_EMBEDDINGS, RMSNorm
@@ -137,8 +138,22 @@ def test_gpt2_position_embeddings(pos, apply, bidirectional):
     model = tiny("gpt2", bidirectional, **kw)
     if apply == "concat":
         assert model.embed.tok.weight.shape == (72, D - 8)
-    hidden = model(tokens())
+    ids = tokens()
+    hidden = model(ids)
     assert hidden.shape == (B, T, D) and torch.isfinite(hidden).all()
+    # Positions reach the output (except "none"): reversing them changes it.
+    with torch.no_grad():
+        moved = model(ids, position_ids=torch.arange(T).flip(0).expand(B, T))
+    assert torch.equal(moved, hidden.detach()) == (pos == "none")
+    if pos == "sincos":  # the table of "Attention is all you need", computed here independently
+        dim = 8 if apply == "concat" else D
+        p = torch.arange(T, dtype=torch.float64)[:, None]
+        i = torch.arange(dim // 2, dtype=torch.float64)
+        angle = p / 10000 ** (2 * i / dim)
+        table = torch.stack([angle.sin(), angle.cos()], dim=-1).flatten(1).float()  # (T, dim)
+        emb = model.embed(ids)
+        part = emb[..., -dim:] - (model.embed.tok(ids)[..., -dim:] if apply == "add" else 0)
+        torch.testing.assert_close(part, table.expand(B, T, dim), atol=1e-5, rtol=0)
 
 
 def test_concat_with_tied_embeddings_is_refused():
@@ -168,6 +183,18 @@ def test_every_activation(name, activation):
     model = tiny(name, activation=activation)
     hidden = model(tokens())
     assert hidden.shape == (B, T, D) and torch.isfinite(hidden).all()
+    # The MLP's values against torch's functions: fc_out(act(fc_in(x))).
+    mlp = model.blocks[0].mlp
+    x = torch.randn(B, T, D, generator=torch.Generator().manual_seed(2))
+    h = mlp.fc_in(x)
+    if activation == "swiglu":
+        a, b = h.chunk(2, dim=-1)
+        h = F.silu(a) * b
+    else:
+        h = {"gelu": F.gelu, "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"),
+             "relu": F.relu, "silu": F.silu}[activation](h)  # fmt: skip
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), mlp.fc_out(h))
 
 
 @pytest.mark.parametrize("name", MODELS)

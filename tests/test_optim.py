@@ -24,8 +24,12 @@ class Tiny(nn.Module):
         super().__init__()
         self.embed = nn.Module()
         self.embed.tok = nn.Embedding(10, 4)
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)) for _ in range(layers))
-        self.filter = tag(nn.Parameter(torch.randn(4, 4)), no_weight_decay=True, lr_scale=0.1, weight_decay=0.0)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)) for _ in range(layers)
+        )
+        self.filter = tag(
+            nn.Parameter(torch.randn(4, 4)), no_weight_decay=True, lr_scale=0.1, weight_decay=0.0
+        )
         self.head = nn.Linear(4, 10, bias=False)
 
     def forward(self, x):
@@ -36,7 +40,10 @@ class Tiny(nn.Module):
 
 
 def _opt_kw(**kw):
-    return dict(opt="adamw", weight_decay=0.1, layer_decay=None, momentum=0.9, eps=None, betas=None) | kw
+    return (
+        dict(opt="adamw", weight_decay=0.1, layer_decay=None, momentum=0.9, eps=None, betas=None)
+        | kw
+    )
 
 
 def test_weight_decay_groups():
@@ -46,7 +53,9 @@ def test_weight_decay_groups():
     assert by_name["blocks.0.0.weight"]["weight_decay"] == 0.1
     assert by_name["blocks.0.0.bias"]["weight_decay"] == 0.0  # bias
     assert by_name["blocks.0.1.weight"]["weight_decay"] == 0.0  # norm
-    assert by_name["filter"]["weight_decay"] == 0.0 and by_name["filter"]["lr_scale"] == 0.1  # hints
+    assert (
+        by_name["filter"]["weight_decay"] == 0.0 and by_name["filter"]["lr_scale"] == 0.1
+    )  # hints
     assert sum(len(g["params"]) for g in groups) == len(list(m.parameters()))
 
 
@@ -109,7 +118,9 @@ def test_scaled_lr():
     assert scaled_lr(lr=0.5, global_batch=1024) == 0.5
     assert scaled_lr(opt="sgd", lr_base=0.1, global_batch=512) == pytest.approx(0.2)  # linear
     assert scaled_lr(opt="adamw", lr_base=1e-3, global_batch=1024) == pytest.approx(2e-3)  # sqrt
-    assert scaled_lr(opt="adamw", lr_base=1e-3, lr_base_scale="linear", global_batch=1024) == pytest.approx(4e-3)
+    assert scaled_lr(
+        opt="adamw", lr_base=1e-3, lr_base_scale="linear", global_batch=1024
+    ) == pytest.approx(4e-3)
 
 
 def test_clip_modes():
@@ -154,7 +165,9 @@ def test_agc_leaves_the_lm_head_out():
     for p in m.parameters():
         p.grad = torch.full_like(p, 10.0)
     clip_gradients(m, "agc", 0.01)
-    assert torch.all(m.lm_head.proj.weight.grad == 10.0) and torch.all(m.lm_head.proj.bias.grad == 10.0)
+    assert torch.all(m.lm_head.proj.weight.grad == 10.0) and torch.all(
+        m.lm_head.proj.bias.grad == 10.0
+    )
     assert torch.all(m.body.weight.grad < 10.0)
     clip_gradients(m, "value", 1.0)  # the other modes clip every parameter
     assert m.lm_head.proj.weight.grad.max() == 1.0
@@ -226,7 +239,10 @@ def test_deepcopy_keeps_optimizer_tags():
         assert q is not p
     assert clone.lm_head.proj.weight is clone.embed.tok.weight  # tying survives
     ema = ModelEma(model, decay=0.9)
-    assert ema.module.blocks[0].mixer.filter.mlp[0].weight._optim == {"lr_scale": 0.5, "weight_decay": 0.0}
+    assert ema.module.blocks[0].mixer.filter.mlp[0].weight._optim == {
+        "lr_scale": 0.5,
+        "weight_decay": 0.0,
+    }
 
 
 def test_bert_embedding_norm_gets_the_embedding_layer_decay():

@@ -31,7 +31,15 @@ def test_warmup_prefix_shifts_the_clock():
 
 
 def test_cycles_grow_and_decay():
-    s = Schedule("cosine", base_lr=1.0, t_initial=4, lr_min=0.0, cycle_mul=2.0, cycle_decay=0.5, cycle_limit=3)
+    s = Schedule(
+        "cosine",
+        base_lr=1.0,
+        t_initial=4,
+        lr_min=0.0,
+        cycle_mul=2.0,
+        cycle_decay=0.5,
+        cycle_limit=3,
+    )
     # t=5: second cycle (length 8, starts at 4), lr_max halved.
     assert s(5) == pytest.approx(cos_lr(0.0, 0.5, 1, 8))
     assert s(4) == pytest.approx(0.5)  # restart
@@ -71,7 +79,9 @@ def test_noise_is_deterministic_bounded_and_windowed():
     assert all(abs(v - 1.0) < 0.3 for v in inside)
     assert len(set(inside)) > 1
     assert inside == [s(t) for t in range(10, 20)]  # a pure function of t
-    wider = Schedule("constant", 1.0, 100, noise_range=(10, 20), noise_pct=0.3, noise_seed=1, noise_std=0.01)
+    wider = Schedule(
+        "constant", 1.0, 100, noise_range=(10, 20), noise_pct=0.3, noise_seed=1, noise_std=0.01
+    )
     assert all(abs(wider(t) - 1.0) < 0.05 for t in range(10, 20))  # --lr-noise-std is real
 
 
@@ -91,23 +101,46 @@ def test_scheduler_sets_group_lrs_with_scale_and_respects_step_kind():
 
 def test_plateau_reduces_after_patience():
     opt = _opt((1.0,))
-    sched = LRScheduler(opt, Schedule("plateau", 1.0, 10, decay_rate=0.1), on_updates=False, patience=2)
+    sched = LRScheduler(
+        opt, Schedule("plateau", 1.0, 10, decay_rate=0.1), on_updates=False, patience=2
+    )
     lrs = []
     for epoch, metric in enumerate([5.0, 4.0, 4.0, 4.0, 4.0, 3.0], start=1):
         sched.step(epoch, metric)
         lrs.append(opt.param_groups[0]["lr"])
     assert lrs == pytest.approx([1.0, 1.0, 1.0, 1.0, 0.1, 0.1])
     state = sched.state_dict()
-    fresh = LRScheduler(_opt((1.0,)), Schedule("plateau", 1.0, 10, decay_rate=0.1), on_updates=False, patience=2)
+    fresh = LRScheduler(
+        _opt((1.0,)), Schedule("plateau", 1.0, 10, decay_rate=0.1), on_updates=False, patience=2
+    )
     fresh.load_state_dict(state)
     assert fresh.optimizer.param_groups[0]["lr"] == pytest.approx(0.1)
 
 
 def _sched_kw(**kw):
-    base = dict(sched="cosine", on_updates=True, epochs=4, min_lr=0.0, warmup_epochs=1, warmup_lr=0.0,
-                warmup_prefix=False, cycle_mul=1.0, cycle_decay=0.5, cycle_limit=1, k_decay=1.0,
-                decay_epochs=2, decay_milestones=[2], decay_rate=0.1, noise=None, noise_pct=0.67,
-                noise_std=1.0, seed=0, plateau_mode="min", patience_epochs=2, cooldown_epochs=0)
+    base = dict(
+        sched="cosine",
+        on_updates=True,
+        epochs=4,
+        min_lr=0.0,
+        warmup_epochs=1,
+        warmup_lr=0.0,
+        warmup_prefix=False,
+        cycle_mul=1.0,
+        cycle_decay=0.5,
+        cycle_limit=1,
+        k_decay=1.0,
+        decay_epochs=2,
+        decay_milestones=[2],
+        decay_rate=0.1,
+        noise=None,
+        noise_pct=0.67,
+        noise_std=1.0,
+        seed=0,
+        plateau_mode="min",
+        patience_epochs=2,
+        cooldown_epochs=0,
+    )
     return base | kw
 
 
@@ -118,17 +151,25 @@ def test_build_scheduler_counts_in_updates():
     assert sched.schedule.warmup_t == 10 and sched.schedule.t_initial == 40
     sched.step_update(5)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.5)
-    _, epochs = build_scheduler(_opt((1.0,)), **_sched_kw(cooldown_epochs=2), base_lr=1.0, updates_per_epoch=10)
+    _, epochs = build_scheduler(
+        _opt((1.0,)), **_sched_kw(cooldown_epochs=2), base_lr=1.0, updates_per_epoch=10
+    )
     assert epochs == 6
-    _, epochs = build_scheduler(_opt((1.0,)), **_sched_kw(cycle_limit=2, cycle_mul=2.0), base_lr=1.0, updates_per_epoch=10)
+    _, epochs = build_scheduler(
+        _opt((1.0,)), **_sched_kw(cycle_limit=2, cycle_mul=2.0), base_lr=1.0, updates_per_epoch=10
+    )
     assert epochs == 4 + 8
-    sched, _ = build_scheduler(_opt((1.0,)), **_sched_kw(noise=[0.5, 0.75]), base_lr=1.0, updates_per_epoch=10)
+    sched, _ = build_scheduler(
+        _opt((1.0,)), **_sched_kw(noise=[0.5, 0.75]), base_lr=1.0, updates_per_epoch=10
+    )
     assert sched.schedule.noise_range == (20, 30)
 
 
 def test_plateau_on_updates_is_refused():
     with pytest.raises(ValueError, match="plateau"):
-        build_scheduler(_opt((1.0,)), **_sched_kw(sched="plateau"), base_lr=1.0, updates_per_epoch=10)
+        build_scheduler(
+            _opt((1.0,)), **_sched_kw(sched="plateau"), base_lr=1.0, updates_per_epoch=10
+        )
 
 
 # timm fixtures (tests/golden/make_timm_golden.py) ------------------------------------------------

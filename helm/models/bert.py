@@ -49,7 +49,9 @@ class BertConfig(ModelConfig):
         super().__post_init__()
         check_attention_config(self)
         if self.mlm_head not in MLM_HEADS:
-            raise ValueError(f"mlm_head must be one of {', '.join(MLM_HEADS)}; got {self.mlm_head!r}")
+            raise ValueError(
+                f"mlm_head must be one of {', '.join(MLM_HEADS)}; got {self.mlm_head!r}"
+            )
 
 
 class BertBlock(nn.Module):

@@ -108,7 +108,9 @@ def sched_cases() -> list[dict]:
                     for mode in ("min", "max"):
                         cases.append(dict(case, plateau_mode=mode, name=f"{sched}/{family}/{mode}"))
                 else:
-                    cases.append(dict(case, name=f"{sched}/{family}/{'updates' if on_updates else 'epochs'}"))
+                    cases.append(
+                        dict(case, name=f"{sched}/{family}/{'updates' if on_updates else 'epochs'}")
+                    )
     return cases
 
 
@@ -219,7 +221,9 @@ def main() -> None:
         ema_steps=list(range(0, 3000, 7)),
     )
     OUT.write_text(json.dumps(data, separators=(",", ":")) + "\n")
-    print(f"wrote {OUT} ({len(sched)} schedules, {len(opts)} optimizer runs, timm {timm.__version__})")
+    print(
+        f"wrote {OUT} ({len(sched)} schedules, {len(opts)} optimizer runs, timm {timm.__version__})"
+    )
     assert not math.isnan(sched[0]["lrs"][0][0])
 
 
