@@ -15,6 +15,8 @@ and their siblings turn the resolved configuration into the keywords of each bui
 from __future__ import annotations
 
 import argparse
+import difflib
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -45,6 +47,8 @@ EVAL_METRICS = (
     "val_dist@5",
 )
 _MAXIMISED = ("val_accuracy", "val_aa_accuracy")
+# Bounds that no real run reaches; past them a typo would end in an allocation failure.
+MAX_SEQ_LEN, MAX_WIDTH, MAX_LAYERS, MAX_VOCAB = 1 << 20, 1 << 16, 1024, 1 << 20
 
 
 class ConfigError(ValueError):
@@ -61,7 +65,27 @@ def _bool(text: str) -> bool:
 
 
 def _floats(text: str) -> list[float]:
-    return [float(x) for x in str(text).replace(",", " ").split()]
+    return [_number(x) for x in str(text).replace(",", " ").split()]
+
+
+def _number(text: str) -> float:
+    """A finite float (inf and nan are refused: no flag means them)."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _integer(text: str) -> int:
+    if isinstance(text, float) and not text.is_integer():  # YAML 2.5 where a count belongs
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
 
 
 class _Lower(tuple):
@@ -127,20 +151,20 @@ FLAGS: dict[str, list[tuple[str, Any, Any, str]]] = {
         ("--compile", False, "on", "torch.compile the model"),
     ],
     "optimizer": [
-        ("--opt", "adamw", _Lower(OPTIMIZERS), "optimizer (timm names; sgd and nesterov are Nesterov momentum SGD)"),
+        ("--opt", "adamw", _Lower(OPTIMIZERS), "optimizer, as timm names it (sgd and nesterov are Nesterov momentum SGD); L2 decay in the gradient for adam/sgd/momentum/nesterov/rmsprop/adagrad/radam/nadam/lamb, decoupled for adamw/radamw/adafactor"),
         ("--opt-eps", None, float, "optimizer epsilon (default: the optimizer's own)"),
         ("--opt-betas", None, [float], "optimizer betas, two values (Adam family, LAMB)"),
         ("--momentum", 0.9, float, "momentum of sgd, momentum, nesterov, rmsprop"),
-        ("--weight-decay", 2e-5, float, "decoupled weight decay (never on norms, biases, position tables, SSM A/D, filters)"),
+        ("--weight-decay", 2e-5, float, "weight decay (decoupled for adamw/radamw/adafactor, L2 for the others, as timm); never on norms, biases, position tables, SSM A/D, filters"),
         ("--clip-grad", None, float, "clip threshold (none: no clipping)"),
-        ("--clip-mode", "norm", ("norm", "value", "agc"), "gradient clipping: total norm, per value, or adaptive (AGC)"),
+        ("--clip-mode", "norm", ("norm", "value", "agc"), "gradient clipping: total norm, per value, or adaptive (AGC, leaving the LM head's own parameters out, as timm)"),
         ("--layer-decay", None, float, "per-layer lr scale: lr * decay^(depth from top)"),
         ("--grad-accum-steps", 1, int, "micro-batches per optimizer update"),
     ],
     "learning-rate schedule (timm semantics)": [
         ("--early-stop", False, "on", "stop after --patience-epochs without improvement"),
         ("--sched", "cosine", SCHEDULES, "learning-rate schedule"),
-        ("--sched-on-updates", False, "on", "step the schedule per optimizer update (recommended)"),
+        ("--sched-on-updates", True, "onoff", "step the schedule per optimizer update; --no-sched-on-updates steps it per epoch (timm's default, used by the original recipes)"),
         ("--lr", None, float, "learning rate (none: --lr-base scaled by global batch)"),
         ("--lr-base", 1e-3, float, "lr for --lr-base-size sequences, scaled to the global batch when --lr is not given"),
         ("--lr-base-size", 256, int, "global batch size at which --lr-base applies"),
@@ -154,27 +178,28 @@ FLAGS: dict[str, list[tuple[str, Any, Any, str]]] = {
         ("--lr-k-decay", 1.0, float, "k-decay exponent on the position within a cycle (1: plain schedule)"),
         ("--warmup-lr", 1e-8, float, "lr at the start of the linear warmup"),
         ("--min-lr", 0.0, float, "floor of cosine/poly/tanh schedules and of plateau reductions"),
-        ("--epochs", 300, int, "training epochs (plus --cooldown-epochs)"),
+        ("--epochs", 300, int, "training epochs (cosine/poly/tanh: their cycles plus --cooldown-epochs; --warmup-prefix adds the warmup)"),
         ("--epoch-repeats", 0.0, float, "passes over the data per epoch (0 or 1: one; 2.5: two and a half)"),
-        ("--start-epoch", None, int, "manual start epoch (resume overrides)"),
+        ("--start-epoch", None, int, "epoch a fresh run starts at: the schedule and update count start there (resume overrides)"),
         ("--decay-milestones", [90, 180, 270], [int], "epochs at which multistep decays the lr"),
         ("--decay-epochs", 90, float, "interval of step decay, in epochs"),
         ("--warmup-epochs", 5, int, "linear warmup length, in epochs"),
         ("--warmup-prefix", False, "on", "warmup does not count toward the decay"),
-        ("--cooldown-epochs", 0, int, "epochs added at the end (at --min-lr for cycle schedules)"),
+        ("--cooldown-epochs", 0, int, "epochs at --min-lr after the cycles of cosine/poly/tanh (an error for other schedules)"),
         ("--patience-epochs", 10, int, "epochs without improvement before plateau cuts the lr / early stopping stops"),
-        ("--decay-rate", 0.1, float, "lr factor of step/multistep/plateau decays; power of poly"),
+        ("--decay-rate", 0.1, float, "lr factor of step/multistep/plateau decays (plateau: in (0, 1)); power of poly"),
     ],
     "exponential moving average of the weights": [
         ("--model-ema", False, "on", "keep an exponential moving average of the weights (validated and saved beside them)"),
         ("--model-ema-force-cpu", False, "on", "keep the EMA on the CPU"),
         ("--model-ema-decay", 0.9998, float, "EMA decay per optimizer update"),
+        ("--model-ema-warmup", False, "on", "EMA decay warmup as timm's ModelEmaV3: min(decay, 1 - (1 + n)^(-2/3)) after n + 1 updates"),
     ],
     "run": [
         ("--seed", 42, int, "seed of initialisation, splits, masks, data order and dropout"),
-        ("--resume", None, None, "checkpoint path, or 'auto' for <output>/checkpoints/last.pt"),
+        ("--resume", None, None, "continue a run: a checkpoint path; 'auto' for <output>/checkpoints/last.pt (which must exist); 'if-exists' to continue it when it exists, else start it"),
         ("--accelerator", "auto", ("auto", "cpu", "cuda", "mps", "tpu"), "device (auto: cuda, then mps, then cpu); tpu is refused"),
-        ("--num_workers", 4, int, "DataLoader worker processes per rank"),
+        ("--num_workers", -1, int, "DataLoader worker processes per rank (-1: min(4, cores per rank - 1))"),
         ("--distributed-backend", "auto", None, "auto (nccl on CUDA, gloo on CPU), nccl, gloo"),
         ("--sync-bn", False, "on", "convert BatchNorm layers to SyncBatchNorm under DDP (the built-in models have none)"),
         ("--num_nodes", 1, int, "nodes; more than one needs torchrun"),
@@ -186,7 +211,7 @@ FLAGS: dict[str, list[tuple[str, Any, Any, str]]] = {
         ("--log-interval", 10, int, "optimizer steps between log lines"),
         ("--amp", False, "on", "bf16 autocast (fp16 + GradScaler where bf16 is unsupported)"),
         ("--amp-dtype", "auto", ("auto", "bfloat16", "float16"), "autocast dtype under --amp (auto: bf16 where supported, else fp16 + GradScaler)"),
-        ("--pin-mem", False, "on", "pin host memory of batches (CUDA)"),
+        ("--pin-mem", True, "onoff", "pin host memory of batches (CUDA only)"),
         ("--no-prefetcher", False, "on", "no CUDA-stream prefetching of batches"),
         ("--nan-policy", "stop", ("stop", "skip"), "non-finite loss: stop, or skip the step"),
         ("--output", None, None, "run folder (default runs/<model>-<mode>-<loss>-<time>)"),
@@ -196,6 +221,9 @@ FLAGS: dict[str, list[tuple[str, Any, Any, str]]] = {
 
 def _add_flag(group, flag: str, default: Any, kind: Any, help: str) -> None:
     kw: dict[str, Any] = {"default": default, "help": help}
+    numbers = {float: _number, int: _integer}
+    if kind in (float, int):
+        kind = numbers[kind]
     if kind == "on":
         kw["action"] = "store_true"
     elif kind == "onoff":
@@ -205,20 +233,45 @@ def _add_flag(group, flag: str, default: Any, kind: Any, help: str) -> None:
     elif kind == "fractions":
         kw["type"] = _floats
     elif isinstance(kind, list):
-        kw.update(nargs="+", **({"type": kind[0]} if kind[0] is not None else {}))
+        item = numbers.get(kind[0], kind[0])
+        kw.update(nargs="+", **({"type": item} if item is not None else {}))
     elif isinstance(kind, tuple):
         kw["choices"] = list(kind)
         if isinstance(kind, _Lower):
             kw["type"] = str.lower
     elif kind is not None:
         kw["type"] = kind
-    group.add_argument(flag, **kw)
+    # Every flag answers to both spellings (--batch_size and --batch-size); the first is the name.
+    other = "--" + (flag[2:].replace("_", "-") if "_" in flag else flag[2:].replace("-", "_"))
+    names = [flag] if other == flag else [flag, other]
+    group.add_argument(*names, dest=_key(flag), **kw)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the message, a "did you mean" for an unknown flag, and a
+    pointer to --help instead of the whole usage block."""
+
+    def error(self, message: str):
+        if message.startswith("unrecognized arguments:"):
+            unknown = [a for a in message.split(":", 1)[1].split() if a.startswith("-")]
+            known = [s for a in self._actions for s in a.option_strings]
+            hints = []
+            for arg in unknown:
+                close = difflib.get_close_matches(arg.split("=")[0], known, n=1, cutoff=0.6)
+                if close:
+                    hints.append(f"{arg}: did you mean {close[0]}?")
+            if hints:
+                message += " (" + "; ".join(hints) + ")"
+        self.exit(
+            2, f"{self.prog}: error: {message}\nRun `python {self.prog} --help` for the flags.\n"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="train.py",
         description="Train a codon-level mRNA language model (HELM).",
+        epilog=_quickstart_note(),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for title, rows in FLAGS.items():
@@ -226,6 +279,19 @@ def build_parser() -> argparse.ArgumentParser:
         for row in rows:
             _add_flag(group, *row)
     return p
+
+
+def _quickstart_note() -> str:
+    """--help's note on a bare ``python train.py``: the defaults above, under configs/quickstart.yaml."""
+    try:
+        values = yaml.safe_load(QUICKSTART.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return ""
+    settings = ", ".join(f"{k} {v}" for k, v in values.items())
+    return (
+        "With no --data_dir/--train_file (in flags or YAML), the built-in synthetic demo corpus is "
+        f"used and configs/quickstart.yaml is layered over the defaults shown above: {settings}."
+    )
 
 
 def _key(name: str) -> str:
@@ -250,6 +316,10 @@ def _coerce(action: argparse.Action, key: str, value: Any, source: str) -> Any:
 
 
 def _convert(action: argparse.Action, key: str, value: Any, source: str) -> Any:
+    if isinstance(value, (dict, list)) and action.type is not _floats:
+        raise ConfigError(f"{source}: {key} takes one value, got {value!r}")
+    if action.type is None and not isinstance(value, str):  # a name or path: YAML text only
+        raise ConfigError(f"{source}: {key} must be text (a name or a path), got {value!r}")
     try:
         if action.type is _floats:
             value = _floats(" ".join(map(str, value)) if isinstance(value, list) else value)
@@ -294,10 +364,10 @@ def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     pre, _ = parser.parse_known_args(argv)
     layers: dict[str, Any] = {}
-    user_yaml: dict[str, Any] = {}
-    for path in pre.config or []:
-        user_yaml.update(load_yaml(path, parser))
-    named_data = any(getattr(pre, k) for k in DATA_KEYS) or any(user_yaml.get(k) for k in DATA_KEYS)
+    user_yaml = _user_yaml(pre.config, parser)
+    named_data = any(getattr(pre, k) is not None for k in DATA_KEYS) or any(
+        user_yaml.get(k) is not None for k in DATA_KEYS
+    )
     if not named_data:
         layers.update(load_yaml(QUICKSTART, parser))
     layers.update(user_yaml)
@@ -308,10 +378,80 @@ def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _user_yaml(paths: list[str] | None, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for path in paths or []:
+        out.update(load_yaml(path, parser))
+    return out
+
+
+def given_keys(argv: list[str]) -> set[str]:
+    """The settings the user gave (on the command line or in --config files), not defaults."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    given = vars(parser.parse_known_args(argv)[0])
+    return (set(given) | set(_user_yaml(given.get("config"), build_parser()))) - {"config"}
+
+
+# Settings a resumed run may change: where and how it runs, not what it trains.
+RESUME_MAY_CHANGE = frozenset(
+    "epochs output resume num_workers log_interval checkpoint_hist cache_dir pin_mem "
+    "no_prefetcher compile accelerator distributed_backend data_dir train_file val_file "
+    "test_file early_stop patience_epochs".split()
+)
+
+
+def resume_config(
+    args: argparse.Namespace, saved: Mapping[str, Any], given: set[str]
+) -> tuple[argparse.Namespace, dict[str, tuple[Any, Any]]]:
+    """The configuration of a resumed run: the checkpoint's, with only the settings in
+    ``RESUME_MAY_CHANGE`` taken from what the user gave now. Any other given setting that differs
+    from the checkpoint's is refused, naming each. Returns (config, {key: (was, now)} changed)."""
+    differ = {
+        k: (saved[k], getattr(args, k))
+        for k in sorted(given)
+        if k in saved and saved[k] != getattr(args, k)
+    }
+    refused = {k: v for k, v in differ.items() if k not in RESUME_MAY_CHANGE}
+    if refused:
+        listed = "; ".join(
+            f"--{k} {now!r} (the run has {was!r})" for k, (was, now) in refused.items()
+        )
+        raise ConfigError(
+            f"--resume continues a run as it was configured, and these settings differ from its "
+            f"checkpoint: {listed}. Drop them, or start a new run (a new --output)"
+        )
+    merged = {**vars(args), **saved, **{k: getattr(args, k) for k in differ}}
+    return argparse.Namespace(**merged), differ
+
+
 def validate(args: argparse.Namespace) -> None:
     """Cross-flag checks: combinations that cannot apply are refused with what would work."""
     if args.accelerator == "tpu":
         raise ConfigError("--accelerator tpu is not supported: use cuda, cpu or mps")
+    for flag in ("data_dir", "train_file", "val_file", "test_file", "output", "cache_dir"):
+        if getattr(args, flag) is not None and not str(getattr(args, flag)).strip():
+            raise ConfigError(f"--{flag} is empty: give a path, or leave the flag out")
+    if args.train_file is None and args.data_dir is None:
+        for flag in ("val_file", "test_file"):
+            if getattr(args, flag) is not None:
+                raise ConfigError(
+                    f"--{flag} needs the training data too: give --train_file or --data_dir"
+                )
+    for flag in ("train_file", "val_file", "test_file"):
+        path = getattr(args, flag)
+        if path is not None and Path(path).is_dir():
+            raise ConfigError(
+                f"--{flag} {path} is a directory: give a file, or the folder as --data_dir "
+                "(it holds train.*, val.*, test.*)"
+            )
+    if (
+        args.data_dir is not None
+        and Path(args.data_dir).exists()
+        and not Path(args.data_dir).is_dir()
+    ):
+        raise ConfigError(f"--data_dir {args.data_dir} is a file: give it as --train_file")
     if args.data_type == "codon":
         if args.tokenizer != "3mer":
             raise ConfigError(
@@ -343,22 +483,63 @@ def validate(args: argparse.Namespace) -> None:
         )
     if args.distributed_backend == "ddp":
         args.distributed_backend = "auto"
+    positive = lambda v: v is None or v > 0
     checks = [
         ("--masking_ratio", 0.0 < args.masking_ratio < 1.0, "must be in (0, 1)"),
-        ("--max_seq_len", args.max_seq_len >= 4, "must be >= 4"),
+        ("--max_seq_len", 4 <= args.max_seq_len <= MAX_SEQ_LEN, f"must be in [4, {MAX_SEQ_LEN}]"),
         ("--batch_size", args.batch_size >= 1, "must be >= 1"),
         ("--grad-accum-steps", args.grad_accum_steps >= 1, "must be >= 1"),
         ("--epochs", args.epochs >= 1, "must be >= 1"),
         ("--epoch-repeats", args.epoch_repeats >= 0, "must be >= 0 (0: one pass per epoch)"),
         ("--num_devices", args.num_devices >= 1, "must be >= 1"),
         ("--num_nodes", args.num_nodes >= 1, "must be >= 1"),
-        ("--num_workers", args.num_workers >= 0, "must be >= 0"),
+        ("--num_workers", args.num_workers >= -1, "must be >= 0, or -1 (automatic)"),
         ("--log-interval", args.log_interval >= 1, "must be >= 1"),
         ("--checkpoint-hist", args.checkpoint_hist >= 0, "must be >= 0"),
         ("--model-ema-decay", 0.0 < args.model_ema_decay < 1.0, "must be in (0, 1)"),
         ("--hxe-alpha", args.hxe_alpha >= 0, "must be >= 0"),
         ("--soft-labels-beta", args.soft_labels_beta > 0, "must be > 0"),
         ("--aa-loss-weight", args.aa_loss_weight >= 0, "must be >= 0"),
+        ("--seed", 0 <= args.seed < 2**32, "must be in [0, 2**32)"),
+        ("--lr", positive(args.lr), "must be > 0"),
+        ("--lr-base", args.lr_base > 0, "must be > 0"),
+        ("--lr-base-size", args.lr_base_size >= 1, "must be >= 1"),
+        ("--warmup-lr", args.warmup_lr >= 0, "must be >= 0"),
+        ("--min-lr", args.min_lr >= 0, "must be >= 0"),
+        ("--warmup-epochs", args.warmup_epochs >= 0, "must be >= 0"),
+        ("--cooldown-epochs", args.cooldown_epochs >= 0, "must be >= 0"),
+        ("--decay-epochs", args.decay_epochs > 0, "must be > 0"),
+        ("--decay-rate", args.decay_rate > 0, "must be > 0"),
+        ("--lr-cycle-mul", args.lr_cycle_mul > 0, "must be > 0"),
+        ("--lr-cycle-decay", args.lr_cycle_decay > 0, "must be > 0"),
+        ("--lr-cycle-limit", args.lr_cycle_limit >= 1, "must be >= 1"),
+        ("--lr-k-decay", args.lr_k_decay > 0, "must be > 0"),
+        ("--lr-noise-pct", args.lr_noise_pct >= 0, "must be >= 0"),
+        ("--lr-noise-std", args.lr_noise_std >= 0, "must be >= 0"),
+        ("--weight-decay", args.weight_decay >= 0, "must be >= 0"),
+        ("--momentum", args.momentum >= 0, "must be >= 0"),
+        ("--opt-eps", positive(args.opt_eps), "must be > 0"),
+        ("--clip-grad", positive(args.clip_grad), "must be > 0"),
+        ("--layer-decay", positive(args.layer_decay), "must be > 0"),
+        ("--start-epoch", args.start_epoch is None or args.start_epoch >= 0, "must be >= 0"),
+        ("--patience-epochs", args.patience_epochs >= 1, "must be >= 1"),
+        ("--hidden_size", 1 <= args.hidden_size <= MAX_WIDTH, f"must be in [1, {MAX_WIDTH}]"),
+        (
+            "--intermediate_size",
+            0 <= args.intermediate_size <= 4 * MAX_WIDTH,
+            f"must be in [0, {4 * MAX_WIDTH}]",
+        ),
+        ("--num_layers", 1 <= args.num_layers <= MAX_LAYERS, f"must be in [1, {MAX_LAYERS}]"),
+        ("--num_heads", args.num_heads >= 1, "must be >= 1"),
+        ("--overlap", args.overlap >= 0, "must be >= 0"),
+        ("--pad_vocab_size_multiple", args.pad_vocab_size_multiple >= 1, "must be >= 1"),
+        ("--dropout", 0 <= args.dropout < 1, "must be in [0, 1)"),
+        ("--attn_dropout", 0 <= args.attn_dropout < 1, "must be in [0, 1)"),
+        (
+            "--vocab_size",
+            args.vocab_size is None or 6 <= args.vocab_size <= MAX_VOCAB,
+            f"must be in [6, {MAX_VOCAB:,}]",
+        ),
         (
             "--split",
             len(args.split) == 3
@@ -368,7 +549,7 @@ def validate(args: argparse.Namespace) -> None:
         ),
         (
             "--num_samples",
-            args.num_samples == -1 or args.num_samples >= 1,
+            args.num_samples is None or args.num_samples == -1 or args.num_samples >= 1,
             "must be -1 (all) or >= 1",
         ),
     ]
@@ -499,3 +680,32 @@ def schedule_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
         plateau_mode=cfg["val_metric_mode"],
         patience_epochs=cfg["patience_epochs"],
     )
+
+
+def flag_reference() -> str:
+    """README's flag reference, generated from ``FLAGS`` (``python -m helm.config``)."""
+    lines = [
+        "`python train.py --help` prints the same list. Every flag also answers to its other "
+        "spelling (`--batch_size` and `--batch-size` are one flag).",
+    ]
+    for title, rows in FLAGS.items():
+        lines += ["", f"**{title}**", "", "| flag | default | meaning |", "|---|---|---|"]
+        for flag, default, kind, help in rows:
+            name = f"{flag} / --no-{flag[2:]}" if kind == "onoff" else flag
+            if kind == "on":
+                shown = "on" if default else "off"
+            elif default is None:
+                shown = "-"
+            elif isinstance(default, list):
+                shown = " ".join(map(str, default))
+            else:
+                shown = str(default) if default != "" else "''"
+            meaning = help.replace("|", "\\|")
+            if isinstance(kind, tuple):
+                meaning += " (" + " \\| ".join(map(str, kind)) + ")"
+            lines.append(f"| `{name}` | {shown} | {meaning} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(flag_reference(), end="")

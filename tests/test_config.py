@@ -1,8 +1,17 @@
+import re
 from pathlib import Path
 
 import pytest
 
-from helm.config import ConfigError, build_parser, load_yaml, parse_config
+from helm.config import (
+    ConfigError,
+    build_parser,
+    flag_reference,
+    given_keys,
+    load_yaml,
+    parse_config,
+    resume_config,
+)
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -41,7 +50,10 @@ def test_every_config_file_loads_and_validates(path, tmp_path):
 def test_quickstart_is_the_base_without_data():
     args = parse_config([])
     assert args.demo_corpus
-    assert args.num_layers == load_yaml(CONFIGS[0].parent / "quickstart.yaml", build_parser())["num_layers"]
+    assert (
+        args.num_layers
+        == load_yaml(CONFIGS[0].parent / "quickstart.yaml", build_parser())["num_layers"]
+    )
     with_data = parse_config(["--train_file", "x.txt"])
     assert not with_data.demo_corpus and with_data.num_layers == 4  # the parser default
 
@@ -120,8 +132,91 @@ def test_derived_values():
 def test_readme_documents_every_flag_and_ci_runs_its_test_command():
     root = Path(__file__).resolve().parents[1]
     readme = (root / "README.md").read_text()
-    flags = {s for a in build_parser()._actions for s in a.option_strings if s.startswith("--")}
-    assert sorted(f for f in flags if f"`{f}" not in readme and f" {f}" not in readme) == []
+    assert flag_reference() in readme  # regenerate with `python -m helm.config`
+    names = {a.option_strings[0] for a in build_parser()._actions if a.option_strings[0] != "-h"}
+    assert sorted(f for f in names if f"`{f}" not in readme) == []
     test_command = "python -m pytest"
     assert f"{test_command}             # run the tests" in readme
     assert test_command in (root / ".ci" / "run").read_text()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--seed", "-1"], "--seed must be in"),
+        (["--lr-cycle-mul", "inf"], "--lr-cycle-mul"),
+        (["--warmup-lr", "-1"], "--warmup-lr must be >= 0"),
+        (["--min-lr", "-1"], "--min-lr must be >= 0"),
+        (["--clip-grad", "-1"], "--clip-grad must be > 0"),
+        (["--layer-decay", "-0.5"], "--layer-decay must be > 0"),
+        (["--weight-decay", "-1"], "--weight-decay must be >= 0"),
+        (["--train_file", ""], "--train_file is empty"),
+        (["--test_file", "t.txt"], "--test_file needs the training data"),
+        (["--hidden_size", "10000000"], "--hidden_size must be in"),
+        (
+            ["--tokenizer", "wp", "--loss", "XE", "--vocab_size", "1000000000"],
+            "--vocab_size must be in",
+        ),
+    ],
+)
+def test_bad_values_name_their_flag(argv, message, capsys):
+    try:
+        parse_config(argv)
+    except ConfigError as exc:
+        text = str(exc)
+    except SystemExit:
+        text = capsys.readouterr().err
+    else:
+        raise AssertionError(f"{argv} was accepted")
+    assert message in text
+
+
+@pytest.mark.parametrize(
+    "yaml_text, message",
+    [
+        ("data_dir: .inf", "data_dir must be text"),
+        ("lr: [1, 2]", "lr takes one value"),
+        ("epochs: 2.5", "epochs has a bad value"),
+        ("lr: .nan", "lr has a bad value"),
+        ("output: {a: 1}", "output takes one value"),
+    ],
+)
+def test_yaml_values_of_the_wrong_type(tmp_path, yaml_text, message):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml_text + "\n")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_config(["--config", str(cfg)])
+
+
+def test_both_spellings_and_one_line_errors(capsys):
+    assert parse_config(["--batch-size", "4"]).batch_size == 4
+    assert parse_config(["--grad_accum_steps", "2"]).grad_accum_steps == 2
+    with pytest.raises(SystemExit):
+        parse_config(["--hiden_size", "8"])
+    err = capsys.readouterr().err
+    assert "did you mean --hidden_size?" in err and "usage" not in err
+
+
+def test_resume_config_keeps_the_run_and_refuses_changes():
+    saved = vars(parse_config(["--mode", "clm", "--epochs", "2"]))
+    now = parse_config(["--resume", "auto", "--output", "x", "--epochs", "5"])
+    merged, changed = resume_config(
+        now, saved, given_keys(["--resume", "auto", "--output", "x", "--epochs", "5"])
+    )
+    assert (
+        merged.mode == "clm"
+        and merged.epochs == 5
+        and set(changed) == {"epochs", "output", "resume"}
+    )
+    now = parse_config(["--mode", "mlm", "--resume", "auto", "--output", "x"])
+    with pytest.raises(ConfigError, match="--mode 'mlm' \\(the run has 'clm'\\)"):
+        resume_config(
+            now, saved, given_keys(["--mode", "mlm", "--resume", "auto", "--output", "x"])
+        )
+
+
+def test_help_says_what_a_bare_run_uses(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "configs/quickstart.yaml is layered over the defaults" in out and "loss HXE" in out
