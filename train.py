@@ -14,6 +14,7 @@ import itertools
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from datetime import datetime
@@ -38,7 +39,9 @@ from helm.config import (
     ConfigError,
     data_kwargs,
     dataset_kwargs,
+    given_keys,
     parse_config,
+    resume_config,
     schedule_kwargs,
     to_dict,
 )
@@ -68,17 +71,35 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def train(args) -> int:
-    cfg = vars(args)
+def train(args, given: frozenset[str] | set[str] = frozenset()) -> int:
+    """Run the training of ``args`` (``given``: the settings the user named, checked on resume).
+    Returns the exit code: 0, 130/143 when stopped by SIGINT/SIGTERM, 3 for a non-finite loss."""
     # Distributed setup: ranks from torchrun's environment; rank 0 alone logs and writes.
     info = hdist.init_distributed(args.accelerator, args.distributed_backend)
     device = info.device
     out = run_folder(args)
+    fresh_folder = info.is_main and not out.exists()
     setup_logging(info.is_main, out)
     log.info("output %s | device %s | world size %d", out, device, info.world_size)
+    with hdist.StopRequest() as stop:
+        try:
+            return _train(args, given, info, out, stop)
+        except BaseException:
+            if fresh_folder and not (out / "config.yaml").exists():
+                shutil.rmtree(out, ignore_errors=True)  # a failed start leaves no run behind
+            raise
 
-    # Resume: the checkpoint carries config, tokenizer and hierarchy of the run it continues.
+
+def _train(args, given, info: hdist.DistInfo, out: Path, stop: hdist.StopRequest) -> int:
+    device = info.device
+    # Resume: the checkpoint's configuration is the run's; it carries tokenizer and hierarchy too.
     ckpt = resume_checkpoint(args, out)
+    if ckpt is not None:
+        args, changed = resume_config(args, ckpt["config"], set(given))
+        for key, (was, now) in changed.items():
+            log.info("resume: --%s %s (the run had %s)", key, now, was)
+    args.output = str(out)
+    cfg = vars(args)
     seed_everything(args.seed)  # same on every rank: identical initial weights
 
     # Data: splits, tokenizer, token caches, datasets, length-bucketed loaders.
@@ -95,7 +116,7 @@ def train(args) -> int:
         num_replicas=info.world_size,
         rank=info.rank,
         seed=args.seed,
-        num_workers=args.num_workers,
+        num_workers=num_workers(args.num_workers, info),
         pin_memory=args.pin_mem and device.type == "cuda",
         worker_seeding=args.worker_seeding,
     )
@@ -111,7 +132,7 @@ def train(args) -> int:
     val_loader = eval_loader("val") if "val" in data.stores else None
 
     # Loss, model and optimizer: the codon tree (restored exactly on resume), the configured loss,
-    # backbone + LM head (the head projects only target positions), the lr scaled to the batch.
+    # backbone + LM head, the lr scaled to the global batch; CUDA precision settings.
     hierarchy = (
         CodonHierarchy.from_state_dict(ckpt["hierarchy"])
         if ckpt
@@ -127,6 +148,7 @@ def train(args) -> int:
         global_batch=args.batch_size * accum * info.world_size,
     )
     model, loss_fn, optimizer, amp = parts.model, parts.loss_fn, parts.optimizer, parts.amp
+    cuda_defaults(device, amp)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("%s %s: %.2fM parameters", args.model_name, args.mode, n_params / 1e6)
     if args.sync_bn:
@@ -141,9 +163,8 @@ def train(args) -> int:
     # EMA: made from the raw module after .to(device), before compile and DDP wrap it.
     ema = None
     if args.model_ema:
-        ema = ModelEma(
-            model, args.model_ema_decay, device="cpu" if args.model_ema_force_cpu else None
-        )
+        ema_device = "cpu" if args.model_ema_force_cpu else None
+        ema = ModelEma(model, args.model_ema_decay, ema_device, warmup=args.model_ema_warmup)
 
     # State: restored from the checkpoint, or a fresh start.
     saver = CheckpointManager(out / "checkpoints", args.checkpoint_hist, args.val_metric_mode)
@@ -158,11 +179,13 @@ def train(args) -> int:
         rank=info.rank,
     )
     if ckpt:
-        state.restore(ckpt)
+        state.restore(ckpt, path=ckpt_path(args, out))
     else:
         torch.manual_seed(args.seed + info.rank)  # dropout streams differ across ranks
+        if args.start_epoch:  # timm: the schedule and the update count start there
+            state.step = args.start_epoch * updates_per_epoch
+            scheduler.start_at(args.start_epoch, updates_per_epoch)
     if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(args), sort_keys=False))
         tokenizer.save(out / "tokenizer")
     run = RunInfo(
@@ -173,17 +196,25 @@ def train(args) -> int:
         hierarchy.state_dict(),
     )
 
-    # Compile and DDP wrap the training view; checkpoints always save the raw module.
-    train_model = torch.compile(model) if args.compile else model
+    # DDP, then compile, wrap the training view; checkpoints always save the raw module.
+    train_model = model
     if info.distributed:
         train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        train_model = torch.compile(train_model)
 
-    # Loop.
+    # Loop. A stop request (SIGINT/SIGTERM) is honoured at safe points only: after an update,
+    # inside validation (single process) and after the epoch's checkpoint.
     logger = RunLogger(out, info.is_main)
+    if ckpt is not None and ckpt.get("epoch_metrics"):
+        logger.relog(ckpt["epoch_metrics"])  # the killed run may not have logged its last epoch
     meter = Meter(device, info.world_size, n_params, args)
     eval_kw = dict(hierarchy=metric_tree, vocab_size=tokenizer.vocab_size, amp=amp)
+    if not info.distributed:  # ranks must agree on stopping, so they do at log steps instead
+        eval_kw["should_stop"] = lambda: bool(stop.signum)
     first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite step
     skipped = 0
+    epoch_metrics: dict | None = None
     log.info(
         "training %d epochs x %d updates (batch %d x accum %d x %d ranks, lr %.3g)",
         num_epochs,
@@ -241,9 +272,10 @@ def train(args) -> int:
                 state.batches_done += len(micro)
                 scheduler.step_update(state.step)
                 if ema is not None:
-                    ema.update(model)
+                    ema.update(model, step=state.step)
                 bar.update(len(micro))
-                if state.step % args.log_interval == 0:
+                log_step = state.step % args.log_interval == 0
+                if log_step:
                     check_finite(first_bad)
                     stats = meter.stats(scheduler.lr, grad_norm)
                     bar.set_postfix(loss=f"{stats['train/loss']:.4f}", lr=f"{scheduler.lr:.2e}")
@@ -252,11 +284,13 @@ def train(args) -> int:
                         log.info("epoch %d step %d: %s", epoch, state.step, summary)
                     logger.log(state.step, stats, epoch=epoch)
                     meter.reset()
+                if (log_step or not info.distributed) and stop.agreed(device):
+                    raise hdist.Interrupted
             bar.close()
             check_finite(first_bad)
-            state.batches_done = 0
 
-            # Validation, schedule, checkpoints, early stopping.
+            # Validation, schedule, checkpoints, early stopping. Until the epoch's checkpoint is
+            # written, batches_done says the epoch is trained: a stop here resumes at validation.
             metrics = {}
             if val_loader is not None:
                 metrics = evaluate(model, val_loader, loss_fn, device=device, **eval_kw)
@@ -272,8 +306,9 @@ def train(args) -> int:
             scheduler.step(epoch + 1, metric)
             improved = saver.update_best(metric, epoch)
             state.bad_epochs = 0 if improved else state.bad_epochs + 1
-            state.epoch = epoch + 1  # the epoch is done: a resume starts the next one
-            checkpoint = state.checkpoint(run)
+            state.epoch, state.batches_done = epoch + 1, 0  # a resume starts the next epoch
+            epoch_metrics = {"step": state.step, "epoch": epoch, "metrics": metrics}
+            checkpoint = state.checkpoint(run) | {"epoch_metrics": epoch_metrics}
             if info.is_main:
                 saver.save_epoch(checkpoint, epoch, improved)
             summary = " ".join(
@@ -282,46 +317,73 @@ def train(args) -> int:
             best = " *best*" if improved else ""
             log.info("epoch %d done (step %d): %s%s", epoch, state.step, summary, best)
             logger.log(state.step, metrics, epoch=epoch)
+            if stop.agreed(device):
+                raise hdist.Interrupted
             if args.early_stop and state.bad_epochs >= args.patience_epochs:
                 log.info("early stop: %s did not improve for %d epochs", key, state.bad_epochs)
                 break
-    except KeyboardInterrupt:
-        if info.is_main:
-            saver.save_last(state.checkpoint(run, gather=False))
-            log.warning(
-                "interrupted at step %d: saved %s; continue with --resume %s",
-                state.step,
-                saver.last,
-                saver.last,
+    except hdist.Interrupted:
+        # Every rank stops at the same safe point, so the checkpoint gathers every RNG stream.
+        if first_bad.item() >= 0:  # never replace the last good checkpoint with broken weights
+            log.error(
+                "stopped after a non-finite loss at optimizer step %d: nothing saved; %s",
+                first_bad.item() + 1,
+                last_good(saver),
             )
+            logger.close()
+            return 3
+        checkpoint = state.checkpoint(run) | {"epoch_metrics": epoch_metrics}
+        if info.is_main:
+            saver.save_last(checkpoint)
+            log.warning(
+                "stopped at step %d (epoch %d, %d batches in): saved %s; continue with "
+                "--resume auto --output %s",
+                state.step,
+                state.epoch,
+                state.batches_done,
+                saver.last,
+                out,
+            )
+        hdist.barrier()
+        logger.close()
+        return stop.exit_code or 130
+    except KeyboardInterrupt:  # a second signal: stop at once, without a checkpoint
+        log.warning(
+            "stopped at once: nothing saved since the last checkpoint; %s", last_good(saver)
+        )
+        logger.close()
         return 130
     except NonFiniteLoss as exc:
         log.error(
-            "%s: stopping. The last good checkpoint is %s. Try a lower --lr, --clip-grad, "
-            "--amp-dtype bfloat16, or --nan-policy skip.",
+            "%s: stopping; %s. Try a lower --lr, --clip-grad, --amp-dtype bfloat16, or "
+            "--nan-policy skip.",
             exc,
-            saver.last,
+            last_good(saver),
         )
-        return 3
-    finally:
         logger.close()
+        return 3
     if skipped:
         log.warning("%d updates were skipped for non-finite losses (--nan-policy skip)", skipped)
 
     # Test split: the best checkpoint's weights (the last ones when no validation chose one).
     if "test" in data.stores:
         hdist.barrier()  # rank 0 wrote the checkpoints
-        best = load_checkpoint(saver.best if saver.best.exists() else saver.last)
-        weights = best["ema"] if ema is not None and best.get("ema") is not None else best["model"]
-        model.backbone.load_state_dict(weights)
-        test = evaluate(
-            model, eval_loader("test"), loss_fn, device=device, prefix="test", **eval_kw
-        )
+        best = saver.load_best()  # the best epoch's own weights, verified (last.pt without val)
+        ckpt_best = best.checkpoint
+        use_ema = ema is not None and ckpt_best.get("ema") is not None
+        model.backbone.load_state_dict(ckpt_best["ema"] if use_ema else ckpt_best["model"])
+        try:
+            test = evaluate(
+                model, eval_loader("test"), loss_fn, device=device, prefix="test", **eval_kw
+            )
+        except hdist.Interrupted:
+            log.warning("stopped during the test split; the checkpoints are complete in %s", out)
+            logger.close()
+            return stop.exit_code or 130
         summary = " ".join(f"{k} {v:.4f}" for k, v in test.items())
-        log.info("test (best epoch %s): %s", saver.best_epoch, summary)
-        logger = RunLogger(out, info.is_main)
-        logger.log(state.step, test, epoch=saver.best_epoch)
-        logger.close()
+        log.info("test (epoch %s, %s): %s", best.epoch, best.path.name, summary)
+        logger.log(state.step, test, epoch=best.epoch)
+    logger.close()
     log.info("done: checkpoints in %s", out / "checkpoints")
     return 0
 
@@ -330,25 +392,72 @@ def train(args) -> int:
 
 
 def run_folder(args) -> Path:
-    """--output, or a fresh runs/<model>-<mode>-<loss>-<time> (rank 0's name on every rank)."""
-    if args.resume == "auto" and args.output is None:
-        raise ConfigError("--resume auto continues the run in --output: name the folder")
+    """Where the run lives: --output; else the run folder of a --resume checkpoint path
+    (``<run>/checkpoints/x.pt``); else a fresh runs/<model>-<mode>-<loss>-<time>. Rank 0 names it."""
+    if args.resume in RESUME_AUTO and args.output is None:
+        raise ConfigError(f"--resume {args.resume} continues the run in --output: name the folder")
+    if args.output is not None:
+        return Path(hdist.broadcast_object(args.output))
+    if args.resume is not None:
+        path = Path(args.resume)
+        return path.parent.parent if path.parent.name == "checkpoints" else path.parent
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    default = f"runs/{args.model_name}-{args.mode}-{args.loss}-{stamp}"
-    return Path(hdist.broadcast_object(args.output or default))
+    return Path(hdist.broadcast_object(f"runs/{args.model_name}-{args.mode}-{args.loss}-{stamp}"))
+
+
+RESUME_AUTO = ("auto", "if-exists")
+
+
+def ckpt_path(args, out: Path) -> Path:
+    return out / "checkpoints" / "last.pt" if args.resume in RESUME_AUTO else Path(args.resume)
 
 
 def resume_checkpoint(args, out: Path) -> dict | None:
-    """The checkpoint --resume names (``auto``: <output>/checkpoints/last.pt when it exists)."""
+    """The checkpoint --resume names: a path, or <output>/checkpoints/last.pt for ``auto`` (which
+    must exist) and ``if-exists`` (a fresh start when there is none)."""
     if not args.resume:
         return None
-    path = out / "checkpoints" / "last.pt" if args.resume == "auto" else Path(args.resume)
-    if args.resume == "auto" and not path.exists():
-        log.info("--resume auto: no checkpoint in %s yet, starting fresh", path.parent)
+    path = ckpt_path(args, out)
+    if args.resume in RESUME_AUTO and not path.exists():
+        if args.resume == "auto":
+            raise ConfigError(
+                f"--resume auto: {out} holds no run to continue (no {path.relative_to(out)}); "
+                "check --output, or use --resume if-exists to start the run when there is none"
+            )
+        log.info("--resume if-exists: no checkpoint in %s yet, starting the run", path.parent)
         return None
     ckpt = load_checkpoint(path)
     log.info("resuming from %s (epoch %d, step %d)", path, ckpt["epoch"], ckpt["step"])
     return ckpt
+
+
+def num_workers(requested: int, info: hdist.DistInfo) -> int:
+    """--num_workers, or for -1 min(4, cores per local rank - 1): no oversubscribed cores."""
+    if requested >= 0:
+        return requested
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return min(4, max(0, (cores or 1) // max(local, 1) - 1))
+
+
+def cuda_defaults(device: torch.device, amp: torch.dtype | None) -> None:
+    """CUDA settings that fit LM training, each logged once: TF32 matmuls for fp32 runs (bf16 runs
+    do not use fp32 matmuls much); the allocator's expandable segments (set in ``main``)."""
+    if device.type != "cuda":
+        return
+    if amp is None:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        log.info("fp32 on CUDA: TF32 tensor-core matmuls enabled (use --amp for bf16)")
+    log.info(
+        "CUDA allocator: PYTORCH_CUDA_ALLOC_CONF=%s", os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+    )
+
+
+def last_good(saver: CheckpointManager) -> str:
+    if saver.last.exists():
+        return f"the last good checkpoint is {saver.last}"
+    return "no checkpoint was written yet"
 
 
 def convert_sync_bn(model: torch.nn.Module, distributed: bool) -> torch.nn.Module:
@@ -413,27 +522,34 @@ USER_ERRORS = (ConfigError, DataError, CheckpointError, ValueError, FileNotFound
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # Before CUDA starts: fewer out-of-memory failures from fragmentation (varying lengths).
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     try:
-        args = parse_config(argv)
+        try:
+            args = parse_config(argv)
+        except SystemExit as exc:  # --help, or a command-line error already printed
+            return exc.code or 0
         if not hdist.launched_by_torchrun():
             if args.num_nodes > 1:
                 raise ConfigError(
                     "--num_nodes > 1 needs torchrun (--nnodes, --node_rank, --rdzv-endpoint)"
                 )
             if args.num_devices > 1:
-                hdist.spawn_local(args.num_devices, _worker, argv)
-                return 0
+                return hdist.spawn_local(args.num_devices, _worker, argv)
         elif args.num_nodes * args.num_devices not in (1, int(os.environ["WORLD_SIZE"])):
             raise ConfigError(
                 f"--num_nodes x --num_devices = {args.num_nodes * args.num_devices} but torchrun "
                 f"started {os.environ['WORLD_SIZE']} processes"
             )
-        return train(args)
+        return train(args, given_keys(argv))
     except USER_ERRORS as exc:
         if os.environ.get("HELM_TRACEBACK"):
             raise
         print(f"train.py: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("train.py: interrupted", file=sys.stderr)
+        return 130
     finally:
         hdist.cleanup()
         teardown_logging()

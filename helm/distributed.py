@@ -6,7 +6,9 @@ and gloo on CPU unless ``--distributed-backend`` names one. Only rank 0 logs and
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,11 +49,11 @@ def resolve_device(accelerator: str, local_rank: int = 0) -> torch.device:
         )
     if accelerator == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("--accelerator cuda: no CUDA device is visible")
+            raise ValueError("--accelerator cuda: no CUDA device is visible (use cpu or auto)")
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     if accelerator == "mps":
         if not torch.backends.mps.is_available():
-            raise RuntimeError("--accelerator mps: MPS is not available on this machine")
+            raise ValueError("--accelerator mps: MPS is not available on this machine")
         return torch.device("mps")
     return torch.device("cpu")
 
@@ -68,7 +70,7 @@ def init_distributed(accelerator: str, backend: str = "auto") -> DistInfo:
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
         if backend == "nccl" and device.type != "cuda":
-            raise RuntimeError("--distributed-backend nccl needs CUDA devices; use gloo on CPU")
+            raise ValueError("--distributed-backend nccl needs CUDA devices; use gloo on CPU")
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
     return DistInfo(rank, local_rank, world_size, device)
 
@@ -130,8 +132,76 @@ def _spawned(local_rank: int, world_size: int, port: int, fn: Callable, argv: li
     fn(argv)
 
 
-def spawn_local(num_devices: int, fn: Callable[[list[str]], None], argv: list[str]) -> None:
-    """Start ``num_devices`` local ranks running ``fn(argv)``, as torchrun would on one node."""
+def spawn_local(num_devices: int, fn: Callable[[list[str]], None], argv: list[str]) -> int:
+    """Start ``num_devices`` local ranks running ``fn(argv)``, as torchrun would on one node, and
+    return their exit code. A SIGINT/SIGTERM to this launcher is passed to the ranks, which stop
+    at a safe point (a terminal's Ctrl-C reaches them directly as well)."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_spawned, args=(num_devices, free_port(), fn, argv), nprocs=num_devices, join=True)
+    ctx = mp.start_processes(
+        _spawned, args=(num_devices, free_port(), fn, argv), nprocs=num_devices, join=False
+    )
+
+    def forward(signum, frame):
+        for proc in ctx.processes:
+            if proc.is_alive() and proc.pid is not None:
+                os.kill(proc.pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not ctx.join():
+            pass
+    except mp.ProcessExitedException as exc:
+        if exc.exit_code in (2, 3, 130, 143):  # the rank already said why
+            return exc.exit_code
+        raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+class Interrupted(Exception):
+    """Work stopped at a safe point because the process was asked to stop (``StopRequest``)."""
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C) and SIGTERM (what SLURM and Kubernetes send before a kill) only set a flag;
+    the trainer reads it at its safe points, saves a consistent checkpoint and exits 130 / 143.
+    A second signal stops at once (KeyboardInterrupt). Use as a context manager."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopRequest:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum:
+            raise KeyboardInterrupt
+        self.signum = signum
+        logging.getLogger("helm").warning(
+            "%s received: stopping at the next safe point (send it again to stop at once)",
+            signal.Signals(signum).name,
+        )
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    def agreed(self, device: torch.device) -> bool:
+        """Whether any rank was asked to stop (a collective under DDP: call it on every rank at
+        the same point)."""
+        if not dist.is_initialized():
+            return bool(self.signum)
+        flag = torch.tensor(float(self.signum), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.signum = self.signum or int(flag.item())
+        return bool(self.signum)

@@ -110,7 +110,9 @@ def forward_backward(
     for i, batch in enumerate(micro):
         last = i == len(micro) - 1
         # no_sync() is a one-shot context: it must span both the forward and the backward.
-        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        sync = (
+            contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        )
         with sync:
             with autocast(device, amp):
                 logits, targets = model(**batch)
@@ -259,7 +261,7 @@ def optimizer_step(
     gradients. Returns the gradient norm before clipping (None for value and AGC clipping)."""
     scaler.unscale_(optimizer)
     if clip_grad is not None:
-        grad_norm = clip_gradients(model.parameters(), clip_mode, clip_grad)
+        grad_norm = clip_gradients(model, clip_mode, clip_grad)
     else:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
     scaler.step(optimizer)

@@ -40,6 +40,14 @@ def teardown_logging() -> None:
     root.propagate = True
 
 
+def tensorboard_tag(key: str) -> str:
+    """Metrics grouped by split in TensorBoard: val_loss -> val/loss, ema_val_xe -> ema/val_xe."""
+    if "/" in key:
+        return key
+    head, _, rest = key.partition("_")
+    return f"{head}/{rest}" if rest else key
+
+
 class RunLogger:
     """metrics.jsonl (one JSON line per log step) and TensorBoard under <output>/tb, rank 0 only."""
 
@@ -47,7 +55,11 @@ class RunLogger:
         self.enabled = enabled
         self.writer = None
         if enabled:
-            self.jsonl = open(out_dir / "metrics.jsonl", "a", buffering=1)
+            path = out_dir / "metrics.jsonl"
+            cut = path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
+            self.jsonl = open(path, "a", buffering=1)
+            if cut:  # a line cut by a kill: end it, so the next record starts on its own line
+                self.jsonl.write("\n")
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -63,7 +75,22 @@ class RunLogger:
         if self.writer is not None:
             for k, v in values.items():
                 if isinstance(v, (int, float)):
-                    self.writer.add_scalar(k, v, step)
+                    self.writer.add_scalar(tensorboard_tag(k), v, step)
+
+    def relog(self, entry: dict) -> None:
+        """Log ``{"step", "epoch", "metrics"}`` unless metrics.jsonl holds it already (a run killed
+        between its checkpoint and this line is resumed from that checkpoint)."""
+        if not self.enabled or not entry.get("metrics"):
+            return
+        path = Path(self.jsonl.name)
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line cut by the kill
+                continue
+            if record.get("step") == entry["step"] and set(entry["metrics"]) <= set(record):
+                return
+        self.log(entry["step"], entry["metrics"], epoch=entry["epoch"])
 
     def close(self) -> None:
         if self.enabled:

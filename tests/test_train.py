@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -85,48 +86,119 @@ def test_quickstart_defaults_build_the_demo_run(run):
     assert ckpt["config"]["loss"] == "HXE"  # the quickstart base layer
 
 
-def test_resume_mid_epoch_equals_uninterrupted(run, monkeypatch):
-    args = [
-        "--model_name",
-        "gpt2",
-        "--mode",
-        "mlm",
-        "--epochs",
-        "2",
-        "--dropout",
-        "0.1",
-        "--model-ema",
-        "--model-ema-decay",
-        "0.9",
-    ]
-    code, full = run(*args, out="full")
-    assert code == 0
+RESUME_ARGS = [
+    "--model_name", "gpt2", "--mode", "mlm", "--epochs", "2", "--dropout", "0.1",
+    "--model-ema", "--model-ema-decay", "0.9",
+]  # fmt: skip
 
-    # Interrupt the second run inside epoch 0 through the real Ctrl-C path, then resume.
-    calls = {"n": 0}
-    real = train.to_device
 
-    def interrupting(batch, device, **kw):
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run every interrupted one must equal."""
+    root = tmp_path_factory.mktemp("reference")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HELM_CACHE_DIR", str(root / "cache"))
+        assert train.main([*TINY, "--output", str(root / "full"), *RESUME_ARGS]) == 0
+    return root / "full"
+
+
+def _signal_at(monkeypatch, target: str, sig: int, call: int, after: bool = False) -> None:
+    """Send ``sig`` to this process at the ``call``-th call of ``train.<target>`` (before the call,
+    or right after it returns)."""
+    owner, name = (
+        (train.CheckpointManager, "save_epoch") if target == "save_epoch" else (train, target)
+    )
+    real, calls = getattr(owner, name), {"n": 0}
+
+    def wrapper(*a, **k):
         calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real(batch, device, **kw)
+        if calls["n"] == call and not after:
+            os.kill(os.getpid(), sig)
+        out = real(*a, **k)
+        if calls["n"] == call and after:
+            os.kill(os.getpid(), sig)
+        return out
 
-    monkeypatch.setattr(train, "to_device", interrupting)
-    code, part = run(*args, out="part")
-    assert code == 130
-    ckpt = load_checkpoint(part / "checkpoints" / "last.pt")
-    assert ckpt["epoch"] == 0 and ckpt["batches_done"] == 3 and ckpt["step"] == 3
-    monkeypatch.setattr(train, "to_device", real)
-    code, part = run(*args, "--resume", "auto", out="part")
-    assert code == 0
+    monkeypatch.setattr(owner, name, wrapper)
 
-    assert train_losses(part) == pytest.approx(train_losses(full), rel=0, abs=0)
-    a = load_checkpoint(full / "checkpoints" / "last.pt")
-    b = load_checkpoint(part / "checkpoints" / "last.pt")
+
+def _same_run(a_dir: Path, b_dir: Path) -> None:
+    assert train_losses(b_dir) == pytest.approx(train_losses(a_dir), rel=0, abs=0)
+    val = lambda d: [(r["step"], r["val_loss"]) for r in read_log(d) if "val_loss" in r]
+    assert val(b_dir) == val(a_dir)  # every epoch's line, once, with the same values
+    a = load_checkpoint(a_dir / "checkpoints" / "last.pt")
+    b = load_checkpoint(b_dir / "checkpoints" / "last.pt")
+    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"])
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
         assert torch.equal(a["ema"][key], b["ema"][key]), key
+
+
+@pytest.mark.parametrize(
+    "phase, target, call, after, sig, saved",
+    [
+        # (epoch, batches_done, step) in last.pt after the stop; 12 updates an epoch
+        ("mid-epoch", "to_device", 4, False, signal.SIGINT, (0, 4, 4)),
+        ("right after an update", "optimizer_step", 5, True, signal.SIGTERM, (0, 5, 5)),
+        ("during validation", "evaluate", 1, False, signal.SIGINT, (0, 12, 12)),
+        ("during the checkpoint write", "save_epoch", 1, False, signal.SIGTERM, (1, 0, 12)),
+    ],
+)
+def test_stop_signal_resumes_bit_for_bit(
+    run, monkeypatch, reference, phase, target, call, after, sig, saved
+):
+    """SIGINT/SIGTERM stop at the next safe point with a consistent checkpoint; the resumed run
+    equals the uninterrupted one bit for bit (losses, validation lines, weights, EMA)."""
+    _signal_at(monkeypatch, target, sig, call, after)
+    code, part = run(*RESUME_ARGS, out="part")
+    assert code == 128 + sig
+    ckpt = load_checkpoint(part / "checkpoints" / "last.pt")
+    assert (ckpt["epoch"], ckpt["batches_done"], ckpt["step"]) == saved
+    monkeypatch.undo()
+    monkeypatch.setenv("HELM_CACHE_DIR", str(part.parent / "cache"))
+    code, part = run(*RESUME_ARGS, "--resume", "auto", out="part")
+    assert code == 0
+    _same_run(reference, part)
+
+
+def test_a_stop_after_a_non_finite_loss_keeps_the_last_good_checkpoint(run, monkeypatch, capsys):
+    real = train.forward_backward
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):  # update 14 (epoch 1) is non-finite; the stop comes two updates later
+        loss, targets, tokens = real(*a, **k)
+        calls["n"] += 1
+        if calls["n"] == 16:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return (loss * float("nan") if calls["n"] == 14 else loss), targets, tokens
+
+    monkeypatch.setattr(train, "forward_backward", poisoned)
+    code, out = run(*RESUME_ARGS, "--log-interval", "100")
+    assert code == 3
+    assert "non-finite loss at optimizer step 14" in capsys.readouterr().err
+    ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert ckpt["epoch"] == 1 and ckpt["step"] == 12  # epoch 0's, not the broken weights
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_a_kill_before_the_epoch_line_is_logged_is_mended_on_resume(run, monkeypatch, reference):
+    """A run killed between its epoch checkpoint and the epoch's log line: the resumed run writes
+    the missing line."""
+    real = train.RunLogger.log
+
+    def dies_at_the_first_val_line(self, step, values, **extra):
+        if "val_loss" in values:
+            raise KeyboardInterrupt  # stands for SIGKILL: nothing after this point runs
+        return real(self, step, values, **extra)
+
+    monkeypatch.setattr(train.RunLogger, "log", dies_at_the_first_val_line)
+    code, part = run(*RESUME_ARGS, out="part")
+    assert code == 130
+    assert not [r for r in read_log(part) if "val_loss" in r]
+    monkeypatch.undo()
+    monkeypatch.setenv("HELM_CACHE_DIR", str(part.parent / "cache"))
+    assert run(*RESUME_ARGS, "--resume", "auto", out="part")[0] == 0
+    _same_run(reference, part)
 
 
 def _ddp_worker(rank: int, world: int, port: int, batch, out_path: str) -> None:
@@ -403,3 +475,43 @@ def test_training_in_process_leaves_logging_as_it_found_it(run):
     assert code == 0
     assert (list(helm_log.handlers), helm_log.propagate, helm_log.level) == before
     assert (out / "train.log").read_text()  # the run did log to its file while it ran
+
+
+def test_resume_continues_the_run_as_configured(run, capsys):
+    """README's short form resumes a CLM run as CLM (the checkpoint's configuration is the run's);
+    a setting that would change what is trained is refused, naming it; --epochs may change."""
+    code, out = run("--mode", "clm", "--epochs", "1")
+    assert code == 0
+    code = train.main(["--output", str(out), "--resume", "auto", "--epochs", "2"])
+    assert code == 0
+    ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert ckpt["config"]["mode"] == "clm" and ckpt["epoch"] == 2
+    assert "mode: clm" in (out / "config.yaml").read_text()
+    capsys.readouterr()
+    code = train.main(["--output", str(out), "--resume", "auto", "--num_layers", "3"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--num_layers 3 (the run has 2)" in err and "Traceback" not in err
+
+
+def test_resume_auto_needs_a_run(run, tmp_path, capsys):
+    code, out = run("--resume", "auto", out="typo")
+    err = capsys.readouterr().err
+    assert code == 2 and "holds no run to continue" in err and "--resume if-exists" in err
+    assert not out.exists()  # a failed start leaves no run folder behind
+    code, out = run("--resume", "if-exists", "--epochs", "1", out="fresh")
+    assert code == 0 and (out / "checkpoints" / "last.pt").exists()
+
+
+def test_start_up_errors_are_one_line_and_leave_nothing(run, tmp_path, capsys):
+    code, out = run("--lrr", "0.1")
+    err = capsys.readouterr().err
+    assert code == 2 and "did you mean --lr?" in err and "usage:" not in err
+    assert len(err.strip().splitlines()) == 2  # the error and the pointer to --help
+    folder = tmp_path / "data"
+    folder.mkdir()
+    code, out = run("--train_file", str(folder))
+    assert code == 2 and "is a directory" in capsys.readouterr().err
+    bad = tmp_path / "bad.txt"
+    bad.write_text("ATGXXX\n" * 20)
+    code, out = run("--train_file", str(bad), out="failed")
+    assert code == 2 and not out.exists()

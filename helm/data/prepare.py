@@ -112,7 +112,10 @@ def prepare_data(
             )
             log.info("training the %s tokenizer on a sample of the training split", tokenizer)
             tok = build_tokenizer(
-                tokenizer, train_sequences=itertools.islice(stream, num_samples), seed=seed, **tok_kw
+                tokenizer,
+                train_sequences=itertools.islice(stream, num_samples),
+                seed=seed,
+                **tok_kw,
             )
             tok.save(tokenizer_dir)
         hdist.barrier()
@@ -130,6 +133,7 @@ def prepare_data(
             column_name=column_name,
             on_invalid=on_invalid,
             num_samples=num_samples if name == "train" else None,
+            require_records=True,
             file_extension=file_extension,
             data_type=read_as,
             show_progress=is_main and sys.stderr.isatty(),

@@ -22,6 +22,7 @@ Ranks thus get the same number of batches and, apart from the repeated batches, 
 from __future__ import annotations
 
 import random
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import Any
@@ -191,6 +192,10 @@ def _worker_init(worker_id: int, worker_seeding: str | Callable[[Any], int] = "a
     relied on it); a callable maps ``worker_info`` to a seed used for all three. ``LMDataset``
     draws from its own per-item generators, so this matters only for code using global RNGs.
     """
+    # Ctrl-C and SIGTERM reach every process of the group; the trainer stops at a safe point and
+    # ends its workers itself, so a worker must not die first and break the loader.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     info = torch.utils.data.get_worker_info()
     if callable(worker_seeding):
         seed = worker_seeding(info)
