@@ -126,6 +126,7 @@ def pretrain(args) -> int:
         on_invalid=args.on_invalid,
         file_extension=args.file_extension,
         data_type=data_type(loaded),
+        require_records=True,
     )
     dataset_kw = dataset_kwargs(cfg) | dict(max_seq_len=max_seq_len, seed=args.seed)
     dataset = LMDataset(store, truncation="head", vocab_size=tokenizer.vocab_size, **dataset_kw)

@@ -17,10 +17,12 @@ setup(
         "tqdm>=4.60",
         "tensorboard>=2.14",
         "scipy>=1.10",
-        "triton>=3.0; platform_system == 'Linux'",
     ],
+    # Triton comes with PyTorch's CUDA wheels on Linux, where the kernels run. A CPU-only install
+    # needs it only for the interpreter tests (the dev extra).
     extras_require={
-        "cuda": ["mamba-ssm>=2.2", "causal-conv1d>=1.4"],
-        "dev": ["pytest>=7.4", "hypothesis>=6.80", "ruff>=0.5"],
+        "cuda": ["triton>=3.4", "mamba-ssm>=2.2", "causal-conv1d>=1.4"],
+        # transformers: the equivalence tests against HF's GPT-2, BERT and Mamba (skipped without).
+        "dev": ["pytest>=7.4", "hypothesis>=6.80", "ruff>=0.5", "triton>=3.4", "transformers>=5.0"],
     },
 )

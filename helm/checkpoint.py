@@ -596,7 +596,10 @@ def load_for_eval(
     from helm.models import build_model, model_config
 
     ckpt = load_checkpoint(path)
-    cfg = model_config(ckpt["model_name"], **ckpt["model_config"])
+    fields = dict(ckpt["model_config"])
+    if ckpt["model_name"] == "bert":  # BERT checkpoints from before the MLM head transform
+        fields.setdefault("mlm_head", "linear")
+    cfg = model_config(ckpt["model_name"], **fields)
     model = build_model(ckpt["model_name"], cfg)
     model.load_state_dict(_weights(ckpt, path, ema))
     model.to(device).eval()

@@ -8,7 +8,7 @@ AAA=5 ... TTT=68 (size 69). Everything here is generated in code; there are no l
 from __future__ import annotations
 
 import itertools
-from functools import lru_cache
+from functools import cache
 
 PAD_ID, CLS_ID, EOS_ID, UNK_ID, MASK_ID = 0, 1, 2, 3, 4
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<cls>", "<eos>", "<unk>", "<mask>")
@@ -36,7 +36,7 @@ def kmer_vocab(k: int) -> list[str]:
     return list(SPECIAL_TOKENS) + kmers(k)
 
 
-@lru_cache(maxsize=None)
+@cache
 def genetic_code() -> dict[str, str]:
     """Codon (DNA letters) -> one-letter amino acid, ``*`` for stop codons."""
     codons = ("".join(p) for p in itertools.product("TCAG", repeat=3))

@@ -16,6 +16,9 @@ so importing ``helm.ops`` pulls in neither triton nor an optional CUDA extension
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+
 import torch
 
 IMPLS = ("auto", "torch", "triton")
@@ -37,8 +40,15 @@ def resolve_impl(
     """
     if impl not in ("auto", "torch", kernel):
         raise ValueError(f"{op}: impl must be one of auto, torch, {kernel}; got {impl!r}")
+    if kernel == "triton" and unavailable is None and not triton_installed():
+        unavailable = "the triton package is not installed (it comes with PyTorch's CUDA wheels)"
     if impl == "auto":
         return kernel if tensor.is_cuda and unavailable is None else "torch"
     if impl == kernel and unavailable is not None:
         raise RuntimeError(f"{op}: impl={kernel!r} cannot run here: {unavailable}")
     return impl
+
+
+@functools.cache
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
