@@ -49,14 +49,62 @@ def steps(out: Path) -> list[tuple[str, list[str], int]]:
     train = [PY, "bench/train_throughput.py", "--preset", "recipes", "--cases", "gpt2_mlm",
              "hyena_mlm", "--warmup", "3", "--steps", "5", "--repeats", "3"]  # fmt: skip
     return [
-        ("pytest_gpu", [PY, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider",
-                        "tests/test_path_loss.py", "tests/test_fftconv.py", "tests/test_mamba.py",
-                        f"--junitxml={out / 'pytest_gpu.xml'}"], 170),  # fmt: skip
-        ("bench_path_loss", [PY, "-m", "kernels.bench.bench_path_loss", "--vp", "72", "--warmup",
-                             "5", "--rep", "30", "--out-dir", str(out)], 100),  # fmt: skip
-        ("bench_fftconv", [PY, "-m", "kernels.bench.bench_fftconv", "--lengths", "444", "1024",
-                           "--dtypes", "bf16", "--warmup", "5", "--rep", "30", "--out-dir",
-                           str(out)], 130),  # fmt: skip
+        (
+            "pytest_gpu",
+            [
+                PY,
+                "-m",
+                "pytest",
+                "-m",
+                "gpu",
+                "-q",
+                "-rs",
+                "-p",
+                "no:cacheprovider",
+                "tests/test_path_loss.py",
+                "tests/test_fftconv.py",
+                "tests/test_mamba.py",
+                f"--junitxml={out / 'pytest_gpu.xml'}",
+            ],
+            170,
+        ),  # fmt: skip
+        (
+            "bench_path_loss",
+            [
+                PY,
+                "-m",
+                "kernels.bench.bench_path_loss",
+                "--vp",
+                "72",
+                "--warmup",
+                "5",
+                "--rep",
+                "30",
+                "--out-dir",
+                str(out),
+            ],
+            100,
+        ),  # fmt: skip
+        (
+            "bench_fftconv",
+            [
+                PY,
+                "-m",
+                "kernels.bench.bench_fftconv",
+                "--lengths",
+                "444",
+                "1024",
+                "--dtypes",
+                "bf16",
+                "--warmup",
+                "5",
+                "--rep",
+                "30",
+                "--out-dir",
+                str(out),
+            ],
+            130,
+        ),  # fmt: skip
         ("train_eager", [*train, "--out", str(out / "train_eager.json")], 70),
         ("train_compile", [*train, "--compile", "--out", str(out / "train_compile.json")], 140),
     ]
@@ -126,7 +174,12 @@ def figures(out: Path) -> list[dict]:
     if log.exists():
         tail = log.read_text().strip().splitlines()[-1:] or [""]
         failed = re.search(r"(\d+) (failed|error)", tail[0])
-        add("pytest -m gpu", tail[0].strip("= "), "no failure", failed is None and "passed" in tail[0])
+        add(
+            "pytest -m gpu",
+            tail[0].strip("= "),
+            "no failure",
+            failed is None and "passed" in tail[0],
+        )
 
     loss = _latest(out, "bench_path_loss_*.json")
     if loss:
@@ -186,7 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     if not torch.cuda.is_available():
-        print("gpu_suite: needs a CUDA device (torch.cuda.is_available() is False)", file=sys.stderr)
+        print(
+            "gpu_suite: needs a CUDA device (torch.cuda.is_available() is False)", file=sys.stderr
+        )
         return 2
     start = time.perf_counter()
     out = args.out or REPO / "bench" / "results" / f"gpu-{datetime.datetime.now():%Y%m%d-%H%M}"

@@ -12,7 +12,6 @@ from helm.ops.fftconv import fftconv, fftconv_ref
 from kernels import fftconv as fftconv_kernels
 from kernels.fftconv import fftconv_triton
 
-
 # Kernel tests on CPU tensors need the interpreter (set by conftest.py where there is no CUDA); on a
 # CUDA machine the compiled kernels are tested by the `gpu` tests instead.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -22,6 +21,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 def _cpu_needs_interpreter(request):
     if not INTERPRET and request.node.get_closest_marker("gpu") is None:
         pytest.skip("CPU kernel tests run under TRITON_INTERPRET=1, set where there is no CUDA")
+
 
 # fp32: both sides compute in fp32 (FFT round-off ~1e-7 of the largest value); observed ~3e-7.
 FP32_TOL = 1e-5

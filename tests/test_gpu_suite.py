@@ -29,7 +29,12 @@ def test_figures_compare_every_result_with_its_target(tmp_path):
     (tmp_path / "pytest_gpu.log").write_text("...\n==== 20 passed, 3 skipped in 80.1s ====\n")
     loss_rows = [
         {"shape": "128x444", "Vp": 72, "loss": "hxe", "impl": impl, "ms": ms}
-        for impl, ms in (("cross_entropy", 0.1), ("eager", 1.0), ("compiled", 0.2), ("kernel", 0.05))
+        for impl, ms in (
+            ("cross_entropy", 0.1),
+            ("eager", 1.0),
+            ("compiled", 0.2),
+            ("kernel", 0.05),
+        )
     ]
     (tmp_path / "bench_path_loss_1.json").write_text(json.dumps({"rows": loss_rows}))
     conv_rows = [
@@ -50,7 +55,9 @@ def test_figures_compare_every_result_with_its_target(tmp_path):
     assert met["fftconv two-sided L=1024 bf16: torch.fft / kernel"] is False
     assert met["gpt2_mlm --compile MFU"] is True
     assert met["gpt2_mlm compile tokens/s"] is None
-    text = suite.table([{"step": "pytest_gpu", "status": "ok", "seconds": 1.0}], suite.figures(tmp_path))
+    text = suite.table(
+        [{"step": "pytest_gpu", "status": "ok", "seconds": 1.0}], suite.figures(tmp_path)
+    )
     assert "| fftconv two-sided L=1024 bf16: torch.fft / kernel | 1.5 | >= 2.0 | NO |" in text
 
 

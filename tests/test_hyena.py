@@ -161,7 +161,9 @@ def test_fftconv_impl_torch_matches_auto_on_cpu(monkeypatch):
         raise AssertionError("impl='auto' ran the Triton kernel on CPU tensors")
 
     monkeypatch.setattr(ops_fftconv, "fftconv_ref", spy)
-    monkeypatch.setitem(__import__("sys").modules, "kernels.fftconv", type("M", (), {"fftconv_triton": no_kernel}))
+    monkeypatch.setitem(
+        __import__("sys").modules, "kernels.fftconv", type("M", (), {"fftconv_triton": no_kernel})
+    )
     ids = torch.randint(5, 69, (2, 11), generator=torch.Generator().manual_seed(6))
     m = model(True, fftconv_impl="auto")
     with torch.no_grad():

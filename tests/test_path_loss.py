@@ -21,7 +21,6 @@ from helm.hierarchy import build_hierarchy
 from helm.ops.path_loss import path_loss_ref
 from kernels.path_loss import path_loss_triton
 
-
 # Kernel tests on CPU tensors need the interpreter (set by conftest.py where there is no CUDA); on a
 # CUDA machine the compiled kernels are tested by the `gpu` tests instead.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -31,6 +30,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 def _cpu_needs_interpreter(request):
     if not INTERPRET and request.node.get_closest_marker("gpu") is None:
         pytest.skip("CPU kernel tests run under TRITON_INTERPRET=1, set where there is no CUDA")
+
 
 V = 69
 DIST_MAX = 4
@@ -267,7 +267,9 @@ def test_spread_logits_stay_finite(gen, loss):
     if loss == "xe":
         expect = torch.nn.functional.cross_entropy(logits[:, :V], targets, reduction="none")
         assert expect.isfinite().all()
-        torch.testing.assert_close(path_loss_triton(logits, targets, reduction="none", **tables), expect)
+        torch.testing.assert_close(
+            path_loss_triton(logits, targets, reduction="none", **tables), expect
+        )
 
 
 def test_bad_target_is_nan_and_bad_args_raise(gen):
