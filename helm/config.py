@@ -247,14 +247,32 @@ def _add_flag(group, flag: str, default: Any, kind: Any, help: str) -> None:
     group.add_argument(*names, dest=_key(flag), **kw)
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: the message, a "did you mean" for an unknown flag, and a
-    pointer to --help instead of the whole usage block."""
+class HelmArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors (the message, a "did you mean" for an unknown flag, and a
+    pointer to --help instead of the whole usage block) and both spellings of every flag
+    (``--batch_size`` is also ``--batch-size``; the first spelling given is the name)."""
+
+    def add_argument(self, *names, **kw):
+        flags = [n for n in names if n.startswith("--")]
+        if flags and len(names) == 1:
+            other = "--" + (
+                flags[0][2:].replace("_", "-") if "_" in flags[0] else flags[0][2:].replace("-", "_")
+            )
+            if other != flags[0]:
+                kw.setdefault("dest", _key(flags[0]))
+                names = (flags[0], other)
+        return super().add_argument(*names, **kw)
 
     def error(self, message: str):
         if message.startswith("unrecognized arguments:"):
             unknown = [a for a in message.split(":", 1)[1].split() if a.startswith("-")]
-            known = [s for a in self._actions for s in a.option_strings]
+            parsers = [self] + [
+                sub
+                for a in self._actions
+                if isinstance(a, argparse._SubParsersAction)
+                for sub in a.choices.values()
+            ]
+            known = sorted({s for p in parsers for a in p._actions for s in a.option_strings})
             hints = []
             for arg in unknown:
                 close = difflib.get_close_matches(arg.split("=")[0], known, n=1, cutoff=0.6)
@@ -262,13 +280,11 @@ class _Parser(argparse.ArgumentParser):
                     hints.append(f"{arg}: did you mean {close[0]}?")
             if hints:
                 message += " (" + "; ".join(hints) + ")"
-        self.exit(
-            2, f"{self.prog}: error: {message}\nRun `python {self.prog} --help` for the flags.\n"
-        )
+        self.exit(2, f"{self.prog}: error: {message}\nRun `python {self.prog} --help` for the flags.\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = HelmArgumentParser(
         prog="train.py",
         description="Train a codon-level mRNA language model (HELM).",
         epilog=_quickstart_note(),

@@ -42,11 +42,13 @@ NEVER_SAMPLED = (PAD_ID, CLS_ID, UNK_ID, MASK_ID)
 
 @dataclass
 class Sample:
-    """One generated sequence: its token ids (prefix included, no frame) and log-likelihood."""
+    """One generated sequence: its token ids (prefix included, no frame), its log-likelihood, and
+    whether it ended by sampling ``<eos>`` (False: it ran into the length cap)."""
 
     ids: list[int]
     num_generated: int
     log_likelihood: float
+    ended: bool = True
 
 
 def clean_protein(protein: str) -> str:
@@ -164,7 +166,8 @@ def sample(
         new = ctx[b, start : start + int(lengths[b])].tolist()
         if new and new[-1] == EOS_ID:
             new = new[:-1]
-        out.append(Sample(list(prefix_ids) + new, int(lengths[b]), float(loglik[b])))
+        sample = Sample(list(prefix_ids) + new, int(lengths[b]), float(loglik[b]), bool(done[b]))
+        out.append(sample)
     return out
 
 
