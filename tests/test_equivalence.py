@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helm.hf import weight_map
 from helm.models import build_model
 from helm.ops.fftconv import fftconv_ref
 from helm.ops.selective_scan import selective_scan
@@ -74,6 +75,20 @@ def _t(g):
     return g.T
 
 
+def _ours_to_theirs(name: str, ours) -> dict:
+    """helm.hf.weight_map (HF name -> (ours, how)) as this file's mapping (ours -> (theirs, grad
+    transform)): "t" transposes; BERT's fused qkv is tagged ("qkv", prefix, "weight" | "bias")."""
+    mapping = {}
+    for theirs, (mine, how) in weight_map(name, ours.cfg).items():
+        if mine in mapping:  # BERT: the second HF name of a tensor (query/key/value, biases)
+            continue
+        if isinstance(how, tuple):
+            prefix = theirs.split("attention.self.")[0]
+            how = ("qkv", prefix, theirs.rsplit(".", 1)[1])
+        mapping[mine] = (theirs, _t if how == "t" else how if isinstance(how, tuple) else None)
+    return mapping
+
+
 # GPT-2 -------------------------------------------------------------------------------------------
 
 
@@ -88,19 +103,7 @@ def test_gpt2_matches_hf_gpt2():
     ours = build_model("gpt2", vocab_size=V, d_model=D, num_layers=2, num_heads=4, max_seq_len=64,
                        activation="gelu_tanh", pos_embedding="absolute").double().eval()  # fmt: skip
     _randomise(ours)
-    mapping = {"embed.tok.weight": ("transformer.wte.weight", None),
-               "embed.pos.weight": ("transformer.wpe.weight", None),
-               "norm_f.weight": ("transformer.ln_f.weight", None),
-               "norm_f.bias": ("transformer.ln_f.bias", None)}  # fmt: skip
-    for i in range(2):
-        h = f"transformer.h.{i}."
-        for a, b in (("ln_1", "ln_1"), ("ln_2", "ln_2")):
-            for w in ("weight", "bias"):
-                mapping[f"blocks.{i}.{a}.{w}"] = (h + f"{b}.{w}", None)
-        for a, b in (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"),
-                     ("mlp.fc_in", "mlp.c_fc"), ("mlp.fc_out", "mlp.c_proj")):  # fmt: skip
-            mapping[f"blocks.{i}.{a}.weight"] = (h + f"{b}.weight", _t)  # HF Conv1D: (in, out)
-            mapping[f"blocks.{i}.{a}.bias"] = (h + f"{b}.bias", None)
+    mapping = _ours_to_theirs("gpt2", ours)
     _load(hf, ours, mapping)
     ids = _ids()
     mask = torch.ones_like(ids)
@@ -129,25 +132,7 @@ def _bert_pair():
     ours = build_model("bert", vocab_size=V, d_model=D, num_layers=2, num_heads=4,
                        max_seq_len=64).double().eval()  # fmt: skip
     _randomise(ours)
-    e = "bert.embeddings."
-    mapping = {"embed.tok.weight": (e + "word_embeddings.weight", None),
-               "embed.pos.weight": (e + "position_embeddings.weight", None),
-               "embed_norm.weight": (e + "LayerNorm.weight", None),
-               "embed_norm.bias": (e + "LayerNorm.bias", None),
-               "lm_head.dense.weight": ("cls.predictions.transform.dense.weight", None),
-               "lm_head.dense.bias": ("cls.predictions.transform.dense.bias", None),
-               "lm_head.norm.weight": ("cls.predictions.transform.LayerNorm.weight", None),
-               "lm_head.norm.bias": ("cls.predictions.transform.LayerNorm.bias", None),
-               "lm_head.bias": ("cls.predictions.bias", None)}  # fmt: skip
-    for i in range(2):
-        h = f"bert.encoder.layer.{i}."
-        for a, b in (("attn.proj", "attention.output.dense"), ("ln_1", "attention.output.LayerNorm"),
-                     ("mlp.fc_in", "intermediate.dense"), ("mlp.fc_out", "output.dense"),
-                     ("ln_2", "output.LayerNorm")):  # fmt: skip
-            for w in ("weight", "bias"):
-                mapping[f"blocks.{i}.{a}.{w}"] = (h + f"{b}.{w}", None)
-        for w in ("weight", "bias"):  # our fused qkv is HF's query, key, value stacked
-            mapping[f"blocks.{i}.attn.qkv.{w}"] = (h + f"attention.self.query.{w}", ("qkv", h, w))
+    mapping = _ours_to_theirs("bert", ours)
     _load(hf, ours, mapping)
     with torch.no_grad():
         for i in range(2):
@@ -201,22 +186,6 @@ def test_bert_uses_berts_layer_norm_eps_and_keeps_the_bare_head_as_an_option():
 # Mamba -------------------------------------------------------------------------------------------
 
 
-def _mamba_mapping(layer: str, num_layers: int) -> dict:
-    mapping = {
-        "embed.tok.weight": ("embeddings.weight", None),
-        "norm_f.weight": ("norm_f.weight", None),
-    }
-    names = (("in_proj.weight", "conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_proj.weight",
-              "dt_proj.bias", "A_log", "D", "out_proj.weight") if layer == "mamba" else
-             ("in_proj.weight", "conv1d.weight", "conv1d.bias", "dt_bias", "A_log", "D",
-              "norm.weight", "out_proj.weight"))  # fmt: skip
-    for i in range(num_layers):
-        mapping[f"blocks.{i}.mixer_norm.weight"] = (f"layers.{i}.norm.weight", None)
-        for n in names:
-            mapping[f"blocks.{i}.mixer.{n}"] = (f"layers.{i}.mixer.{n}", None)
-    return mapping
-
-
 @pytest.mark.parametrize("layer", ["mamba", "mamba2"])
 def test_mamba_matches_hf_pytorch_path(layer):
     transformers = pytest.importorskip("transformers")
@@ -235,7 +204,9 @@ def test_mamba_matches_hf_pytorch_path(layer):
     ours = build_model("mamba", vocab_size=V, d_model=D, num_layers=2, d_ff=0, d_state=4,
                        ssm_layer=layer, scan_impl="torch", **kw).double().eval()  # fmt: skip
     _randomise(ours)
-    mapping = _mamba_mapping(layer, 2)
+    # helm.hf maps to MambaForCausalLM (backbone.*); the peer here is the bare MambaModel.
+    mapping = {k: (v[0].removeprefix("backbone."), v[1])
+               for k, v in _ours_to_theirs("mamba", ours).items()}  # fmt: skip
     _load(hf, ours, mapping)
     ids = _ids(t=13)
     hidden = ours(ids)
