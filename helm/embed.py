@@ -56,11 +56,12 @@ def read_records(
     file_extension: str | None = None,
     require_codons: bool = False,
     data_type: str = "nuc",
+    id_column: str | None = None,
 ) -> tuple[list[str], list[str]]:
     """(ids, cleaned sequences) of a sequence file, read by `helm.data.io.iter_records`.
 
-    Ids are the FASTA headers (the whole text after ``>``), or the 1-based record number for txt
-    and csv/tsv files. Invalid records raise `DataError` (``on_invalid="error"``, the first few
+    Ids are the FASTA headers (the whole text after ``>``), a table's `id_column`, or the 1-based
+    record number for txt and csv/tsv files. Invalid records raise `DataError` (``on_invalid="error"``, the first few
     named with file and line) or are dropped with a logged count (``"skip"``).
     """
     ids, seqs = [], []
@@ -71,8 +72,12 @@ def read_records(
         file_extension=file_extension,
         require_codons=require_codons,
         data_type=data_type,
+        columns=None if id_column is None else [id_column],
     ):
-        ids.append(record.header if record.header is not None else record.id)
+        if id_column is not None and record.fields is not None:
+            ids.append(record.fields[id_column].strip())
+        else:
+            ids.append(record.header if record.header is not None else record.id)
         seqs.append(record.sequence)
     if not seqs:
         raise DataError(f"{path}: no usable records")
@@ -232,6 +237,8 @@ def cached_token_features(
                 raise
         return feats
     log.info("features read from the cache %s", final)
-    flat = np.load(final / "features.npy", mmap_mode="r")
+    # Copy-on-write mapping: the arrays are writable views of the file (writes stay in memory),
+    # so torch.as_tensor takes them without its non-writable NumPy warning.
+    flat = np.load(final / "features.npy", mmap_mode="c")
     offsets = np.load(final / "offsets.npy")
     return [flat[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]

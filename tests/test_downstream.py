@@ -8,8 +8,10 @@ import hashlib
 import itertools
 import json
 import shutil
+import time
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,23 +23,35 @@ from helm.data.io import DataError
 from helm.downstream import (
     TASKS,
     OneHotEncoder,
+    RunStore,
     TaskSpec,
     TextCNN,
     codon_frequency_features,
     compute_metrics,
+    dedupe,
+    duplicate_warnings,
+    duplicates,
     evaluate_probe,
     fetch_task,
     format_report,
+    label_warnings,
+    load_fasta_folder,
     load_task,
     load_task_file,
     make_splits,
     pad_features,
+    protocol,
+    repeated_splits,
     run_baselines,
     select_at_best_val,
     to_json,
+    transform_targets,
+    write_figure,
 )
 from helm.downstream.metrics import auroc, f1_macro, mcc
 from helm.downstream.tasks import CODONBERT_COMMIT, TaskData
+from helm.embed import cached_token_features, read_records
+from helm.vocab import kmers
 
 LOCAL = {
     "mrfp_expression": "codonbert_mrfp_expression",
@@ -190,7 +204,7 @@ def test_load_tables(tmp_path, name, sep, given):
 def test_load_fasta_header_labels_and_side_file(tmp_path):
     fa = tmp_path / "d.fa"
     fa.write_text(">s1 label=0.5 split=train\nATGA\nAA\n>s2|2.0\nATGCCC\n")
-    data = load_task_file(fa, target_columns="label")
+    data = load_task_file(fa, target_columns="label", pipe_label=True)
     assert data.sequences == ["ATGAAA", "ATGCCC"] and data.ids == ["s1", "s2"]
     np.testing.assert_allclose(data.targets, [0.5, 2.0])
 
@@ -335,7 +349,9 @@ def test_auroc_of_nan_scores_is_nan():
     scores = np.tile(s[:, None], (1, 3))
     scores[:, 0] = [0.5, 0.1, 0.2, 0.3, 0.4]  # one class's column is finite, another's is not
     assert np.isnan(compute_metrics("classification", np.array([0, 1, 2, 1, 0]), scores)["auroc"])
-    assert np.isnan(compute_metrics("multilabel", np.stack([y, 1 - y], 1), scores[:, :2])["auroc_mean"])
+    assert np.isnan(
+        compute_metrics("multilabel", np.stack([y, 1 - y], 1), scores[:, :2])["auroc_mean"]
+    )
 
 
 # ---- heads ------------------------------------------------------------------------------------
@@ -446,3 +462,233 @@ def test_mlos_has_no_split_column_and_gets_a_random_split(shared_data):
     assert len(data) == 167 and data.splits is None
     (split,) = make_splits(data, seed=0)
     assert (len(split.train), len(split.val), len(split.test)) == (117, 25, 25)
+
+
+# ---- a harness a reader can trust -------------------------------------------------------------
+
+
+def test_baselines_read_what_the_probe_reads():
+    rng = np.random.default_rng(0)
+    seqs = ["".join(rng.choice(list("ACGT"), size=n)) for n in rng.integers(30, 120, size=60)]
+    data = TaskData(seqs, rng.normal(size=60), "regression", ["Value"])
+    extent = [min(len(s) - len(s) % 3, 45) for s in seqs]  # a model window of 15 codons
+    results = run_baselines(data, make_splits(data), methods=("codon_freq",), extent=extent)
+    cut = sum(len(s) - len(s) % 3 > 45 for s in seqs)
+    assert results["codon_freq"].input == f"first 45 nt (15 codons); {cut} of 60 records cut"
+    whole = run_baselines(data, make_splits(data), methods=("codon_freq",))["codon_freq"]
+    assert whole.input == "whole records" and whole.values != results["codon_freq"].values
+    report = format_report(results, "toy")
+    assert "| input |" in report and "first 45 nt" in report
+
+
+def test_spread_is_over_repeated_splits_with_ddof_1():
+    feats, data = _synthetic(n=60)
+    data.targets = data.targets + np.random.default_rng(1).normal(size=60)  # imperfect fits
+    splits = repeated_splits(data, [0, 1, 2])
+    assert len(splits) == 3 and len({tuple(s.test) for s in splits}) == 3
+    result = evaluate_probe(feats, data, splits, head="linear")
+    assert result.num_splits == 3 and len(result.values) == 3
+    assert result.std == pytest.approx(np.std(result.values, ddof=1)) and result.std > 0
+    assert "3 (3 splits)" in format_report({"linear": result}, "toy")
+    # A fixed split column gives one split whatever the seeds; one run has no spread (nan).
+    fixed = TaskData(data.sequences, data.targets, "regression", ["Value"],
+                     splits=np.array(["train", "train", "val", "test"] * 15))  # fmt: skip
+    (split,) = repeated_splits(fixed, [0, 1, 2])
+    one = evaluate_probe(feats, fixed, [split], head="linear")
+    assert np.isnan(one.std) and json.loads(to_json({"l": one}))["results"]["l"]["std"] is None
+
+
+def test_textcnn_probe_not_far_below_a_linear_probe_on_unscaled_features():
+    # Informative features as hidden states come: offsets and scales differing by orders of
+    # magnitude between dimensions. Unstandardised, the TextCNN reached 0.72 against 0.97.
+    rng = np.random.default_rng(0)
+    n, d = 160, 16
+    z = rng.normal(size=(n, d))
+    scale, offset = np.exp(rng.normal(0, 2, size=d)), rng.normal(0, 20, size=d)
+    feats = [((z[i] + 0.3 * rng.normal(size=(rng.integers(6, 14), d))) * scale + offset)
+             .astype(np.float32) for i in range(n)]  # fmt: skip
+    data = TaskData(["ATG"] * n, z @ rng.normal(size=d), "regression", ["Value"])
+    splits = make_splits(data, seed=0)
+    linear = evaluate_probe(feats, data, splits, head="linear")
+    cnn = evaluate_probe(feats, data, splits, lrs=(3e-4,), batch_sizes=(16,), seeds=(0,),
+                         max_epochs=20, patience=5, progress=False)  # fmt: skip
+    assert linear.mean > 0.9 and cnn.mean > linear.mean - 0.1, (cnn.mean, linear.mean)
+
+
+def test_default_split_without_a_split_column():
+    (split,) = make_splits(_toy(100))  # no fractions given: 0.7 / 0.15 / 0.15
+    assert (len(split.train), len(split.val), len(split.test)) == (70, 15, 15)
+    (split,) = make_splits(_toy(100), None, seed=1)
+    assert len(split.test) == 15
+
+
+def test_val_carved_from_train_of_a_train_test_split_column():
+    n = 40
+    groups = np.repeat(np.arange(20), 2)
+    data = TaskData(["ATG"] * n, np.arange(n, dtype=float), "regression", ["Value"],
+                    splits=np.array(["train"] * 30 + ["test"] * 10), groups=groups)  # fmt: skip
+    with pytest.raises(DataError, match="no \\['val'\\] records; carve .* --val-from-train"):
+        make_splits(data)
+    (a,) = make_splits(data, val_from_train=0.2, seed=0)
+    (b,) = make_splits(data, val_from_train=0.2, seed=1)
+    assert len(a.val) == 6 and len(a.train) == 24 and np.array_equal(a.test, np.arange(30, 40))
+    assert not set(groups[a.val]) & set(groups[a.train])  # whole groups move to val
+    assert not np.array_equal(a.val, b.val) and "val 0.2 of train" in a.name
+
+
+def test_target_transform(tmp_path):
+    data = TaskData(["ATG"] * 3, np.array([1.0, 10.0, 100.0]), "regression", ["Value"],
+                    ids=["a", "b", "c"], source="t.csv")  # fmt: skip
+    np.testing.assert_allclose(transform_targets(data, "log").targets, np.log([1, 10, 100]))
+    np.testing.assert_allclose(transform_targets(data, "log1p").targets, np.log1p([1, 10, 100]))
+    assert transform_targets(data, "none") is data
+    zero = TaskData(["ATG"] * 2, np.array([0.0, 5.0]), "regression", ["Value"], ids=["z", "f"])
+    with pytest.raises(DataError, match="log needs targets > 0; 1 record.*first: z.*log1p"):
+        transform_targets(zero, "log")
+    assert transform_targets(zero, "log1p").targets[0] == 0.0
+
+
+def test_fasta_folder_labels_from_file_names(tmp_path):
+    for split, k in (("train", 4), ("test", 2)):
+        for label in ("ecoli", "human"):
+            (tmp_path / split).mkdir(exist_ok=True)
+            path = tmp_path / split / f"{label}.fa"
+            path.write_text("".join(f">lcl|NC_{label}_{split}{i}.1_cds [gene=x]\n"
+                                    f"ATGAAA{'CCC' if i % 2 else 'GGG'}\n"
+                                    for i in range(k)))  # fmt: skip
+    data = load_fasta_folder(tmp_path)
+    assert data.task == "classification" and data.label_names == ["ecoli", "human"]
+    assert data.ids[0] == "lcl|NC_ecoli_train0.1_cds"  # the whole first word, no label from it
+    assert sorted(set(data.splits)) == ["test", "train"] and len(data) == 12
+    (split,) = make_splits(data, val_from_train=0.25)
+    assert len(split.val) == 2 and len(split.test) == 4
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "a.fasta").write_text(">x\nATG\n")
+    (flat / "b.fa.gz").write_bytes(gzip.compress(b">y\nATG\n"))
+    data = load_fasta_folder(flat)
+    assert data.label_names == ["a", "b"] and data.splits is None
+    with pytest.raises(DataError, match="is a folder"):
+        load_task_file(flat)
+
+
+def test_ncbi_headers_keep_their_id_and_give_no_label(tmp_path):
+    fa = tmp_path / "d.fa"
+    fa.write_text(">lcl|NC_000913.3_cds_1 [gene=thrL] label=0.5\nATGAAA\n"
+                  ">lcl|NC_000913.3_cds_2 label=1.5\nATGCCC\n")  # fmt: skip
+    data = load_task_file(fa, target_columns="label")
+    assert data.ids == ["lcl|NC_000913.3_cds_1", "lcl|NC_000913.3_cds_2"]
+    np.testing.assert_allclose(data.targets, [0.5, 1.5])
+    fa.write_text(">lcl|NC_000913.3_cds_1\nATGAAA\n")
+    with pytest.raises(DataError, match="missing field"):  # the accession is not a label
+        load_task_file(fa, target_columns="label", task="classification")
+
+
+def test_multilabel_reports_label_names_and_warns_on_rare_labels():
+    rng = np.random.default_rng(0)
+    n = 80
+    y = np.stack([rng.random(n) < 0.5, np.zeros(n, bool), rng.random(n) < 0.5], 1).astype(float)
+    y[:3, 1] = 1  # "nucleus" has 3 positives in all: too few to score in any split
+    data = TaskData(["ATG"] * n, y, "multilabel", ["cytosol", "nucleus", "membrane"])
+    feats = [rng.normal(size=(3, 4)).astype(np.float32) + y[i, 0] for i in range(n)]
+    splits = make_splits(data)
+    result = evaluate_probe(feats, data, splits, head="linear")
+    assert "auroc/cytosol" in result.test_metrics and "auroc/0" not in result.test_metrics
+    report = format_report({"linear": result}, "loc", label_warnings(data, splits))
+    assert "| method | auroc/cytosol | auroc/membrane | auroc/nucleus |" in report
+    assert "label 'nucleus' has" in report and "positives in the test split" in report
+
+
+def test_identical_sequences_across_splits_warned_and_dropped():
+    seqs = [f"ATG{c}" for c in kmers(3)[:40]]
+    seqs[30:34] = seqs[0:4]  # four test records repeat training records
+    data = TaskData(seqs, np.arange(40.0), "regression", ["Value"],
+                    splits=np.array(["train"] * 20 + ["val"] * 10 + ["test"] * 10))  # fmt: skip
+    (split,) = make_splits(data)
+    assert duplicates(data, split) == {"val_in_train": 0, "test_in_train": 4, "test_in_val": 0}
+    (line,) = duplicate_warnings(data, [split])
+    assert "4 of 10 test records are in train" in line and "--dedupe" in line
+    kept = dedupe(data, split)
+    assert len(kept.test) == 6 and not set(kept.test) & set(range(30, 34))
+    assert duplicates(data, kept) == {"val_in_train": 0, "test_in_train": 0, "test_in_val": 0}
+
+
+def test_onehot_baseline_on_100kb_records_reads_the_models_window():
+    rng = np.random.default_rng(0)
+    seqs = ["".join(rng.choice(list("ACGTN"), size=100_001)) for _ in range(24)]
+    index = {c: i for i, c in enumerate(kmers(3))}
+    ids = OneHotEncoder().codon_ids(seqs[0])  # vectorised, equal to the codon-by-codon reading
+    assert ids.tolist() == [index.get(seqs[0][i : i + 3], 64) for i in range(0, 99_999, 3)]
+    data = TaskData(seqs, rng.normal(size=24), "regression", ["Value"])
+    start = time.perf_counter()
+    (result,) = run_baselines(data, make_splits(data), methods=("onehot_textcnn",), lrs=(1e-3,),
+                              batch_sizes=(8,), seeds=(0,), max_epochs=1, progress=False,
+                              extent=[3 * 510] * 24).values()  # fmt: skip
+    assert time.perf_counter() - start < 10 and result.input.startswith("first 1530 nt")
+
+
+def test_feature_cache_hit_gives_writable_arrays(tmp_path):
+    feats = [np.ones((3, 4), np.float32), np.zeros((2, 4), np.float32)]
+    cached_token_features("k", lambda: feats, tmp_path)
+    hit = cached_token_features("k", lambda: pytest.fail("recomputed"), tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "The given NumPy array is not writable"
+        tensors = [torch.as_tensor(f) for f in hit]
+    assert [t.shape for t in tensors] == [(3, 4), (2, 4)]
+    hit[0][0, 0] = 5  # copy-on-write: the cache file is untouched
+    assert cached_token_features("k", lambda: None, tmp_path)[0][0, 0] == 1
+
+
+def test_embed_ids_from_a_table_column(tmp_path):
+    path = tmp_path / "s.csv"
+    path.write_text("name,seq\ngeneA,ATGAAA\ngeneB,ATGCCC\n")
+    assert read_records(path, "seq")[0] == ["1", "2"]
+    ids, seqs = read_records(path, "seq", id_column="name")
+    assert ids == ["geneA", "geneB"] and seqs == ["ATGAAA", "ATGCCC"]
+
+
+def test_run_store_resumes_an_interrupted_grid(tmp_path, caplog, monkeypatch):
+    feats, data = _synthetic(n=60)
+    splits = make_splits(data)
+    kw = dict(lrs=(3e-3, 1e-3), batch_sizes=(16,), seeds=(0, 1), max_epochs=3, patience=2)
+    trained, stop_after = [], [3]
+    real = protocol._train_textcnn
+
+    def counted(*args, **kwargs):
+        if len(trained) == stop_after[0]:
+            raise KeyboardInterrupt  # Ctrl-C during the fourth run
+        trained.append(args[3:6])  # (lr, batch_size, seed)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(protocol, "_train_textcnn", counted)
+    path = tmp_path / "r.runs.jsonl"
+    with caplog.at_level("INFO", logger="helm"), pytest.raises(KeyboardInterrupt):
+        evaluate_probe(feats, data, splits, store=RunStore(path, {"input": "x"}), **kw)
+    assert "[2/4, " in caplog.text and "left]" in caplog.text  # progress with an estimate
+    assert len(RunStore(path, {"input": "x"})) == 3  # every finished run was kept
+    with open(path, "a") as f:
+        f.write('{"key": "cut sho')  # a line cut short by a kill is ignored
+    trained.clear()
+    stop_after[0] = 99
+    caplog.clear()
+    with caplog.at_level("INFO", logger="helm"):
+        resumed = evaluate_probe(feats, data, splits, store=RunStore(path, {"input": "x"}), **kw)
+    assert trained == [(1e-3, 16, 1)]  # only the run that was interrupted is trained again
+    assert caplog.text.count("(stored)") == 3 and "[4/4, " in caplog.text
+    fresh = evaluate_probe(feats, data, splits, **kw)
+    assert resumed.values == pytest.approx(fresh.values) and resumed.chosen == fresh.chosen
+    other = RunStore(path, {"input": "changed"})  # another context: nothing matches
+    assert len(other) == 4 and all(other.get(d["settings"]) is None for d in other.runs.values())
+
+
+def test_svg_figure_of_methods_by_tasks(tmp_path):
+    feats, data = _synthetic(n=60)
+    res = evaluate_probe(feats, data, repeated_splits(data, [0, 1]), head="linear")
+    one = evaluate_probe(feats, data, make_splits(data), head="linear", method="other")
+    path = write_figure({"task_a": {"linear": res, "other": one}, "task_b": {"linear": res}},
+                        tmp_path / "f.svg", title="demo")  # fmt: skip
+    svg = path.read_text()
+    assert svg.startswith("<svg") and svg.rstrip().endswith("</svg>")
+    assert svg.count("<rect x=") >= 3 + 2  # three bars, two legend keys
+    assert "task_a" in svg and "task_b" in svg and "spearman" in svg
+    assert svg.count('stroke="black"') == 2  # error bars only where there are 2+ runs

@@ -233,7 +233,7 @@ def test_downstream_riboswitches(tiny_runs, eval_run, tmp_path, shared_data):
     assert set(doc["results"]) == {"gpt2_mlm_textcnn", "onehot_textcnn", "codon_freq"}
     for result in doc["results"].values():
         assert result["metric"] == "spearman" and len(result["values"]) == 1
-        assert math.isfinite(result["mean"]) and result["std"] == 0.0
+        assert math.isfinite(result["mean"]) and result["std"] is None  # one run: no spread
     assert doc["task"]["coding"] is False and "3-mers" in doc["task"]["model_input"]
     # The features are cached: a second eval_run (linear head) finds them.
     code, _, err = eval_run("downstream", tiny_checkpoint(tiny_runs, "mlm"), "--task", "tc_riboswitches", "--data_dir",
@@ -279,3 +279,141 @@ def test_downstream_errors(tiny_runs, eval_run, tmp_path):
     assert code == 2 and "unknown --task" in err and "tc_riboswitches" in err
     code, _, err = eval_run(*base, "--file", data, "--finetune", "--long-seqs", "window")
     assert code == 2 and "--finetune" in err and "--long-seqs" in err
+
+
+def test_downstream_report_reproducible_from_itself(tiny_runs, eval_run, tmp_path):
+    import hashlib
+
+    rows = ["seq,y"] + [
+        f"{s[:60] if i % 3 else s},{i % 7}" for i, s in enumerate(demo_sequences(30, seed=4))
+    ]
+    data = tmp_path / "nosplit.csv"
+    data.write_text("\n".join(rows) + "\n")  # no split column and no --split: 0.7/0.15/0.15
+    out = tmp_path / "r.json"
+    code, stdout, err = eval_run("downstream", tiny_checkpoint(tiny_runs, "mlm"), "--file", data,
+                                 "--sequence-column", "seq", "--target-column", "y", "--head",
+                                 "linear", "--out", out, *GRID)  # fmt: skip
+    assert code == 0, err
+    doc = json.loads(out.read_text())
+    task = doc["task"]
+    assert task["split_seeds"] == [0, 1, 2] and len(task["splits"]) == 3
+    assert doc["results"]["gpt2_mlm_linear"]["num_splits"] == 3
+    assert doc["results"]["gpt2_mlm_linear"]["std"] is not None  # a spread over 3 splits
+    s = task["settings"]
+    assert s["--sequence-column"] == "seq" and s["--lrs"] == [1e-3] and s["--patience"] == 15
+    assert s["--split-seeds"] == [0, 1, 2] and s["--head"] == "linear" and "--baseline-input" in s
+    assert task["input_sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
+    ckpt = tiny_checkpoint(tiny_runs, "mlm")
+    assert task["checkpoint"]["sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert task["checkpoint"]["step"] > 0 and task["checkpoint"]["mode"] == "mlm"
+    # Probe and baselines read the same extent, and the report says which.
+    extents = set(task["input_extent"].values())
+    assert len(extents) == 1 and extents.pop().startswith("first 138 nt (46 codons); 10 of 30")
+    assert "| input |" in stdout and (tmp_path / "r.md").read_text() in stdout
+    assert (tmp_path / "r.svg").read_text().startswith("<svg")
+    code, _, err = eval_run("downstream", ckpt, "--file", data, "--sequence-column", "seq",
+                            "--target-column", "y", "--head", "linear", "--out", out,
+                            "--baseline-input", "full", *GRID)  # fmt: skip
+    assert json.loads(out.read_text())["results"]["codon_freq"]["input"] == "whole records"
+
+
+def test_downstream_interrupt_exits_130_and_rerun_continues(tiny_runs, eval_run, tmp_path,
+                                                            monkeypatch):  # fmt: skip
+    from helm.downstream import protocol
+
+    data = _task_file(tmp_path / "task.csv")
+    out = tmp_path / "r.json"
+    argv = ["downstream", tiny_checkpoint(tiny_runs, "mlm"), "--file", data, "--sequence-column",
+            "seq", "--target-column", "y", "--split-column", "part", "--lrs", "1e-3", "3e-4",
+            "--batch-sizes", "16", "--seeds", "0", "--max-epochs", "2", "--no-baselines",
+            "--out", out]  # fmt: skip
+    real, trained = protocol._train_textcnn, []
+
+    def interrupted(*args, **kwargs):
+        if len(trained) == 1:
+            raise KeyboardInterrupt
+        trained.append(args[3])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(protocol, "_train_textcnn", interrupted)
+    code, stdout, err = eval_run(*argv)
+    assert code == 130 and "Traceback" not in err and not out.exists()
+    last = err.strip().splitlines()[-1]
+    assert (
+        last.startswith("eval.py: interrupted; 1 finished runs are kept in")
+        and "r.runs.jsonl" in last
+    )
+    monkeypatch.setattr(
+        protocol, "_train_textcnn", lambda *a, **k: trained.append(a[3]) or real(*a, **k)
+    )
+    code, stdout, err = eval_run(*argv)
+    assert code == 0 and trained == [1e-3, 3e-4] and "(stored)" in err
+    assert len(json.loads(out.read_text())["results"]["gpt2_mlm_textcnn"]["grid"]) == 2
+
+
+def test_downstream_fasta_folder_with_train_test(tiny_runs, eval_run, tmp_path):
+    seqs = demo_sequences(24, seed=5)
+    for split, part in (("train", seqs[:16]), ("test", seqs[16:])):
+        (tmp_path / "species" / split).mkdir(parents=True)
+        for label in ("human", "yeast"):
+            text = "".join(
+                f">lcl|NC_{label}{i}.1 [gene=g{i}]\n{s[:90]}\n" for i, s in enumerate(part)
+            )
+            (tmp_path / "species" / split / f"{label}.fasta").write_text(text)
+    out = tmp_path / "r.json"
+    base = ["downstream", tiny_checkpoint(tiny_runs, "clm"), "--file", tmp_path / "species",
+            "--head", "linear", "--no-baselines", "--out", out]  # fmt: skip
+    code, _, err = eval_run(*base)
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("eval.py: error:") and "split folders hold no" in last
+    assert "--val-from-train" in last
+    code, stdout, err = eval_run(*base, "--val-from-train", "0.25")
+    assert code == 0, err
+    doc = json.loads(out.read_text())
+    assert doc["task"]["task"] == "classification" and doc["task"]["labels"] == "file names"
+    assert doc["results"]["gpt2_clm_linear"]["num_splits"] == 3  # val carved with 3 seeds
+    assert "identical sequences across splits" in err  # each sequence sits in both classes
+
+
+# The first hour of a user ------------------------------------------------------------------------
+
+
+def test_a_run_folder_is_read_as_its_best_checkpoint(tiny_runs, eval_run, tmp_path):
+    data = tmp_path / "d.txt"
+    data.write_text("\n".join(demo_sequences(6, seed=3)) + "\n")
+    code, out, err = eval_run("pretrain", tiny_runs / "mlm", "--file", data)
+    assert code == 0, err
+    assert "run folder: using its checkpoints/best.pt" in err
+    assert json.loads(out)["checkpoint"].endswith("best.pt")
+
+
+def test_truncation_is_reported_and_tokens_count_what_was_scored(tiny_runs, eval_run, tmp_path):
+    long_seq = "ATG" + "GCC" * 200 + "TAA"  # 202 codons; the tiny model reads 46
+    data = tmp_path / "long.txt"
+    data.write_text(long_seq + "\n" + "ATGGCCTAA\n")
+    code, out, err = eval_run("pretrain", tiny_checkpoint(tiny_runs, "mlm"), "--file", data)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert (
+        doc["tokens_in_file"] == 205 and doc["tokens"] == 46 + 3 and doc["records_truncated"] == 1
+    )
+    assert "only their first 46 tokens are scored" in err
+    code, _, err = eval_run(
+        "embed", tiny_checkpoint(tiny_runs, "mlm"), "--file", data, "--out", tmp_path / "e.npy"
+    )
+    assert code == 0 and "1 of 2 records are longer than the model's window of 46 tokens" in err
+
+
+def test_eval_errors_are_one_line(tiny_runs, eval_run, tmp_path):
+    code, _, err = eval_run("generate", tiny_checkpoint(tiny_runs, "clm"), "--nmu", 2)
+    assert code == 2 and "did you mean --num?" in err and "usage:" not in err
+    code, _, err = eval_run("generate", tiny_checkpoint(tiny_runs, "clm"), "--num", 0)
+    assert code == 2 and "--num must be >= 1, got 0" in err
+    code, _, err = eval_run(
+        "generate", tiny_checkpoint(tiny_runs, "clm"), "--max_length", 3, "--top_k", 5
+    )
+    assert code == 0, err  # both spellings of every flag
+    empty = tmp_path / "runs" / "x"
+    (empty / "checkpoints").mkdir(parents=True)
+    code, _, err = eval_run("pretrain", empty, "--file", tmp_path / "d.txt")
+    assert code == 2 and "without a checkpoint yet" in err

@@ -4,6 +4,11 @@
   only difference from a pretrained probe is where the token features come from;
 - ``codon_freq``: 64 codon frequencies per sequence into ridge regression (classification and
   multilabel: L2 logistic regression), the penalty chosen on validation (`evaluate_pooled`).
+
+Both read what the probe reads: given `extent` (nucleotides of each record the model saw, e.g.
+its first ``max_seq_len - 2`` codons), the baselines read the same prefix; without it, whole
+records. The report names every method's input, so the comparison is never between a truncated
+model and a whole-sequence baseline without saying so.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from collections.abc import Sequence
 from helm.downstream.heads import OneHotEncoder, codon_frequency_features
 from helm.downstream.metrics import LOWER_IS_BETTER
 from helm.downstream.protocol import ProbeResult, TaskSplit, evaluate_pooled, evaluate_probe
+from helm.downstream.runs import RunStore
 from helm.downstream.tasks import TaskData, TaskSpec
 
 BASELINES = ("onehot_textcnn", "codon_freq")
@@ -32,12 +38,23 @@ def run_baselines(
     patience: int = 15,
     device: str = "cpu",
     progress: bool = True,
+    extent: Sequence[int] | None = None,
+    store: RunStore | None = None,
 ) -> dict[str, ProbeResult]:
-    """Run the baselines named in `methods`; the TextCNN grid arguments are `evaluate_probe`'s."""
+    """Run the baselines named in `methods`; the TextCNN grid arguments are `evaluate_probe`'s.
+
+    `extent` gives the nucleotides of each record to read (what the probed model saw); None
+    reads whole records. `store` keeps finished TextCNN runs for a rerun (`RunStore`).
+    """
     unknown = sorted(set(methods) - set(BASELINES))
     if unknown:
         raise ValueError(f"unknown baseline(s) {unknown}; known: {', '.join(BASELINES)}")
     seqs = data.codon_sequences()
+    if extent is not None:
+        if len(extent) != len(seqs):
+            raise ValueError(f"{len(extent)} extents for {len(seqs)} records")
+        seqs = [s[: int(n)] for s, n in zip(seqs, extent)]
+    input = extent_text([len(s) for s in seqs], [len(s) for s in data.codon_sequences()])
     results = {}
     if "onehot_textcnn" in methods:
         results["onehot_textcnn"] = evaluate_probe(
@@ -52,11 +69,23 @@ def run_baselines(
             device=device,
             progress=progress,
             method="onehot_textcnn",
+            store=store,
+            input=input,
         )
     if "codon_freq" in methods:
         x = codon_frequency_features(seqs)
-        results["codon_freq"] = evaluate_pooled(x, data, splits, method="codon_freq")
+        results["codon_freq"] = evaluate_pooled(x, data, splits, method="codon_freq", input=input)
     return results
+
+
+def extent_text(seen: Sequence[int], full: Sequence[int]) -> str:
+    """What a method read of the records, from nucleotides read and record lengths (3-mer cut):
+    ``whole records``, or e.g. ``first 138 nt (46 codons); 12 of 40 records cut``."""
+    cut = sum(s < f for s, f in zip(seen, full))
+    if not cut:
+        return "whole records"
+    longest = max(seen)
+    return f"first {longest} nt ({longest // 3} codons); {cut} of {len(full)} records cut"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -81,7 +110,9 @@ def _task_info(info: TaskSpec | TaskData | dict | str | None) -> dict:
 
 
 def _fmt(mean: float, std: float) -> str:
-    return "nan" if math.isnan(mean) else f"{mean:.4f} ± {std:.4f}"
+    if math.isnan(mean):
+        return "nan"
+    return f"{mean:.4f}" if math.isnan(std) else f"{mean:.4f} ± {std:.4f}"
 
 
 def _chosen(result: ProbeResult) -> str:
@@ -95,11 +126,21 @@ def _chosen(result: ProbeResult) -> str:
     return "; ".join(parts)
 
 
+def _runs(result: ProbeResult) -> str:
+    seeds = f" x {result.num_seeds} seeds" if result.num_seeds > 1 else ""
+    splits = f"{result.num_splits} split{'s' if result.num_splits > 1 else ''}"
+    return f"{len(result.values)} ({splits}{seeds})"
+
+
 def format_report(
-    results: dict[str, ProbeResult], task_spec_or_info: TaskSpec | TaskData | dict | str | None
+    results: dict[str, ProbeResult],
+    task_spec_or_info: TaskSpec | TaskData | dict | str | None,
+    warnings: Sequence[str] = (),
 ) -> str:
-    """Markdown: one row per method with the primary test metric (mean ± std over runs), the
-    other metrics, the number of runs and the hyperparameters chosen on validation."""
+    """Markdown: one row per method with the primary test metric (mean ± sd over runs, ddof 1),
+    the number of runs (splits x seeds), the method's input, the other metrics and the
+    hyperparameters chosen on validation; per-label AUROCs of a multilabel task in a second
+    table; then `warnings` (duplicates across splits, rare labels)."""
     info = _task_info(task_spec_or_info)
     first = next(iter(results.values()), None)
     metric = first.metric if first else "?"
@@ -110,8 +151,10 @@ def format_report(
         lines += [info["description"], ""]
     lines.append(
         f"{task}; primary metric {metric} ({direction} is better) on the test set at the epoch "
-        "of best validation metric, mean ± std over seeds and splits."
+        "of best validation metric, mean ± sd (ddof 1) over splits and seeds."
     )
+    if info.get("target_transform") not in (None, "none"):
+        lines.append(f"Targets fitted and scored as {info['target_transform']}(target).")
     if info.get("coding") is False:
         lines.append(
             "Non-coding sequences: cut into consecutive 3-mers from the first nucleotide (a "
@@ -119,16 +162,25 @@ def format_report(
         )
     lines += [
         "",
-        f"| method | {metric} | runs | other test metrics | chosen |",
-        "|---|---|---|---|---|",
+        f"| method | {metric} | runs | input | other test metrics | chosen |",
+        "|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         others = ", ".join(
             f"{k} {_fmt(*v)}" for k, v in r.test_metrics.items() if k != r.metric and "/" not in k
         )
         lines.append(
-            f"| {name} | {_fmt(r.mean, r.std)} | {len(r.values)} | {others} | {_chosen(r)} |"
+            f"| {name} | {_fmt(r.mean, r.std)} | {_runs(r)} | {r.input or '?'} | {others} "
+            f"| {_chosen(r)} |"
         )
+    labels = sorted({k for r in results.values() for k in r.test_metrics if "/" in k})
+    if labels:
+        lines += ["", "| method | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+        for name, r in results.items():
+            cells = [_fmt(*r.test_metrics[k]) if k in r.test_metrics else "" for k in labels]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if warnings:
+        lines += ["", "Warnings:", *(f"- {w}" for w in warnings)]
     return "\n".join(lines) + "\n"
 
 

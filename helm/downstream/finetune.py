@@ -35,6 +35,7 @@ from helm.downstream.protocol import (
     train_with_early_stopping,
     training_targets,
 )
+from helm.downstream.runs import RunStore
 from helm.downstream.tasks import TaskData
 from helm.embed import window_capacity
 from helm.lm import amp_dtype, inference_autocast
@@ -206,6 +207,8 @@ def evaluate_finetune(
     device: torch.device | str | None = None,
     progress: bool = True,
     method: str | None = None,
+    store: RunStore | None = None,
+    input: str = "",
 ) -> ProbeResult:
     """Finetune `backbone` with a head on a task, under the probe protocol (module docstring).
 
@@ -223,6 +226,8 @@ def evaluate_finetune(
         eval_batch_size: records per forward pass when scoring validation and test.
         device: where to train (default: the backbone's device).
         method: the name in the result (default ``finetune_<head>``).
+        store: finished runs are kept there and read back on a rerun (`RunStore`).
+        input: what the model reads of each record, for the report.
     """
     if len(token_ids) != len(data):
         raise DataError(f"{len(token_ids)} token arrays for {len(data)} records of {data.source}")
@@ -258,7 +263,7 @@ def evaluate_finetune(
             device=device,
         )[:3]
 
-    return search_grid(
+    result = search_grid(
         run,
         data,
         splits,
@@ -267,4 +272,7 @@ def evaluate_finetune(
         seeds=seeds,
         progress=progress,
         method=method or f"finetune_{head}",
+        store=store,
     )
+    result.input = input
+    return result

@@ -92,12 +92,20 @@ class OneHotEncoder:
     dim = NUM_CODONS + 1
 
     def __init__(self) -> None:
-        self.index = {codon: i for i, codon in enumerate(kmers(3))}
+        # Letter -> base-4 digit (A C G T in `kmers` order); any other byte -> 4 marks "other".
+        self.digit = np.full(256, 4, dtype=np.int64)
+        for d, letter in enumerate(b"ACGT"):
+            self.digit[letter] = d
 
     def codon_ids(self, seq: str) -> np.ndarray:
-        """Column of each whole codon of `seq` (64 for a codon with a non-ACGT letter)."""
+        """Column of each whole codon of `seq` (64 for a codon with a non-ACGT letter).
+
+        Vectorised: a 100 kb record is one numpy pass, not 33,000 dictionary look-ups."""
         n = len(seq) // 3
-        return np.array([self.index.get(seq[3 * i : 3 * i + 3], NUM_CODONS) for i in range(n)])
+        digits = self.digit[np.frombuffer(seq[: 3 * n].encode("ascii", "replace"), np.uint8)]
+        digits = digits.reshape(n, 3)  # (T, 3)
+        ids = digits @ np.array([16, 4, 1])  # lexicographic index of the codon among kmers(3)
+        return np.where((digits == 4).any(axis=1), NUM_CODONS, ids)
 
     def __call__(self, seqs: Sequence[str]) -> list[np.ndarray]:
         out = []

@@ -5,7 +5,8 @@
 - classification: ``accuracy``, ``f1_macro`` (over the classes present in truth or prediction, as
   scikit-learn does), ``mcc`` (Gorodkin's multiclass form), ``auroc`` (binary, or one-vs-rest macro
   over classes that have both positives and negatives);
-- multilabel: ``auroc/<k>`` per label and ``auroc_mean`` (labels lacking a class are left out).
+- multilabel: ``auroc/<label name>`` per label (``auroc/<k>`` when no names are given) and
+  ``auroc_mean`` (labels lacking a class are left out).
 
 AUROC is the Mann-Whitney statistic with average ranks, so tied scores count one half.
 Every metric in `PRIMARY` is higher-is-better; RMSE is the only lower-is-better one.
@@ -14,6 +15,7 @@ Every metric in `PRIMARY` is higher-is-better; RMSE is the only lower-is-better 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import stats
@@ -125,11 +127,17 @@ def classification_metrics(y_true: np.ndarray, scores: np.ndarray) -> dict[str, 
     return out
 
 
-def multilabel_metrics(y_true: np.ndarray, scores: np.ndarray) -> dict[str, float]:
-    """Per-label AUROC (``auroc/<k>``) and their mean over labels with both classes present."""
+def multilabel_metrics(
+    y_true: np.ndarray, scores: np.ndarray, label_names: Sequence[str] | None = None
+) -> dict[str, float]:
+    """Per-label AUROC (``auroc/<name>``, or ``auroc/<k>`` without names) and their mean over
+    labels with both classes present."""
     y_true, scores = np.asarray(y_true), np.asarray(scores)
+    names = list(label_names) if label_names is not None else list(range(y_true.shape[1]))
+    if len(names) != y_true.shape[1]:
+        raise ValueError(f"{len(names)} label names for {y_true.shape[1]} labels")
     per_label = [auroc(y_true[:, k], scores[:, k]) for k in range(y_true.shape[1])]
-    out = {f"auroc/{k}": v for k, v in enumerate(per_label)}
+    out = {f"auroc/{name}": v for name, v in zip(names, per_label)}
     out["auroc_mean"] = _mean_auroc(per_label, scores)
     return out
 
@@ -145,15 +153,20 @@ def _nanmean(values: list[float]) -> float:
 
 
 def compute_metrics(
-    task: str, y_true: np.ndarray, y_pred_or_scores: np.ndarray
+    task: str,
+    y_true: np.ndarray,
+    y_pred_or_scores: np.ndarray,
+    label_names: Sequence[str] | None = None,
 ) -> dict[str, float]:
-    """All metrics of a task type: regression predictions, class scores or label scores."""
+    """All metrics of a task type: regression predictions, class scores or label scores.
+
+    `label_names` names the per-label AUROCs of a multilabel task (ignored otherwise)."""
     if task == "regression":
         return regression_metrics(y_true, y_pred_or_scores)
     if task == "classification":
         return classification_metrics(y_true, y_pred_or_scores)
     if task == "multilabel":
-        return multilabel_metrics(y_true, y_pred_or_scores)
+        return multilabel_metrics(y_true, y_pred_or_scores, label_names)
     raise ValueError(f"unknown task type {task!r}; expected one of {sorted(PRIMARY)}")
 
 

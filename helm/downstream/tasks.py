@@ -217,14 +217,19 @@ class TaskData:
         return [s[: len(s) - len(s) % 3] for s in self.sequences]
 
 
-def _header_fields(header: str) -> dict[str, str]:
-    """Labels of a FASTA header: ``>id key=value key2=value2`` (whitespace-separated pairs) or
-    ``>id|value`` (the value under the key ``label``); the record id under ``id``."""
+def _header_fields(header: str, pipe_label: bool = False) -> dict[str, str]:
+    """Fields of a FASTA header: the record id (its first word, whole: ``lcl|NC_000913.3_cds_1``
+    stays one id) under ``id``, and every whitespace-separated ``key=value`` pair.
+
+    A label is read only by an explicit rule: a ``key=value`` pair named as a column, or with
+    `pipe_label` the text after the first word's last ``|`` (``>s1|0.3``) under the key ``label``.
+    """
     first, _, rest = header.strip().partition(" ")
-    record_id, _, piped = first.partition("|")
-    fields = {"id": record_id}
-    if piped:
-        fields["label"] = piped
+    fields = {"id": first}
+    if pipe_label:
+        record_id, bar, value = first.rpartition("|")
+        if bar:
+            fields["id"], fields["label"] = record_id, value
     for token in rest.split():
         k, eq, v = token.partition("=")
         if eq:
@@ -253,12 +258,16 @@ def load_task_file(
     on_invalid: str = "error",
     label_file: str | os.PathLike | None = None,
     require_codons: bool = False,
+    pipe_label: bool = False,
+    id_column: str | None = None,
 ) -> TaskData:
     """Read a labelled sequence file: csv, tsv or any delimited table, or FASTA; optionally ``.gz``.
 
-    Tables need a header; `sep` forces the separator, otherwise it is sniffed. FASTA labels come
-    from the header (``>id label=0.3`` or ``>id|0.3``; other ``key=value`` pairs serve as split or
-    group columns) or from `label_file`. Records are read by `helm.data.io.iter_records` (cleaned:
+    Tables need a header; `sep` forces the separator, otherwise it is sniffed; `id_column` names
+    the records (default: an ``id`` column, else the line number). FASTA ids are the header's first word; labels come
+    from ``key=value`` pairs of the header (``>id label=0.3``; other pairs serve as split or group
+    columns), from ``>id|0.3`` with `pipe_label`, or from `label_file`. A folder of FASTA files,
+    one per class, is read by `load_fasta_folder`. Records are read by `helm.data.io.iter_records` (cleaned:
     upper case, U read as T; validated); regression targets must be numbers; classification labels
     are mapped to ids in sorted order (numeric order when all are numbers); multilabel targets are
     several 0/1 columns or one column of ``;``-separated label names. Invalid records raise
@@ -269,8 +278,15 @@ def load_task_file(
     targets = [target_columns] if isinstance(target_columns, str) else list(target_columns)
     others = [*targets, *filter(None, (split_column, group_column))]
     path = Path(path)
+    if path.is_dir():
+        raise DataError(
+            f"{path} is a folder: a folder of FASTA files, one per class, is read as a "
+            "classification task (load_fasta_folder; --file DIR --task-type classification)"
+        )
     if not path.is_file():
         raise DataError(f"{path} does not exist")
+    if id_column is not None and id_column not in others:
+        others.append(id_column)
     if fmt is None:
         try:
             fmt = detect_format(path)[0]
@@ -283,7 +299,7 @@ def load_task_file(
     def fields_of(record: Record) -> dict[str, str]:
         if not fasta:
             return record.fields
-        fields = _header_fields(record.header)
+        fields = _header_fields(record.header, pipe_label)
         if side is not None:
             fields.update(side.get(fields["id"], {}))
         return fields
@@ -291,7 +307,7 @@ def load_task_file(
     def check(record: Record) -> tuple[str, str] | None:
         """The task's own reasons to drop a record (its sequence is validated by the reader)."""
         if side is not None:
-            record_id = _header_fields(record.header)["id"]
+            record_id = _header_fields(record.header, pipe_label)["id"]
             if record_id not in side:
                 return "missing label", f"id {record_id!r} not in {label_file}"
         fields = fields_of(record)
@@ -328,7 +344,10 @@ def load_task_file(
         if split_column is not None:
             split_values.append(SPLIT_STEMS[fields[split_column].strip().lower()])
         group_values.append(fields[group_column].strip() if group_column else None)
-        ids.append(fields.get("id", str(record.line)))
+        if id_column is not None:
+            ids.append(fields[id_column].strip())
+        else:
+            ids.append(fields.get("id", str(record.line)))
     if not seqs:
         raise DataError(f"{path}: no usable records")
     y, names = _encode_targets(raw_targets, targets, task, path)
@@ -392,6 +411,115 @@ def _canonical(label: str) -> str:
     if _is_float(label) and float(label).is_integer():
         return str(int(float(label)))
     return label
+
+
+FASTA_SUFFIXES = (".fasta", ".fa", ".fna", ".ffn", ".fas")
+
+
+def _fasta_label(path: Path) -> str | None:
+    """The class a FASTA file names (its name less the FASTA and ``.gz`` suffixes), else None."""
+    name = path.name[:-3] if path.name.lower().endswith(".gz") else path.name
+    for suffix in FASTA_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def load_fasta_folder(
+    root: str | os.PathLike, *, on_invalid: str = "error", require_codons: bool = False
+) -> TaskData:
+    """A classification task from a folder holding one FASTA file per class.
+
+    The file name less its suffixes is the label (``human.fa.gz`` -> ``human``); record ids are
+    the headers' first words, and headers carry no label. When the folder has sub-folders named
+    like splits (``train/``, ``val/``, ``test/``; synonyms as in `helm.data.splits.SPLIT_STEMS`),
+    each holds one file per class and sets the records' split; a folder with only ``train/`` and
+    ``test/`` needs validation carved from train (`make_splits(val_from_train=...)`).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root} is not a folder")
+    parts = {
+        SPLIT_STEMS[d.name.lower()]: d
+        for d in sorted(root.iterdir())
+        if d.is_dir() and d.name.lower() in SPLIT_STEMS
+    }
+    order = ("train", "val", "test")
+    folders = sorted(parts.items(), key=lambda kv: order.index(kv[0])) if parts else [(None, root)]
+    seqs, labels, split_values, ids = [], [], [], []
+    reports = ReadReport(str(root))
+    for split, folder in folders:
+        files = sorted(p for p in folder.iterdir() if p.is_file() and _fasta_label(p) is not None)
+        if not files:
+            raise DataError(f"{folder}: no FASTA files (.fasta, .fa, .fna; optionally .gz)")
+        for path in files:
+            report = ReadReport(str(path))
+            for record in iter_records(
+                path,
+                on_invalid=on_invalid,
+                file_extension="fasta.gz" if path.name.lower().endswith(".gz") else "fasta",
+                require_codons=require_codons,
+                report=report,
+            ):
+                seqs.append(record.sequence)
+                labels.append([_fasta_label(path)])
+                split_values.append(split)
+                ids.append(record.id)
+            reports.num_records += report.num_records
+            reports.num_valid += report.num_valid
+            for reason, count in report.invalid.items():
+                reports.invalid[reason] = reports.invalid.get(reason, 0) + count
+    if not seqs:
+        raise DataError(f"{root}: no usable records")
+    y, names = _encode_targets(labels, ["class"], "classification", root)
+    logger.info("%s: %d records of %d classes from file names", root, len(seqs), len(names))
+    return TaskData(
+        sequences=seqs,
+        targets=y,
+        task="classification",
+        label_names=names,
+        splits=np.array(split_values) if parts else None,
+        ids=ids,
+        source=str(root),
+        report=reports,
+    )
+
+
+TARGET_TRANSFORMS = ("none", "log", "log1p")
+
+
+def transform_targets(data: TaskData, transform: str) -> TaskData:
+    """Regression targets through ``log`` (all must be > 0) or ``log1p`` (all > -1); ``none``
+    returns `data` itself. Heavy-tailed targets (copies per cell) are then fitted and scored on
+    the log scale: Spearman is unchanged, Pearson, R^2 and RMSE are those of the log values."""
+    if transform not in TARGET_TRANSFORMS:
+        raise ValueError(f"target transform must be one of {TARGET_TRANSFORMS}, got {transform!r}")
+    if transform == "none":
+        return data
+    if data.task != "regression":
+        raise DataError(f"a target transform ({transform}) applies to regression, not {data.task}")
+    floor = 0.0 if transform == "log" else -1.0
+    bad = np.flatnonzero((data.targets <= floor).reshape(len(data), -1).any(axis=1))
+    if len(bad):
+        first = ", ".join(data.ids[i] if data.ids else str(i) for i in bad[:3])
+        raise DataError(
+            f"{data.source}: {transform} needs targets > {floor:g}; {len(bad)} record(s) are not "
+            f"(first: {first})" + ("; log1p takes zeros" if transform == "log" else "")
+        )
+    fn = np.log if transform == "log" else np.log1p
+    return TaskData(**{**data.__dict__, "targets": fn(data.targets)})
+
+
+def input_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a task's input: the file, or for a folder the sorted (relative name, file hash)
+    list of every file beneath it."""
+    path = Path(path)
+    if path.is_file():
+        return _sha256(path)
+    digest = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{f.relative_to(path).as_posix()}\t{_sha256(f)}\n".encode())
+    return digest.hexdigest()
 
 
 def load_task(
