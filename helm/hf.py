@@ -593,6 +593,13 @@ def load_model(
     return loaded
 
 
+def weights_file(path: str | os.PathLike) -> Path:
+    """The file whose contents identify the model at ``path`` (for cache keys): a checkpoint
+    file itself, or an exported folder's ``model.safetensors``."""
+    path = Path(path)
+    return path / WEIGHTS if path.is_dir() else path
+
+
 def _build(model_name: str, fields: dict[str, Any]):
     from helm.models import build_model, model_config
 

@@ -28,6 +28,7 @@ from helm.hf import (  # noqa: E402
     init_from,
     load_model,
     run_config,
+    weights_file,
 )
 from helm.hierarchy import build_hierarchy  # noqa: E402
 from helm.models import build_model, model_config  # noqa: E402
@@ -287,6 +288,7 @@ def test_native_export_of_a_checkpoint_evaluates_as_the_checkpoint(eval_run, tin
         assert code == 0, err
         outs.append(json.loads(out.read_text())["metrics"])
     assert outs[0] == outs[1]
+    assert weights_file(folder) == folder / "model.safetensors" and weights_file(ckpt) == ckpt
     code, _, err = eval_run("embed", folder, "--file", fasta, "--ema", "--out", tmp_path / "e.npy")
     assert code == 2 and "drop --ema" in err
 
