@@ -164,7 +164,11 @@ def test_generate_samples_and_is_seeded(tiny_runs, eval_run, tmp_path):
     for header, seq in records:
         assert {"gc=", "cai=", "loglik="} <= {f[: f.index("=") + 1] for f in header.split()[1:]}
         assert 0 < len(seq) <= 30 and len(seq) % 3 == 0 and set(seq) <= set("ACGT")
-        assert float(header.split("loglik=")[1]) < 0
+        fields = dict(f.split("=", 1) for f in header.split()[1:])
+        assert float(fields["loglik"]) < 0
+        # 10 tokens cannot hold a whole coding sequence: each sample is marked as cut by the cap
+        assert fields["end"] == "cap"
+    assert "3 of 3 samples reached the length cap" in err
     assert eval_run("generate", tiny_checkpoint(tiny_runs, "clm"), "--num", 3, "--max-length", 10, "--top-k", 20,
                "--top-p", 0.9, "--seed", 7)[1] == out  # fmt: skip
     code, out, _ = eval_run("generate", tiny_checkpoint(tiny_runs, "clm"), "--prefix", "ATGGCC", "--num", 2,
