@@ -50,6 +50,7 @@ from helm.data.io import DataError
 from helm.data.prepare import prepare_data
 from helm.data.sampler import build_loader
 from helm.ema import ModelEma
+from helm.hf import init_from
 from helm.hierarchy import CodonHierarchy, build_hierarchy
 from helm.lm import (
     CudaPrefetcher,
@@ -151,6 +152,8 @@ def _train(args, given, info: hdist.DistInfo, out: Path, stop: hdist.StopRequest
     cuda_defaults(device, amp)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("%s %s: %.2fM parameters", args.model_name, args.mode, n_params / 1e6)
+    if args.init_from and ckpt is None:  # trained weights of this architecture (not on resume)
+        init_from(model.backbone, args.init_from, model_name=args.model_name, tokenizer=tokenizer)
     if args.sync_bn:
         model = convert_sync_bn(model, info.distributed)
 
@@ -208,7 +211,7 @@ def _train(args, given, info: hdist.DistInfo, out: Path, stop: hdist.StopRequest
     logger = RunLogger(out, info.is_main)
     if ckpt is not None and ckpt.get("epoch_metrics"):
         logger.relog(ckpt["epoch_metrics"])  # the killed run may not have logged its last epoch
-    meter = Meter(device, info.world_size, n_params, args)
+    meter = Meter(device, info.world_size, n_params, args, with_xe=args.loss != "XE")
     eval_kw = dict(hierarchy=metric_tree, vocab_size=tokenizer.vocab_size, amp=amp)
     if not info.distributed:  # ranks must agree on stopping, so they do at log steps instead
         eval_kw["should_stop"] = lambda: bool(stop.signum)
@@ -245,8 +248,9 @@ def _train(args, given, info: hdist.DistInfo, out: Path, stop: hdist.StopRequest
             meter.reset()
             while micro := list(itertools.islice(batches, accum)):
                 micro = [to_device(b, device) for b in micro]
+                step_xe = meter.zero() if meter.with_xe else None
                 step_loss, step_targets, step_tokens = forward_backward(
-                    train_model, micro, loss_fn, parts.scaler, amp, info.world_size
+                    train_model, micro, loss_fn, parts.scaler, amp, info.world_size, step_xe
                 )
                 bad = ~torch.isfinite(step_loss)
                 first_bad = torch.where(
@@ -260,7 +264,7 @@ def _train(args, given, info: hdist.DistInfo, out: Path, stop: hdist.StopRequest
                     state.batches_done += len(micro)
                     bar.update(len(micro))
                     continue
-                meter.add(step_loss, step_targets, step_tokens)
+                meter.add(step_loss, step_targets, step_tokens, step_xe)
                 grad_norm = optimizer_step(
                     model,
                     optimizer,
@@ -480,8 +484,10 @@ class Meter:
     """Loss, targets and tokens summed on the device between log steps; read (and summed across
     ranks) only when ``stats`` is called, so the loop never waits for the device otherwise."""
 
-    def __init__(self, device: torch.device, world_size: int, n_params: int, args):
-        self.device, self.world_size = device, world_size
+    def __init__(
+        self, device: torch.device, world_size: int, n_params: int, args, with_xe: bool = False
+    ):
+        self.device, self.world_size, self.with_xe = device, world_size, with_xe
         self.peak = peak_flops(device)
         attention = args.model_name in ("gpt2", "bert")
         self.tok_flops = flops_per_token(
@@ -493,22 +499,38 @@ class Meter:
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.targets = torch.zeros((), dtype=torch.long, device=self.device)
         self.tokens = torch.zeros((), dtype=torch.long, device=self.device)  # input tokens
+        # Cross entropy in nats beside a hierarchical loss (forward_backward adds to it).
+        self.xe = self.zero() if self.with_xe else None
         self.t0 = time.time()
 
-    def add(self, loss_sum: torch.Tensor, targets: torch.Tensor, tokens: torch.Tensor) -> None:
+    def zero(self) -> torch.Tensor:
+        return torch.zeros((), dtype=torch.float64, device=self.device)
+
+    def add(
+        self,
+        loss_sum: torch.Tensor,
+        targets: torch.Tensor,
+        tokens: torch.Tensor,
+        xe_sum: torch.Tensor | None = None,
+    ) -> None:
+        if xe_sum is not None:
+            self.xe += xe_sum
         self.loss_sum += loss_sum
         self.targets += targets
         self.tokens += tokens
 
     def stats(self, lr: float, grad_norm: torch.Tensor | None) -> dict[str, float]:
-        for t in (self.loss_sum, self.targets, self.tokens):
-            hdist.all_reduce_sum(t)
+        for t in (self.loss_sum, self.targets, self.tokens, self.xe):
+            if t is not None:
+                hdist.all_reduce_sum(t)
         dt = time.time() - self.t0
         stats = {
             "train/loss": self.loss_sum.item() / max(self.targets.item(), 1),
             "train/lr": lr,
             "train/tokens_per_s": self.tokens.item() / dt,
         }
+        if self.xe is not None:
+            stats["train/xe"] = self.xe.item() / max(self.targets.item(), 1)
         if grad_norm is not None:
             stats["train/grad_norm"] = float(grad_norm)
         if self.peak is not None:

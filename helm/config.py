@@ -198,6 +198,7 @@ FLAGS: dict[str, list[tuple[str, Any, Any, str]]] = {
     "run": [
         ("--seed", 42, int, "seed of initialisation, splits, masks, data order and dropout"),
         ("--resume", None, None, "continue a run: a checkpoint path; 'auto' for <output>/checkpoints/last.pt (which must exist); 'if-exists' to continue it when it exists, else start it"),
+        ("--init-from", None, None, "start a new run from trained weights: a checkpoint, a HELM export folder or a Hugging Face folder (same architecture options; ignored when resuming)"),
         ("--accelerator", "auto", ("auto", "cpu", "cuda", "mps", "tpu"), "device (auto: cuda, then mps, then cpu); tpu is refused"),
         ("--num_workers", -1, int, "DataLoader worker processes per rank (-1: min(4, cores per rank - 1))"),
         ("--distributed-backend", "auto", None, "auto (nccl on CUDA, gloo on CPU), nccl, gloo"),
@@ -256,7 +257,9 @@ class HelmArgumentParser(argparse.ArgumentParser):
         flags = [n for n in names if n.startswith("--")]
         if flags and len(names) == 1:
             other = "--" + (
-                flags[0][2:].replace("_", "-") if "_" in flags[0] else flags[0][2:].replace("-", "_")
+                flags[0][2:].replace("_", "-")
+                if "_" in flags[0]
+                else flags[0][2:].replace("-", "_")
             )
             if other != flags[0]:
                 kw.setdefault("dest", _key(flags[0]))
@@ -280,7 +283,9 @@ class HelmArgumentParser(argparse.ArgumentParser):
                     hints.append(f"{arg}: did you mean {close[0]}?")
             if hints:
                 message += " (" + "; ".join(hints) + ")"
-        self.exit(2, f"{self.prog}: error: {message}\nRun `python {self.prog} --help` for the flags.\n")
+        self.exit(
+            2, f"{self.prog}: error: {message}\nRun `python {self.prog} --help` for the flags.\n"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from helm.distributed import Interrupted, all_reduce_sum
 from helm.metrics import MetricAccumulator
@@ -93,6 +94,7 @@ def forward_backward(
     scaler: torch.amp.GradScaler,
     amp: torch.dtype | None,
     world_size: int,
+    xe_sum: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward and backward over the micro-batches of one optimizer update.
 
@@ -100,6 +102,8 @@ def forward_backward(
     all ranks): MLM masks vary per row, so a mean of per-rank means would weight tokens unequally.
     DDP averages gradients over ranks, hence the factor world_size. Gradients are synchronised on the
     last micro-batch only (``no_sync`` before). Returns (loss sum, targets, input tokens), on device.
+    ``xe_sum`` (a float64 scalar), when given, accumulates the plain cross entropy in nats of the
+    same targets: a hierarchical loss's runs stay comparable with XE runs at a glance.
     """
     n_targets = all_reduce_sum(sum((b["labels"] != IGNORE_INDEX).sum() for b in micro).float())
     scale = world_size / n_targets.clamp(min=1)
@@ -119,6 +123,10 @@ def forward_backward(
                 micro_sum = loss_fn(logits, targets, reduction="sum")
             scaler.scale(micro_sum * scale).backward()  # backward outside autocast, as recommended
         loss_sum += micro_sum.detach().double()
+        if xe_sum is not None:
+            with torch.no_grad():
+                z = logits[:, : loss_fn.vocab_size].float()  # padded columns hold no probability
+                xe_sum += F.cross_entropy(z, targets, ignore_index=IGNORE_INDEX, reduction="sum")
         targets_seen += (targets != IGNORE_INDEX).sum()
         mask = batch.get("attention_mask")
         tokens += mask.sum() if mask is not None else batch["input_ids"].numel()
