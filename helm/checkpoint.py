@@ -132,6 +132,7 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide checkpoints from the group
         os.replace(tmp, path)
     except (OSError, RuntimeError) as exc:  # the zip writer reports a full disk as RuntimeError
         Path(tmp).unlink(missing_ok=True)
@@ -143,6 +144,12 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:

@@ -20,6 +20,7 @@ from helm.checkpoint import (
     CheckpointManager,
     RunInfo,
     TrainState,
+    atomic_save,
     load_checkpoint,
     load_for_eval,
     save_checkpoint,
@@ -419,3 +420,12 @@ def test_leftover_temporaries_are_removed_on_start(tmp_path):
         (tmp_path / name).write_bytes(b"x")
     CheckpointManager(tmp_path, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-0001.pt", "notes.tmp"]
+
+
+def test_checkpoints_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_save({"model": {}}, tmp_path / "a.pt")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.pt").stat().st_mode & 0o777 == 0o644  # group and others may read
