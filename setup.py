@@ -22,7 +22,16 @@ setup(
     # needs it only for the interpreter tests (the dev extra).
     extras_require={
         "cuda": ["triton>=3.4", "mamba-ssm>=2.2", "causal-conv1d>=1.4"],
-        # transformers: the equivalence tests against HF's GPT-2, BERT and Mamba (skipped without).
-        "dev": ["pytest>=7.4", "hypothesis>=6.80", "ruff>=0.5", "triton>=3.4", "transformers>=5.0"],
+        # Exporting to and importing from Hugging Face transformers.
+        "hf": ["transformers>=5.0", "safetensors>=0.4"],
+        # transformers and safetensors: the equivalence and export tests (skipped without them).
+        "dev": [
+            "pytest>=7.4",
+            "hypothesis>=6.80",
+            "ruff>=0.5",
+            "triton>=3.4",
+            "transformers>=5.0",
+            "safetensors>=0.4",
+        ],
     },
 )
