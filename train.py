@@ -295,15 +295,7 @@ def _train(args, given, info: hdist.DistInfo, out: Path, stop: hdist.StopRequest
 
             # Validation, schedule, checkpoints, early stopping. Until the epoch's checkpoint is
             # written, batches_done says the epoch is trained: a stop here resumes at validation.
-            metrics = {}
-            if val_loader is not None:
-                metrics = evaluate(model, val_loader, loss_fn, device=device, **eval_kw)
-                if ema is not None:
-                    ema_device = ema.device or device
-                    ema_metrics = evaluate(
-                        ema.module, val_loader, loss_fn, device=ema_device, **eval_kw
-                    )
-                    metrics.update({f"ema_{k}": v for k, v in ema_metrics.items()})
+            metrics = validate(model, ema, val_loader, loss_fn, device, eval_kw)
             # As timm: with an EMA, the EMA's metric chooses the best checkpoint.
             key = f"ema_{args.eval_metric}" if ema is not None else args.eval_metric
             metric = metrics.get(key)
@@ -326,56 +318,23 @@ def _train(args, given, info: hdist.DistInfo, out: Path, stop: hdist.StopRequest
             if args.early_stop and state.bad_epochs >= args.patience_epochs:
                 log.info("early stop: %s did not improve for %d epochs", key, state.bad_epochs)
                 break
-    except hdist.Interrupted:
-        # Every rank stops at the same safe point, so the checkpoint gathers every RNG stream.
-        if first_bad.item() >= 0:  # never replace the last good checkpoint with broken weights
-            log.error(
-                "stopped after a non-finite loss at optimizer step %d: nothing saved; %s",
-                first_bad.item() + 1,
-                last_good(saver),
-            )
-            logger.close()
-            return 3
-        checkpoint = state.checkpoint(run) | {"epoch_metrics": epoch_metrics}
-        if info.is_main:
-            saver.save_last(checkpoint)
-            log.warning(
-                "stopped at step %d (epoch %d, %d batches in): saved %s; continue with "
-                "--resume auto --output %s",
-                state.step,
-                state.epoch,
-                state.batches_done,
-                saver.last,
-                out,
-            )
-        hdist.barrier()
+    except hdist.Interrupted:  # every rank stops at the same safe point
+        code = save_at_stop(state, run, saver, first_bad, epoch_metrics, out, info.is_main)
         logger.close()
-        return stop.exit_code or 130
-    except KeyboardInterrupt:  # a second signal: stop at once, without a checkpoint
-        log.warning(
-            "stopped at once: nothing saved since the last checkpoint; %s", last_good(saver)
-        )
+        return code or stop.exit_code
+    except (KeyboardInterrupt, NonFiniteLoss) as exc:  # a second signal, or a non-finite loss
+        log.error("%s; %s", exc or "stopped at once, saving nothing new", last_good(saver))
         logger.close()
-        return 130
-    except NonFiniteLoss as exc:
-        log.error(
-            "%s: stopping; %s. Try a lower --lr, --clip-grad, --amp-dtype bfloat16, or "
-            "--nan-policy skip.",
-            exc,
-            last_good(saver),
-        )
-        logger.close()
-        return 3
+        return 3 if isinstance(exc, NonFiniteLoss) else 130
     if skipped:
         log.warning("%d updates were skipped for non-finite losses (--nan-policy skip)", skipped)
 
-    # Test split: the best checkpoint's weights (the last ones when no validation chose one).
+    # Test split: the best epoch's own weights (the last ones when no validation chose one).
     if "test" in data.stores:
         hdist.barrier()  # rank 0 wrote the checkpoints
-        best = saver.load_best()  # the best epoch's own weights, verified (last.pt without val)
-        ckpt_best = best.checkpoint
-        use_ema = ema is not None and ckpt_best.get("ema") is not None
-        model.backbone.load_state_dict(ckpt_best["ema"] if use_ema else ckpt_best["model"])
+        best = saver.load_best()
+        use_ema = ema is not None and best.checkpoint.get("ema") is not None
+        model.backbone.load_state_dict(best.checkpoint["ema" if use_ema else "model"])
         try:
             test = evaluate(
                 model, eval_loader("test"), loss_fn, device=device, prefix="test", **eval_kw
@@ -383,7 +342,7 @@ def _train(args, given, info: hdist.DistInfo, out: Path, stop: hdist.StopRequest
         except hdist.Interrupted:
             log.warning("stopped during the test split; the checkpoints are complete in %s", out)
             logger.close()
-            return stop.exit_code or 130
+            return stop.exit_code
         summary = " ".join(f"{k} {v:.4f}" for k, v in test.items())
         log.info("test (epoch %s, %s): %s", best.epoch, best.path.name, summary)
         logger.log(state.step, test, epoch=best.epoch)
@@ -458,6 +417,40 @@ def cuda_defaults(device: torch.device, amp: torch.dtype | None) -> None:
     )
 
 
+def validate(model, ema, loader, loss_fn, device, eval_kw: dict) -> dict[str, float]:
+    """Validation metrics of the model and, with an EMA, of the EMA (``ema_`` keys)."""
+    if loader is None:
+        return {}
+    metrics = evaluate(model, loader, loss_fn, device=device, **eval_kw)
+    if ema is not None:
+        ema_metrics = evaluate(ema.module, loader, loss_fn, device=ema.device or device, **eval_kw)
+        metrics.update({f"ema_{k}": v for k, v in ema_metrics.items()})
+    return metrics
+
+
+def save_at_stop(state, run, saver, first_bad, epoch_metrics, out: Path, is_main: bool) -> int:
+    """Write last.pt where the run stopped (a collective under DDP: RNG streams are gathered);
+    after a non-finite loss nothing is written, so the last good checkpoint stays (returns 3)."""
+    if first_bad.item() >= 0:
+        step = first_bad.item() + 1
+        log.error("stopped after a non-finite loss at optimizer step %d: nothing saved", step)
+        return 3
+    checkpoint = state.checkpoint(run) | {"epoch_metrics": epoch_metrics}
+    if is_main:
+        saver.save_last(checkpoint)
+        log.warning(
+            "stopped at step %d (epoch %d, %d batches in): saved %s; continue with "
+            "--resume auto --output %s",
+            state.step,
+            state.epoch,
+            state.batches_done,
+            saver.last,
+            out,
+        )
+    hdist.barrier()
+    return 0
+
+
 def last_good(saver: CheckpointManager) -> str:
     if saver.last.exists():
         return f"the last good checkpoint is {saver.last}"
@@ -477,7 +470,10 @@ def convert_sync_bn(model: torch.nn.Module, distributed: bool) -> torch.nn.Modul
 def check_finite(first_bad: torch.Tensor) -> None:
     """Raise at a log point if any update since the start was non-finite (one sync, here only)."""
     if first_bad.item() >= 0:
-        raise NonFiniteLoss(f"non-finite loss at optimizer step {first_bad.item() + 1}")
+        raise NonFiniteLoss(
+            f"non-finite loss at optimizer step {first_bad.item() + 1}: stopping (try a lower "
+            "--lr, --clip-grad, --amp-dtype bfloat16, or --nan-policy skip)"
+        )
 
 
 class Meter:

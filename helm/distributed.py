@@ -194,7 +194,8 @@ class StopRequest:
 
     @property
     def exit_code(self) -> int:
-        return 128 + self.signum
+        """128 + the signal: 130 for SIGINT, 143 for SIGTERM."""
+        return 128 + (self.signum or signal.SIGINT)
 
     def agreed(self, device: torch.device) -> bool:
         """Whether any rank was asked to stop (a collective under DDP: call it on every rank at

@@ -515,3 +515,29 @@ def test_start_up_errors_are_one_line_and_leave_nothing(run, tmp_path, capsys):
     bad.write_text("ATGXXX\n" * 20)
     code, out = run("--train_file", str(bad), out="failed")
     assert code == 2 and not out.exists()
+
+
+def test_hierarchical_runs_log_cross_entropy_beside_their_loss(run):
+    code, out = run("--loss", "HXE", "--epochs", "1")
+    assert code == 0
+    rows = [r for r in read_log(out) if "train/loss" in r]
+    assert rows and all(3.5 < r["train/xe"] < 4.5 and r["train/loss"] < 0.1 for r in rows)
+    code, out = run("--loss", "XE", "--epochs", "1", out="xe")
+    assert code == 0 and all("train/xe" not in r for r in read_log(out))
+
+
+def test_init_from_starts_a_run_from_trained_weights(run, capsys):
+    code, first = run("--epochs", "1", out="first")
+    assert code == 0
+    trained = load_checkpoint(first / "checkpoints" / "last.pt")["model"]
+    code, out = run("--epochs", "1", "--init-from", str(first / "checkpoints" / "last.pt"),
+                    "--lr", "1e-12", "--warmup-lr", "1e-12", "--min-lr", "0", out="second")  # fmt: skip
+    assert code == 0
+    again = load_checkpoint(out / "checkpoints" / "last.pt")["model"]
+    for key, value in trained.items():  # a vanishing lr leaves the loaded weights in place
+        torch.testing.assert_close(again[key], value, rtol=0, atol=1e-6)
+    capsys.readouterr()
+    code, _ = run("--init-from", str(first / "checkpoints" / "last.pt"), "--hidden_size", "48",
+                  out="third")  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "--hidden_size" in err and "Traceback" not in err
