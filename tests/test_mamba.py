@@ -529,3 +529,66 @@ def test_param_count_bimamba_shared_mlp_20x256():
         num_layers=20, bidirectional=True, bidirectional_mlp="shared", bidirectional_weight_tie=True
     )
     assert n - tied == 20 * (256 * 1024 + 512 * 256)
+
+
+# The mamba-ssm fast path against the PyTorch scans (needs CUDA and mamba-ssm's kernels) ----------
+
+
+def _fast_path_or_skip(ssm_layer: str) -> None:
+    from helm.ops.selective_scan import mamba_ssm_available
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if not mamba_ssm_available(ssm_layer):
+        pytest.skip(
+            f"mamba-ssm's kernels for {ssm_layer} are not installed (pip install -e '.[cuda]')"
+        )
+
+
+@pytest.mark.gpu
+def test_mamba_ssm_selective_scan_matches_the_pytorch_scan():
+    from helm.ops.selective_scan import selective_scan
+
+    _fast_path_or_skip("mamba")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, D, N, T = 2, 64, 16, 300
+    u = torch.randn(B, D, T, device="cuda", generator=g, requires_grad=True)
+    delta = torch.randn(B, D, T, device="cuda", generator=g, requires_grad=True)
+    A = -torch.rand(D, N, device="cuda", generator=g).add(0.5).requires_grad_()
+    Bm = torch.randn(B, N, T, device="cuda", generator=g, requires_grad=True)
+    Cm = torch.randn(B, N, T, device="cuda", generator=g, requires_grad=True)
+    Dv = torch.randn(D, device="cuda", generator=g, requires_grad=True)
+    z = torch.randn(B, D, T, device="cuda", generator=g, requires_grad=True)
+    inputs = (u, delta, A, Bm, Cm, Dv, z)
+    outs, grads = [], []
+    for impl in ("mamba_ssm", "torch"):
+        y = selective_scan(*inputs, delta_softplus=True, impl=impl)
+        dy = torch.ones_like(y)
+        grads.append(torch.autograd.grad(y, inputs, dy))
+        outs.append(y.detach())
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-3, atol=1e-3)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=5e-3, atol=5e-3)
+
+
+@pytest.mark.gpu
+def test_mamba_ssm_ssd_matches_the_pytorch_ssd():
+    from helm.ops.selective_scan import ssd_chunk_scan
+
+    _fast_path_or_skip("mamba2")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, T, H, P, G, N = 2, 256, 4, 16, 1, 32
+    x = torch.randn(B, T, H, P, device="cuda", generator=g, requires_grad=True)
+    dt = torch.randn(B, T, H, device="cuda", generator=g, requires_grad=True)
+    A = -torch.rand(H, device="cuda", generator=g).add(0.5).requires_grad_()
+    Bm = torch.randn(B, T, G, N, device="cuda", generator=g, requires_grad=True)
+    Cm = torch.randn(B, T, G, N, device="cuda", generator=g, requires_grad=True)
+    inputs = (x, dt, A, Bm, Cm)
+    outs, grads = [], []
+    for impl in ("mamba_ssm", "torch"):
+        y = ssd_chunk_scan(*inputs, chunk_size=64, dt_softplus=True, impl=impl)
+        grads.append(torch.autograd.grad(y, inputs, torch.ones_like(y)))
+        outs.append(y.detach())
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-3, atol=1e-3)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=5e-3, atol=5e-3)
