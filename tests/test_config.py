@@ -1,7 +1,9 @@
+import os
 import re
 from pathlib import Path
 
 import pytest
+from helpers import load_script
 
 from helm.config import (
     ConfigError,
@@ -220,3 +222,50 @@ def test_help_says_what_a_bare_run_uses(capsys):
         parse_config(["--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "configs/quickstart.yaml is layered over the defaults" in out and "loss HXE" in out
+
+
+def test_defaults_fit_lm_pretraining(monkeypatch):
+    args = parse_config(["--train_file", "x.txt"])
+    assert args.sched_on_updates is True and args.num_workers == -1 and args.pin_mem is True
+    assert (
+        parse_config(["--train_file", "x.txt", "--no-sched-on-updates"]).sched_on_updates is False
+    )
+    train = load_script("train.py")
+    from helm.distributed import DistInfo
+
+    info = DistInfo(0, 0, 1, None)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert train.num_workers(-1, info) == 1  # a 2-core box: one worker, no oversubscription
+    assert train.num_workers(3, info) == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert train.num_workers(-1, info) == 0
+
+
+def test_a_cpu_install_does_not_pull_triton():
+    import ast
+
+    tree = ast.parse((Path(__file__).resolve().parents[1] / "setup.py").read_text())
+    call = next(
+        n
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup"
+    )
+    kw = {
+        k.arg: ast.literal_eval(k.value)
+        for k in call.keywords
+        if k.arg in ("install_requires", "extras_require")
+    }
+    assert not [r for r in kw["install_requires"] if r.startswith("triton")]
+    assert any(r.startswith("triton") for r in kw["extras_require"]["dev"])
+
+
+def test_tensorboard_tags_are_grouped_by_split():
+    from helm.logger import tensorboard_tag
+
+    assert (
+        tensorboard_tag("val_loss") == "val/loss"
+        and tensorboard_tag("test_dist@1") == "test/dist@1"
+    )
+    assert (
+        tensorboard_tag("ema_val_xe") == "ema/val_xe" and tensorboard_tag("train/lr") == "train/lr"
+    )
