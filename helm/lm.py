@@ -8,6 +8,7 @@ normalisation, the precision policy, the clipping and the metrics cannot differ 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -243,6 +244,7 @@ def build_training(
     from helm.models import build_model, model_config
 
     model_cfg = model_config(cfg["model_name"], **model_kwargs(cfg, tokenizer.vocab_size))
+    check_fits(cfg["model_name"], model_cfg, device, ema=cfg.get("model_ema", False))
     model = LanguageModel(build_model(cfg["model_name"], model_cfg)).to(device)
     loss_fn = build_loss(
         **loss_kwargs(cfg),
@@ -255,6 +257,39 @@ def build_training(
     amp = amp_dtype(device, cfg["amp"], cfg["amp_dtype"])
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     return Training(model, loss_fn, optimizer, lr, amp, scaler, model_cfg)
+
+
+def check_fits(model_name: str, model_cfg, device: torch.device, ema: bool = False) -> None:
+    """Refuse, before allocating anything, a model whose weights, gradients and Adam moments
+    (16 bytes a parameter, 20 with an EMA; activations come on top) exceed the device's memory.
+    The count comes from the model built on the meta device (no memory, no RNG draws)."""
+    from helm.models import build_model
+
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            n_params = sum(p.numel() for p in build_model(model_name, model_cfg).parameters())
+    except Exception:  # a model that cannot be built on meta is checked by its real build
+        return
+    need = n_params * (20 if ema else 16)
+    have = device_memory(device)
+    if have is not None and need > have:
+        raise ValueError(
+            f"the model has {n_params / 1e6:,.0f}M parameters: its weights, gradients and optimizer "
+            f"state alone need about {need / 2**30:,.1f} GiB, more than the {have / 2**30:,.1f} GiB "
+            f"of this {device.type} device; reduce --hidden_size, --num_layers or --intermediate_size"
+        )
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Total memory of a CUDA device, or the host's RAM for the CPU (None when unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "cpu" and hasattr(os, "sysconf"):
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):
+            return None
+    return None
 
 
 def optimizer_step(

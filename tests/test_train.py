@@ -541,3 +541,10 @@ def test_init_from_starts_a_run_from_trained_weights(run, capsys):
                   out="third")  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and "--hidden_size" in err and "Traceback" not in err
+
+
+def test_a_model_that_cannot_fit_is_refused_before_allocation(run, capsys):
+    code, out = run("--hidden_size", "20000", "--num_layers", "64", "--intermediate_size", "80000")
+    err = capsys.readouterr().err
+    assert code == 2 and "GiB" in err and "--hidden_size" in err and "Traceback" not in err
+    assert not out.exists()
