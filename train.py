@@ -180,6 +180,7 @@ def _train(args, given, info: hdist.DistInfo, out: Path, stop: hdist.StopRequest
         ema=ema.module.backbone if ema is not None else None,
         epoch=args.start_epoch or 0,
         rank=info.rank,
+        world_size=info.world_size,
     )
     if ckpt:
         state.restore(ckpt, path=ckpt_path(args, out))
@@ -323,7 +324,7 @@ def _train(args, given, info: hdist.DistInfo, out: Path, stop: hdist.StopRequest
         logger.close()
         return code or stop.exit_code
     except (KeyboardInterrupt, NonFiniteLoss) as exc:  # a second signal, or a non-finite loss
-        log.error("%s; %s", exc or "stopped at once, saving nothing new", last_good(saver))
+        log.error("%s; %s", str(exc) or "stopped at once, saving nothing new", last_good(saver))
         logger.close()
         return 3 if isinstance(exc, NonFiniteLoss) else 130
     if skipped:
@@ -431,6 +432,7 @@ def validate(model, ema, loader, loss_fn, device, eval_kw: dict) -> dict[str, fl
 def save_at_stop(state, run, saver, first_bad, epoch_metrics, out: Path, is_main: bool) -> int:
     """Write last.pt where the run stopped (a collective under DDP: RNG streams are gathered);
     after a non-finite loss nothing is written, so the last good checkpoint stays (returns 3)."""
+    first_bad = hdist.all_reduce_max(first_bad.clone())  # every rank decides alike
     if first_bad.item() >= 0:
         step = first_bad.item() + 1
         log.error("stopped after a non-finite loss at optimizer step %d: nothing saved", step)
@@ -468,7 +470,9 @@ def convert_sync_bn(model: torch.nn.Module, distributed: bool) -> torch.nn.Modul
 
 
 def check_finite(first_bad: torch.Tensor) -> None:
-    """Raise at a log point if any update since the start was non-finite (one sync, here only)."""
+    """Raise at a log point if any update on any rank was non-finite (one sync, here only; a
+    collective under DDP, so every rank stops together)."""
+    first_bad = hdist.all_reduce_max(first_bad.clone())
     if first_bad.item() >= 0:
         raise NonFiniteLoss(
             f"non-finite loss at optimizer step {first_bad.item() + 1}: stopping (try a lower "

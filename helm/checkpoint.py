@@ -525,6 +525,7 @@ class TrainState:
     batches_done: int = 0
     bad_epochs: int = 0
     rank: int = field(default=0, repr=False)
+    world_size: int = field(default=1, repr=False)
 
     def checkpoint(self, run: RunInfo, *, gather: bool = True) -> dict[str, Any]:
         """The checkpoint dict (module docstring). With ``gather`` it is a collective (every rank
@@ -544,6 +545,7 @@ class TrainState:
             "step": self.step,
             "batches_done": self.batches_done,
             "bad_epochs": self.bad_epochs,
+            "world_size": self.world_size,  # batches_done counts each rank's batches
             "rng": rngs,
             **run.to_dict(),
         }
@@ -551,6 +553,13 @@ class TrainState:
     def restore(self, ckpt: dict[str, Any], path: str | os.PathLike | None = None) -> None:
         """Load a checkpoint into the modules, the counters and this rank's RNG; a checkpoint of
         another model or size raises `CheckpointError` (naming ``path`` when given)."""
+        saved_world = ckpt.get("world_size", self.world_size)
+        if saved_world != self.world_size and ckpt.get("batches_done", 0):
+            raise CheckpointError(
+                f"checkpoint {path or ''} was stopped inside epoch {ckpt['epoch']} on {saved_world} "
+                f"rank(s); its data position is per rank, so resume it on {saved_world} rank(s), "
+                f"or from an epoch checkpoint (epoch-NNNN.pt) on {self.world_size}"
+            )
         try:
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])

@@ -115,7 +115,7 @@ FLAGS: dict[str, list[tuple[str, Any, Any, str]]] = {
         ("--test_file", None, None, "test sequences (absent: split from the training file)"),
         ("--file_extension", None, None, "txt, csv, tsv, fasta, fa (+ .gz); default: from the name"),
         ("--column_name", None, None, "sequence column of csv/tsv files"),
-        ("--split", [0.9, 0.05, 0.05], "fractions", "train/val/test fractions when splitting"),
+        ("--split", [0.9, 0.05, 0.05], "fractions", "train/val/test fractions when splitting, e.g. 0.9,0.05,0.05"),
         ("--on-invalid", "error", ("error", "skip"), "bad records: stop, or skip and count"),
         ("--cache_dir", None, None, "token cache (default $HELM_CACHE_DIR or ~/.cache/helm/tokens)"),
         ("--max_seq_len", 256, int, "tokens per sequence seen by the model"),
@@ -291,6 +291,7 @@ class HelmArgumentParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = HelmArgumentParser(
         prog="train.py",
+        allow_abbrev=False,  # --batch would match both spellings of --batch_size
         description="Train a codon-level mRNA language model (HELM).",
         epilog=_quickstart_note(),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -321,6 +322,10 @@ def _key(name: str) -> str:
 
 def _coerce(action: argparse.Action, key: str, value: Any, source: str) -> Any:
     """Check one YAML value the way argparse would check it on the command line."""
+    if value is None:  # YAML null: only where the flag's own default is "not set"
+        if action.default is not None:
+            raise ConfigError(f"{source}: {key} needs a value (its default is {action.default!r})")
+        return None
     if (
         isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction))
         or action.type is _bool
@@ -389,7 +394,7 @@ def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
     named_data = any(getattr(pre, k) is not None for k in DATA_KEYS) or any(
         user_yaml.get(k) is not None for k in DATA_KEYS
     )
-    if not named_data:
+    if not named_data and pre.resume is None:  # a resumed run has its checkpoint's configuration
         layers.update(load_yaml(QUICKSTART, parser))
     layers.update(user_yaml)
     parser.set_defaults(**layers)
@@ -444,6 +449,7 @@ def resume_config(
             f"checkpoint: {listed}. Drop them, or start a new run (a new --output)"
         )
     merged = {**vars(args), **saved, **{k: getattr(args, k) for k in differ}}
+    merged["demo_corpus"] = merged["data_dir"] is None and merged["train_file"] is None
     return argparse.Namespace(**merged), differ
 
 
@@ -718,7 +724,7 @@ def flag_reference() -> str:
             elif default is None:
                 shown = "-"
             elif isinstance(default, list):
-                shown = " ".join(map(str, default))
+                shown = ("," if kind == "fractions" else " ").join(map(str, default))
             else:
                 shown = str(default) if default != "" else "''"
             meaning = help.replace("|", "\\|")

@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -92,6 +93,13 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """In-place maximum across ranks (a no-op in a single process); returns the tensor."""
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 def is_distributed() -> bool:
     """Whether this process is one rank of several (a process group is up)."""
     return dist.is_initialized() and dist.get_world_size() > 1
@@ -161,6 +169,9 @@ def spawn_local(num_devices: int, fn: Callable[[list[str]], None], argv: list[st
     return 0
 
 
+DUPLICATE_WINDOW_S = 1.0
+
+
 class Interrupted(Exception):
     """Work stopped at a safe point because the process was asked to stop (``StopRequest``)."""
 
@@ -172,6 +183,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signum = 0
+        self._at = 0.0
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopRequest:
@@ -184,9 +196,14 @@ class StopRequest:
             signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame) -> None:
+        now = time.monotonic()
         if self.signum:
+            # One Ctrl-C can arrive twice (from the terminal's process group and forwarded by a
+            # launcher): only a signal a moment later is a second request.
+            if now - self._at < DUPLICATE_WINDOW_S:
+                return
             raise KeyboardInterrupt
-        self.signum = signum
+        self.signum, self._at = signum, now
         logging.getLogger("helm").warning(
             "%s received: stopping at the next safe point (send it again to stop at once)",
             signal.Signals(signum).name,

@@ -31,13 +31,19 @@ class LanguageModel(nn.Module):
     ``forward`` returns ``(logits (N, V_pad), labels (N,))`` flattened over all N = B * T positions;
     rows whose label is ``IGNORE_INDEX`` are masked by the loss and the metrics (``ignore_index``),
     not selected here: selecting them would need the count on the host (a sync and a graph break
-    under ``torch.compile``), and the head is cheap at V_pad = 72. The loss is computed outside.
+    under ``torch.compile``), and the head is cheap at V_pad = 72. Large subword vocabularies
+    (``SELECT_ABOVE``) select the target rows instead. The loss is computed outside.
     DDP and compile wrap this module.
     """
+
+    # Past this padded vocabulary (large subword vocabularies), the head runs on the target rows
+    # only: (B * T, V_pad) logits would cost more memory than the selection's sync.
+    SELECT_ABOVE = 1024
 
     def __init__(self, backbone: nn.Module):
         super().__init__()
         self.backbone = backbone
+        self.select = backbone.cfg.padded_vocab_size > self.SELECT_ABOVE
 
     def forward(
         self,
@@ -47,6 +53,9 @@ class LanguageModel(nn.Module):
         position_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self.backbone(input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        if self.select:
+            keep = labels != IGNORE_INDEX  # (B, T)
+            return self.backbone.lm_head(hidden[keep]), labels[keep]  # (N_targets, V_pad)
         logits = self.backbone.lm_head(hidden)  # (B, T, V_pad)
         return logits.flatten(0, 1), labels.flatten()  # (N, V_pad), (N,)
 

@@ -429,3 +429,20 @@ def test_checkpoints_follow_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "a.pt").stat().st_mode & 0o777 == 0o644  # group and others may read
+
+
+def test_a_mid_epoch_checkpoint_resumes_on_as_many_ranks(tmp_path):
+    """batches_done counts each rank's batches: another world size would retrain some and skip
+    others, so it is refused mid-epoch (an epoch-end checkpoint resumes anywhere)."""
+    a = _state(tmp_path / "a", seed=0)
+    a.world_size, a.epoch, a.batches_done = 2, 1, 6
+    run = RunInfo(
+        {}, "gpt2", {}, tokenizer_state(build_tokenizer("3mer")), build_hierarchy().state_dict()
+    )
+    ckpt = a.checkpoint(run)
+    b = _state(tmp_path / "b", seed=0)
+    with pytest.raises(CheckpointError, match="resume it on 2 rank"):
+        b.restore(ckpt)
+    ckpt["batches_done"] = 0
+    b.restore(ckpt)
+    assert b.epoch == 1

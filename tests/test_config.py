@@ -269,3 +269,35 @@ def test_tensorboard_tags_are_grouped_by_split():
     assert (
         tensorboard_tag("ema_val_xe") == "ema/val_xe" and tensorboard_tag("train/lr") == "train/lr"
     )
+
+
+def test_yaml_null_only_where_the_default_is_unset(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("mode: null\n")
+    with pytest.raises(ConfigError, match="mode needs a value"):
+        parse_config(["--config", str(cfg)])
+    cfg.write_text("bidirectional: null\nlr: null\n")
+    args = parse_config(["--config", str(cfg), "--mode", "clm"])
+    assert args.bidirectional is False and args.lr is None
+
+
+def test_no_ambiguous_abbreviations(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(["--batch", "8"])
+    assert "did you mean --batch_size?" in capsys.readouterr().err
+
+
+def test_resume_may_move_a_demo_run_to_real_data():
+    saved = vars(parse_config([]))  # the demo corpus
+    assert saved["demo_corpus"] is True
+    argv = ["--resume", "auto", "--output", "x", "--train_file", "data.txt"]
+    merged, changed = resume_config(parse_config(argv), saved, given_keys(argv))
+    assert (
+        merged.demo_corpus is False and merged.train_file == "data.txt" and "train_file" in changed
+    )
+
+
+def test_resume_ignores_the_quickstart_layer():
+    """A resumed run's flags are checked against its checkpoint, not against quickstart.yaml."""
+    args = parse_config(["--resume", "auto", "--output", "x", "--tokenizer", "nuc"])
+    assert args.loss == "XE"  # quickstart's HXE would have refused --tokenizer nuc

@@ -387,6 +387,40 @@ def test_torchrun_two_processes(tmp_path):
     assert "world size 2" in proc.stderr
 
 
+WRAPPER = """
+import os, sys
+sys.path.insert(0, {root!r})
+import train
+rank, real = int(os.environ["RANK"]), train.forward_backward
+calls = {{"n": 0}}
+
+
+def forward_backward(*a, **k):  # rank 1's third update is non-finite; rank 0's never is
+    loss, targets, tokens = real(*a, **k)
+    calls["n"] += 1
+    return (loss * float("nan") if rank == 1 and calls["n"] == 3 else loss), targets, tokens
+
+
+train.forward_backward = forward_backward
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
+    """The finiteness check is a collective: every rank stops at the same log step with exit 3,
+    none is left waiting in an all-reduce."""
+    script = tmp_path / "wrapped_train.py"
+    script.write_text(WRAPPER.format(root=str(ROOT)))
+    env = {**os.environ, "HELM_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
+           *TINY, "--epochs", "1", "--log-interval", "3", "--output", str(tmp_path / "ddp")]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    err = proc.stderr  # (torchrun itself reports failed ranks with a traceback of its own)
+    assert err.count("non-finite loss at optimizer step 3") == 2  # both ranks, the same step
+    assert "Connection closed" not in err and "gloo" not in err.lower()
+
+
 def test_num_devices_spawns_local_ranks_without_torchrun(tmp_path):
     env = {**os.environ, "HELM_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     cmd = [
