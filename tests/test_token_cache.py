@@ -275,11 +275,11 @@ def _leftover(cache: Path, key: str, owner: str) -> Path:
 def test_killed_builds_are_removed_unless_a_live_build_holds_them(tmp_path, codon_tok):
     """A killed build's folder (this host, lock free) goes; a live build's (its key's lock held)
     stays, as does a recent one of another host (a shared filesystem); an old foreign one goes."""
-    from helm.data.cache import _HOST
+    from helm.data.cache import HOST
 
     cache = tmp_path / "cache"
-    dead = _leftover(cache, "a" * 20, _HOST)
-    live = _leftover(cache, "b" * 20, _HOST)
+    dead = _leftover(cache, "a" * 20, HOST)
+    live = _leftover(cache, "b" * 20, HOST)
     foreign = _leftover(cache, "c" * 20, "otherhost")
     old_foreign = _leftover(cache, "d" * 20, "otherhost")
     two_days_ago = time.time() - 2 * 86400

@@ -46,7 +46,8 @@ CACHE_VERSION = 1
 _FINGERPRINT_BYTES = 1 << 20
 _META, _TOKENS, _OFFSETS, _LENGTHS = "meta.json", "tokens.bin", "offsets.npy", "lengths.bin"
 # A build's temporary folder is ".<key>.tmp-<host>-<random>": the host tells whose lock covers it.
-_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+# This machine, in the names of temporary build folders (a shared filesystem has several).
+HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
 _TMP_DIR = re.compile(r"\.([0-9a-f]{20})\.tmp-(.*)")
 _FOREIGN_STALE_S = 24 * 3600
 
@@ -223,7 +224,7 @@ def remove_stale_builds(cache_dir: str | os.PathLike) -> list[Path]:
         key, rest = match.groups()
         try:
             if (
-                not rest.startswith(f"{_HOST}-")
+                not rest.startswith(f"{HOST}-")
                 and time.time() - _last_touched(tmp) < _FOREIGN_STALE_S
             ):
                 continue
@@ -315,7 +316,7 @@ def _build(
 ) -> None:
     """Build the cache in a temporary sibling of `final`, then rename it into place."""
     start = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{_HOST}-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{HOST}-", dir=final.parent))
     try:
         meta = _write_cache(split, tokenizer, tmp, read_options, meta, show_progress, chunk_chars)
         try:
