@@ -26,24 +26,23 @@ Batch = dict[str, torch.Tensor]
 
 
 class LanguageModel(nn.Module):
-    """Backbone + LM head on every position.
+    """Backbone + LM head; the loss is computed outside. DDP and compile wrap this module.
 
-    ``forward`` returns ``(logits (N, V_pad), labels (N,))`` flattened over all N = B * T positions;
-    rows whose label is ``IGNORE_INDEX`` are masked by the loss and the metrics (``ignore_index``),
-    not selected here: selecting them would need the count on the host (a sync and a graph break
-    under ``torch.compile``), and the head is cheap at V_pad = 72. Large subword vocabularies
-    (``SELECT_ABOVE``) select the target rows instead. The loss is computed outside.
-    DDP and compile wrap this module.
+    ``forward`` returns ``(logits (N, V_pad), labels (N,))``. On CUDA with a small vocabulary the
+    head runs on every position, N = B * T, and rows whose label is ``IGNORE_INDEX`` are masked by
+    the loss and the metrics: selecting the targets would need their count on the host (a sync and
+    a graph break under ``torch.compile``), while the head is cheap at V_pad = 72. Elsewhere (the
+    CPU, where a sync costs nothing and every row scored costs time) and for large subword
+    vocabularies (``SELECT_ABOVE``: (B * T, V_pad) logits would cost more memory than the sync),
+    only the N target rows are projected. ``select`` forces either way.
     """
 
-    # Past this padded vocabulary (large subword vocabularies), the head runs on the target rows
-    # only: (B * T, V_pad) logits would cost more memory than the selection's sync.
     SELECT_ABOVE = 1024
 
-    def __init__(self, backbone: nn.Module):
+    def __init__(self, backbone: nn.Module, select: bool | None = None):
         super().__init__()
         self.backbone = backbone
-        self.select = backbone.cfg.padded_vocab_size > self.SELECT_ABOVE
+        self.select = select
 
     def forward(
         self,
@@ -53,7 +52,11 @@ class LanguageModel(nn.Module):
         position_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self.backbone(input_ids, attention_mask=attention_mask, position_ids=position_ids)
-        if self.select:
+        select = self.select
+        if select is None:
+            large = self.backbone.cfg.padded_vocab_size > self.SELECT_ABOVE
+            select = large or not hidden.is_cuda
+        if select:
             keep = labels != IGNORE_INDEX  # (B, T)
             return self.backbone.lm_head(hidden[keep]), labels[keep]  # (N_targets, V_pad)
         logits = self.backbone.lm_head(hidden)  # (B, T, V_pad)

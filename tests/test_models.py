@@ -312,26 +312,24 @@ def test_bert_residual_projections_are_not_depth_scaled():
     assert abs(std - 0.02) < 0.002  # GPT-2 would use 0.02 / sqrt(16) = 0.005
 
 
-def test_language_model_rows_small_and_large_vocabularies():
-    """Every position for a codon-sized head (no host sync); only the target rows for a large
-    subword vocabulary (memory). The loss over either equals the loss over the targets alone."""
+def test_language_model_rows_all_positions_or_targets_only():
+    """All positions (the CUDA way for small vocabularies: no host sync) or only the target rows
+    (the CPU and large vocabularies): the loss is the one over the targets alone either way."""
     from helm.lm import LanguageModel
     from helm.losses import cross_entropy
 
-    for vocab in (69, 3000):
-        torch.manual_seed(0)
-        lm = LanguageModel(
-            build_model("gpt2", vocab_size=vocab, d_model=16, num_layers=1, num_heads=2, d_ff=32)
-        )
-        ids = torch.randint(5, vocab, (2, 9))
-        labels = torch.full_like(ids, -100)
-        labels[0, 3], labels[1, 5] = ids[0, 3], ids[1, 5]
-        logits, targets = lm(ids, labels)
-        assert (
-            logits.shape[0] == (2 if vocab == 3000 else 18) and targets.shape[0] == logits.shape[0]
-        )
-        hidden = lm.backbone(ids)
-        want = cross_entropy(
-            lm.backbone.lm_head(hidden[labels != -100]), labels[labels != -100], vocab_size=vocab
-        )
-        torch.testing.assert_close(cross_entropy(logits, targets, vocab_size=vocab), want)
+    torch.manual_seed(0)
+    backbone = build_model("gpt2", vocab_size=69, d_model=16, num_layers=1, num_heads=2, d_ff=32)
+    ids = torch.randint(5, 69, (2, 9))
+    labels = torch.full_like(ids, -100)
+    labels[0, 3], labels[1, 5] = ids[0, 3], ids[1, 5]
+    hidden = backbone(ids)
+    want = cross_entropy(
+        backbone.lm_head(hidden[labels != -100]), labels[labels != -100], vocab_size=69
+    )
+    for select, rows in ((False, 18), (True, 2), (None, 2)):  # None: automatic (CPU: select)
+        logits, targets = LanguageModel(backbone, select=select)(ids, labels)
+        assert logits.shape[0] == targets.shape[0] == rows
+        torch.testing.assert_close(cross_entropy(logits, targets, vocab_size=69), want)
+    big = build_model("gpt2", vocab_size=3000, d_model=16, num_layers=1, num_heads=2, d_ff=32)
+    assert big.cfg.padded_vocab_size > LanguageModel.SELECT_ABOVE
