@@ -224,6 +224,15 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     if not path.is_file():
         what = "is a directory" if path.is_dir() else "does not exist"
         raise CheckpointError(f"checkpoint {path} {what}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+        if not b"PK\x03\x04".startswith(
+            head
+        ):  # torch.save writes a zip archive (a cut one: corrupted)
+            raise CheckpointError(
+                f"{path} is not a checkpoint (train.py writes .pt zip archives; a HELM export or "
+                "Hugging Face model is a folder)"
+            )
     state = _read(path, map_location)
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path} is not a HELM checkpoint (no 'model' entry)")

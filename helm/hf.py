@@ -588,7 +588,16 @@ def load_model(
             f"--ema: {path} is an exported folder holding one set of weights (chosen at export); "
             "drop --ema"
         )
-    loaded = _load_native(path) if kind == "helm" else _load_hf(path)
+    try:
+        loaded = _load_native(path) if kind == "helm" else _load_hf(path)
+    except (CheckpointError, ExportError):
+        raise
+    except Exception as exc:  # a damaged folder: transformers, safetensors and json say why
+        if not isinstance(exc, (OSError, KeyError, ValueError)) and "safetensors" not in str(
+            type(exc).__module__
+        ):
+            raise
+        raise CheckpointError(f"{path} cannot be read: {type(exc).__name__}: {exc}") from None
     loaded.model.to(device).eval()
     return loaded
 

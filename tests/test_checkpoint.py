@@ -446,3 +446,10 @@ def test_a_mid_epoch_checkpoint_resumes_on_as_many_ranks(tmp_path):
     ckpt["batches_done"] = 0
     b.restore(ckpt)
     assert b.epoch == 1
+
+
+def test_a_file_that_is_no_checkpoint_is_named_as_such(tmp_path):
+    text = tmp_path / "seqs.txt"
+    text.write_text("ATGGCCTAA\n")
+    with pytest.raises(CheckpointError, match="is not a checkpoint"):
+        load_checkpoint(text)

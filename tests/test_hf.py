@@ -305,3 +305,12 @@ def test_init_from_copies_matching_weights_and_names_mismatches(runs, tmp_path):
         init_from(wider, runs["gpt2_mlm"], model_name="gpt2", tokenizer=loaded.tokenizer)
     with pytest.raises(ValueError, match="--model_name bert"):
         init_from(wider, runs["gpt2_mlm"], model_name="bert", tokenizer=loaded.tokenizer)
+
+
+def test_a_damaged_hf_folder_is_one_error(tmp_path):
+    from helm.checkpoint import CheckpointError
+    from helm.hf import load_model
+
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2", "n_embd": ')
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        load_model(tmp_path)
