@@ -406,11 +406,6 @@ class CheckpointManager:
             )
         return BestCheckpoint(last, self.last, epoch)
 
-    def best_path(self) -> tuple[Path, int | None]:
-        """(path, epoch) of `load_best`."""
-        best = self.load_best()
-        return best.path, best.epoch
-
     def _prune(self) -> None:
         epochs = sorted(p for p in self.folder.glob("epoch-*.pt") if _EPOCH_FILE.search(p.name))
         for old in epochs[: max(0, len(epochs) - self.keep)]:

@@ -403,7 +403,7 @@ def test_best_is_right_whatever_instant_a_kill_strikes(tmp_path, monkeypatch, ki
     expected = 1 if kill_at is None else 0
     assert best.epoch == fresh.best_epoch == expected
     assert torch.equal(best.checkpoint["model"]["w"], torch.full((3,), float(expected)))
-    assert fresh.best_path() == (best.path, expected)
+    assert (fresh.load_best().path, fresh.load_best().epoch) == (best.path, expected)
 
 
 def test_best_falls_back_to_last_when_no_epoch_was_chosen(tmp_path):
