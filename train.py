@@ -210,15 +210,14 @@ def _train(args, given, info: hdist.DistInfo, out: Path, stop: hdist.StopRequest
     # Loop. A stop request (SIGINT/SIGTERM) is honoured at safe points only: after an update,
     # inside validation (single process) and after the epoch's checkpoint.
     logger = RunLogger(out, info.is_main)
-    if ckpt is not None and ckpt.get("epoch_metrics"):
-        logger.relog(ckpt["epoch_metrics"])  # the killed run may not have logged its last epoch
+    if state.epoch_metrics:
+        logger.relog(state.epoch_metrics)  # the killed run may not have logged its last epoch
     meter = Meter(device, info.world_size, n_params, args, with_xe=args.loss != "XE")
     eval_kw = dict(hierarchy=metric_tree, vocab_size=tokenizer.vocab_size, amp=amp)
     if not info.distributed:  # ranks must agree on stopping, so they do at log steps instead
         eval_kw["should_stop"] = lambda: bool(stop.signum)
     first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite step
     skipped = 0
-    epoch_metrics: dict | None = None
     log.info(
         "training %d epochs x %d updates (batch %d x accum %d x %d ranks, lr %.3g)",
         num_epochs,
@@ -304,8 +303,8 @@ def _train(args, given, info: hdist.DistInfo, out: Path, stop: hdist.StopRequest
             improved = saver.update_best(metric, epoch)
             state.bad_epochs = 0 if improved else state.bad_epochs + 1
             state.epoch, state.batches_done = epoch + 1, 0  # a resume starts the next epoch
-            epoch_metrics = {"step": state.step, "epoch": epoch, "metrics": metrics}
-            checkpoint = state.checkpoint(run) | {"epoch_metrics": epoch_metrics}
+            state.epoch_metrics = {"step": state.step, "epoch": epoch, "metrics": metrics}
+            checkpoint = state.checkpoint(run)
             if info.is_main:
                 saver.save_epoch(checkpoint, epoch, improved)
             summary = " ".join(
@@ -320,7 +319,7 @@ def _train(args, given, info: hdist.DistInfo, out: Path, stop: hdist.StopRequest
                 log.info("early stop: %s did not improve for %d epochs", key, state.bad_epochs)
                 break
     except hdist.Interrupted:  # every rank stops at the same safe point
-        code = save_at_stop(state, run, saver, first_bad, epoch_metrics, out, info.is_main)
+        code = save_at_stop(state, run, saver, first_bad, out, info.is_main)
         logger.close()
         return code or stop.exit_code
     except (KeyboardInterrupt, NonFiniteLoss) as exc:  # a second signal, or a non-finite loss
@@ -429,7 +428,7 @@ def validate(model, ema, loader, loss_fn, device, eval_kw: dict) -> dict[str, fl
     return metrics
 
 
-def save_at_stop(state, run, saver, first_bad, epoch_metrics, out: Path, is_main: bool) -> int:
+def save_at_stop(state, run, saver, first_bad, out: Path, is_main: bool) -> int:
     """Write last.pt where the run stopped (a collective under DDP: RNG streams are gathered);
     after a non-finite loss nothing is written, so the last good checkpoint stays (returns 3)."""
     first_bad = hdist.all_reduce_max(first_bad.clone())  # every rank decides alike
@@ -437,7 +436,7 @@ def save_at_stop(state, run, saver, first_bad, epoch_metrics, out: Path, is_main
         step = first_bad.item() + 1
         log.error("stopped after a non-finite loss at optimizer step %d: nothing saved", step)
         return 3
-    checkpoint = state.checkpoint(run) | {"epoch_metrics": epoch_metrics}
+    checkpoint = state.checkpoint(run)
     if is_main:
         saver.save_last(checkpoint)
         log.warning(

@@ -12,7 +12,8 @@ A checkpoint is one dict, made by ``TrainState.checkpoint`` and read back by ``T
   tensor), ``hierarchy``: what the run is (``RunInfo``), enough to rebuild model, data and loss;
 - ``format_version`` (2) and ``digest``: the sha256 of everything else (`payload_digest`).
 
-Callers may add entries of plain data (train.py's ``epoch_metrics``).
+``epoch_metrics`` holds the last finished epoch's validation line, so a resumed run can write it
+when a kill lost it.
 
 Only tensors and plain data (dict, list, tuple, str, int, float, bool, None) are stored, so every
 file is read with ``torch.load(weights_only=True)``: a file that would need anything else to load
@@ -530,6 +531,8 @@ class TrainState:
     bad_epochs: int = 0
     rank: int = field(default=0, repr=False)
     world_size: int = field(default=1, repr=False)
+    # The last finished epoch's validation line: {"step", "epoch", "metrics"} (plain data).
+    epoch_metrics: dict[str, Any] | None = None
 
     def checkpoint(self, run: RunInfo, *, gather: bool = True) -> dict[str, Any]:
         """The checkpoint dict (module docstring). With ``gather`` it is a collective (every rank
@@ -550,6 +553,7 @@ class TrainState:
             "batches_done": self.batches_done,
             "bad_epochs": self.bad_epochs,
             "world_size": self.world_size,  # batches_done counts each rank's batches
+            "epoch_metrics": self.epoch_metrics,
             "rng": rngs,
             **run.to_dict(),
         }
@@ -578,6 +582,7 @@ class TrainState:
         self.saver.load_state_dict(ckpt["saver"])
         self.epoch, self.step = ckpt["epoch"], ckpt["step"]
         self.batches_done, self.bad_epochs = ckpt["batches_done"], ckpt.get("bad_epochs", 0)
+        self.epoch_metrics = ckpt.get("epoch_metrics")
         set_rng_state(ckpt["rng"][min(self.rank, len(ckpt["rng"]) - 1)])
 
 
