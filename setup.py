@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["helm", "helm.*", "kernels", "kernels.*"]),
+    packages=find_packages(include=["helm", "helm.*"]),
     install_requires=[
         "torch>=2.3",
         "numpy>=1.24",

@@ -6,9 +6,9 @@ In order, each step a subprocess with its own time limit (and none started past 
 
 1. the environment: GPU, driver, CUDA, torch, triton, numpy, python, git commit, date;
 2. ``pytest -m gpu``: the kernel and fast-path tests on compiled kernels (no TRITON_INTERPRET);
-3. ``kernels/bench/bench_path_loss.py``: the HXE-family losses against F.cross_entropy, the eager
+3. ``helm/kernels/bench/bench_path_loss.py``: the HXE-family losses against F.cross_entropy, the eager
    reference and torch.compile(reference), bf16, N = 128 x 444 and 8 x 8192, Vp = 72;
-4. ``kernels/bench/bench_fftconv.py``: fftconv forward + backward against torch.fft, bf16,
+4. ``helm/kernels/bench/bench_fftconv.py``: fftconv forward + backward against torch.fft, bf16,
    B = 64, H = 768, L = 444 and 1024, causal and two-sided;
 5. ``bench/train_throughput.py``: the GPT-2 and Hyena MLM recipes (50M, L = 444, batch 128, bf16),
    eager, then ``--compile``.
@@ -73,7 +73,7 @@ def steps(out: Path) -> list[tuple[str, list[str], int]]:
             [
                 PY,
                 "-m",
-                "kernels.bench.bench_path_loss",
+                "helm.kernels.bench.bench_path_loss",
                 "--vp",
                 "72",
                 "--warmup",
@@ -90,7 +90,7 @@ def steps(out: Path) -> list[tuple[str, list[str], int]]:
             [
                 PY,
                 "-m",
-                "kernels.bench.bench_fftconv",
+                "helm.kernels.bench.bench_fftconv",
                 "--lengths",
                 "444",
                 "1024",

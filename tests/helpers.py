@@ -1,10 +1,13 @@
 """Shared by the end-to-end tests: the scripts as modules, a tiny model's flags, and where the
 session's tiny checkpoints are (conftest.py trains them)."""
 
+import importlib
 import importlib.util
 from functools import cache
 from pathlib import Path
 from types import ModuleType
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,3 +30,14 @@ def load_script(file: str) -> ModuleType:
 def tiny_checkpoint(tiny_runs: Path, mode: str) -> Path:
     """last.pt of the session's tiny ``mode`` run (fixture ``tiny_runs``)."""
     return tiny_runs / mode / "checkpoints" / "last.pt"
+
+
+def require(package: str) -> ModuleType:
+    """``package`` imported; the calling test (or module) skips only when it is not installed.
+
+    Unlike ``pytest.importorskip``, an installed package that fails to import (a shadowed name, a
+    broken dependency) is an error, not a skip: the peer tests must run wherever their peers exist.
+    """
+    if importlib.util.find_spec(package.partition(".")[0]) is None:
+        pytest.skip(f"{package} is not installed", allow_module_level=True)
+    return importlib.import_module(package)

@@ -172,7 +172,6 @@ def test_bad_option_values_are_refused(tmp_path):
 
 
 def test_amino_acid_mode_translates_nucleotides_and_checks_proteins(tmp_path):
-    pytest.importorskip("helm.tokenizers.protein")
     path = write(tmp_path / "x.txt", "AUGAAAUGGUAA\nMKWLV*\nMKB\n")
     seqs, report = read_sequences(path, data_type="aa", on_invalid="skip")
     assert seqs == ["MKW*", "MKWLV*"]

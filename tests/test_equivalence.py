@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import require
 
 from helm.hf import weight_map
 from helm.models import build_model
@@ -93,7 +94,7 @@ def _ours_to_theirs(name: str, ours) -> dict:
 
 
 def test_gpt2_matches_hf_gpt2():
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     cfg = transformers.GPT2Config(
         vocab_size=VP, n_positions=64, n_embd=D, n_layer=2, n_head=4, activation_function="gelu_new",
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5,
@@ -117,7 +118,7 @@ def test_gpt2_matches_hf_gpt2():
 
 
 def _bert_pair():
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     cfg = transformers.BertConfig(
         vocab_size=VP, hidden_size=D, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=4 * D, hidden_act="gelu", hidden_dropout_prob=0.0,
@@ -188,7 +189,7 @@ def test_bert_uses_berts_layer_norm_eps_and_keeps_the_bare_head_as_an_option():
 
 @pytest.mark.parametrize("layer", ["mamba", "mamba2"])
 def test_mamba_matches_hf_pytorch_path(layer):
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     common = dict(vocab_size=VP, hidden_size=D, state_size=4, num_hidden_layers=2, expand=2,
                   conv_kernel=4, use_bias=False, use_conv_bias=True, layer_norm_epsilon=1e-5)  # fmt: skip
     if layer == "mamba":

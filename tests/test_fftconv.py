@@ -1,5 +1,5 @@
 """Hyena's long convolution: the FFT reference against a direct convolution, and the Triton kernel
-(``kernels/fftconv.py``, under TRITON_INTERPRET on CPU) against the reference, forward and backward."""
+(``helm/kernels/fftconv.py``, under TRITON_INTERPRET on CPU) against the reference, forward and backward."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import os
 import pytest
 import torch
 
+from helm.kernels import fftconv as fftconv_kernels
+from helm.kernels.fftconv import fftconv_triton
 from helm.ops.fftconv import fftconv, fftconv_ref
-from kernels import fftconv as fftconv_kernels
-from kernels.fftconv import fftconv_triton
 
 # Kernel tests on CPU tensors need the interpreter (set by conftest.py where there is no CUDA); on a
 # CUDA machine the compiled kernels are tested by the `gpu` tests instead.

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_RUN
-from helpers import load_script, tiny_checkpoint
+from helpers import load_script, require, tiny_checkpoint
 
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("safetensors")
+transformers = require("transformers")
+require("safetensors")
 
 from helm.checkpoint import LoadedModel  # noqa: E402
 from helm.data.dataset import frame  # noqa: E402

@@ -162,7 +162,9 @@ def test_fftconv_impl_torch_matches_auto_on_cpu(monkeypatch):
 
     monkeypatch.setattr(ops_fftconv, "fftconv_ref", spy)
     monkeypatch.setitem(
-        __import__("sys").modules, "kernels.fftconv", type("M", (), {"fftconv_triton": no_kernel})
+        __import__("sys").modules,
+        "helm.kernels.fftconv",
+        type("M", (), {"fftconv_triton": no_kernel}),
     )
     ids = torch.randint(5, 69, (2, 11), generator=torch.Generator().manual_seed(6))
     m = model(True, fftconv_impl="auto")

@@ -323,9 +323,9 @@ def test_dispatch_triton_is_lazy_and_explicit(monkeypatch):
         calls.append(anc.shape)
         return path_loss_ref(logits, targets, anc, coef, soft, const, ignore_index, reduction)
 
-    fake = types.ModuleType("kernels.path_loss")
+    fake = types.ModuleType("helm.kernels.path_loss")
     fake.path_loss_triton = fake_path_loss
-    monkeypatch.setitem(sys.modules, "kernels.path_loss", fake)
+    monkeypatch.setitem(sys.modules, "helm.kernels.path_loss", fake)
     logits, targets = rand_batch(6, 12)
     hxe_loss(logits, targets, TRUE, impl="auto")  # CPU tensors: the reference
     assert calls == []
@@ -337,8 +337,8 @@ def test_dispatch_triton_is_lazy_and_explicit(monkeypatch):
 
 
 def test_triton_failure_is_not_swallowed(monkeypatch):
-    broken = types.ModuleType("kernels.path_loss")  # no path_loss_triton: the import fails
-    monkeypatch.setitem(sys.modules, "kernels.path_loss", broken)
+    broken = types.ModuleType("helm.kernels.path_loss")  # no path_loss_triton: the import fails
+    monkeypatch.setitem(sys.modules, "helm.kernels.path_loss", broken)
     logits, targets = rand_batch(2, 13)
     with pytest.raises(ImportError):
         hxe_loss(logits, targets, TRUE, impl="triton")

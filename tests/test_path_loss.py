@@ -1,4 +1,4 @@
-"""The fused path-loss kernel (kernels/path_loss.py) against its PyTorch twin ``path_loss_ref``.
+"""The fused path-loss kernel (helm/kernels/path_loss.py) against its PyTorch twin ``path_loss_ref``.
 
 Runs on CPU under TRITON_INTERPRET=1 (set in conftest.py), so shapes stay tiny; the realistic size is
 behind the ``gpu`` marker. Every case draws its own random logits and targets.
@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-import kernels.path_loss as kernel_module
+import helm.kernels.path_loss as kernel_module
 from helm.hierarchy import build_hierarchy
+from helm.kernels.path_loss import path_loss_triton
 from helm.ops.path_loss import path_loss_ref
-from kernels.path_loss import path_loss_triton
 
 # Kernel tests on CPU tensors need the interpreter (set by conftest.py where there is no CUDA); on a
 # CUDA machine the compiled kernels are tested by the `gpu` tests instead.
@@ -289,7 +289,7 @@ def test_bad_target_is_nan_and_bad_args_raise(gen):
 def test_cpu_without_interpreter_raises():
     """No silent fallback: on CPU without TRITON_INTERPRET=1 the kernel refuses clearly."""
     code = (
-        "import torch\nfrom kernels.path_loss import path_loss_triton\n"
+        "import torch\nfrom helm.kernels.path_loss import path_loss_triton\n"
         "anc = torch.tensor([[0, 1], [0, 2]]); coef = torch.tensor([[1.0, -1.0]] * 2)\n"
         "try:\n    path_loss_triton(torch.zeros(3, 2), torch.zeros(3, dtype=torch.long), anc, coef)\n"
         "except RuntimeError as e:\n    print('RAISED', e)\n"

@@ -1,15 +1,15 @@
 """Ops with a fused kernel beside their PyTorch reference, and the one rule that picks between them.
 
 Each op module holds the reference (``x_ref``, the CPU path and test oracle) and the dispatcher
-``x(..., impl=)``; HELM's Triton kernels live in ``kernels/`` (``kernels/x.py``: ``x_triton``):
+``x(..., impl=)``; HELM's Triton kernels live in ``helm/kernels/`` (``helm/kernels/x.py``: ``x_triton``):
 
-- ``helm.ops.path_loss``: every loss over the codon tree (``kernels/path_loss.py``);
-- ``helm.ops.fftconv``: Hyena's long convolution (``kernels/fftconv.py``);
+- ``helm.ops.path_loss``: every loss over the codon tree (``helm/kernels/path_loss.py``);
+- ``helm.ops.fftconv``: Hyena's long convolution (``helm/kernels/fftconv.py``);
 - ``helm.ops.selective_scan``: Mamba's scans, with mamba-ssm's CUDA kernels as the fast path.
 
 Every such op takes ``impl``: ``"auto"`` runs the kernel on CUDA tensors (when it can run there)
 and the reference elsewhere, ``"torch"`` always runs the reference, and the kernel's own name
-(``"triton"`` for HELM's kernels in ``kernels/``, ``"mamba_ssm"`` for mamba-ssm's) always runs the
+(``"triton"`` for HELM's kernels in ``helm/kernels/``, ``"mamba_ssm"`` for mamba-ssm's) always runs the
 kernel, raising when it cannot: there is no silent fallback. The submodules are not imported here,
 so importing ``helm.ops`` pulls in neither triton nor an optional CUDA extension.
 """

@@ -1,7 +1,7 @@
 """Hyena's long convolution ``y = postgate * (conv(u * pregate, k) + D * (u * pregate))``.
 
 ``fftconv_ref`` is the PyTorch reference (torch.fft, FFT size >= 2L, fp32 maths): the CPU path, the
-test oracle and the benchmark baseline of the Triton kernel ``kernels.fftconv.fftconv_triton``, which
+test oracle and the benchmark baseline of the Triton kernel ``helm.kernels.fftconv.fftconv_triton``, which
 has the same signature. ``fftconv(..., impl=)`` dispatches between them (``helm.ops.resolve_impl``).
 
 Causal (``bidirectional=False``): ``k`` is (D, L) and ``y[t] = sum_{s <= t} k[t - s] u[s]``.
@@ -57,6 +57,6 @@ def fftconv(
     """``fftconv_ref`` or its Triton kernel (``impl``: auto | torch | triton, see ``helm.ops``)."""
     if resolve_impl(impl, u, op="fftconv") == "torch":
         return fftconv_ref(u, k, D, pregate, postgate, bidirectional)
-    from kernels.fftconv import fftconv_triton  # imports triton: only when asked for
+    from helm.kernels.fftconv import fftconv_triton  # imports triton: only when asked for
 
     return fftconv_triton(u, k, D, pregate, postgate, bidirectional)

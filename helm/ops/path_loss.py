@@ -11,7 +11,7 @@ root, -1 at the leaf); HXE, the amino-acid losses and soft labels are other coef
 (``helm.losses.loss_tables`` builds them).
 
 ``path_loss_ref`` is the PyTorch reference: the CPU path, the test oracle and the benchmark
-baseline of the fused Triton kernel ``kernels.path_loss.path_loss_triton``, which has the same
+baseline of the fused Triton kernel ``helm.kernels.path_loss.path_loss_triton``, which has the same
 signature. ``path_loss(logits, targets, tables, impl=)`` dispatches between them
 (``helm.ops.resolve_impl``); on the torch path, plain XE tables go through ``F.cross_entropy``.
 """
@@ -60,7 +60,7 @@ def path_loss_ref(
     ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """Reference of the fused kernel ``kernels.path_loss.path_loss_triton`` (same signature).
+    """Reference of the fused kernel ``helm.kernels.path_loss.path_loss_triton`` (same signature).
 
     logits: (N, Vp) any float dtype, Vp >= V (columns >= V are embedding padding: no probability);
     targets: (N,) int, ``ignore_index`` rows contribute nothing; anc: (V, S) int node ids, -1 padded;
@@ -126,7 +126,9 @@ def path_loss(
     if logits.shape[-1] < V:
         raise ValueError(f"logits have {logits.shape[-1]} columns, the vocabulary has {V}")
     if resolve_impl(impl, logits, op="path_loss") == "triton":
-        from kernels.path_loss import path_loss_triton  # lazy: importing helm never imports triton
+        from helm.kernels.path_loss import (
+            path_loss_triton,  # lazy: importing helm never imports triton
+        )
 
         fn = path_loss_triton
     elif tables.is_xe:

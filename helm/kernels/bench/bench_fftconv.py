@@ -1,8 +1,8 @@
 """Hyena's long convolution, forward + backward: torch.fft reference vs torch.compile(reference) vs
 the Triton kernel, median time and peak memory. Needs a CUDA device; never run in CI.
 
-    python -m kernels.bench.bench_fftconv                       # B=64, H=768, every L, both modes
-    python -m kernels.bench.bench_fftconv --lengths 444 1024 --modes causal --dtypes bf16
+    python -m helm.kernels.bench.bench_fftconv                       # B=64, H=768, every L, both modes
+    python -m helm.kernels.bench.bench_fftconv --lengths 444 1024 --modes causal --dtypes bf16
 
 Writes a table to stdout and fftconv-<device>-<time>.{csv,json} (with device, versions, date and
 command) into --out-dir. ``speedup`` is the reference's time over the row's time at the same dtype;
@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.testing
 
+from helm.kernels.fftconv import fftconv_triton
 from helm.ops.fftconv import fftconv_ref
-from kernels.fftconv import fftconv_triton
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MODES = {"causal": False, "two-sided": True}
@@ -150,7 +150,7 @@ def write_results(rows: list[dict], out_dir: Path) -> tuple[Path, Path]:
         "cuda": torch.version.cuda,
         "date": now.isoformat(timespec="seconds"),
         "command": " ".join(
-            [Path(sys.executable).name, "-m", "kernels.bench.bench_fftconv", *sys.argv[1:]]
+            [Path(sys.executable).name, "-m", "helm.kernels.bench.bench_fftconv", *sys.argv[1:]]
         ),  # fmt: skip
         "measure": "forward + backward, triton.testing.do_bench median; peak memory above inputs",
         "speedup": "torch reference time / this row's time, same dtype",

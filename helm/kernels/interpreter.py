@@ -5,7 +5,7 @@ The interpreter holds every scalar as a NumPy array of shape (1,) and turns a lo
 NumPy 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"). Triton 3.7
 squeezes the array first (triton-lang/triton#9172); ``fix_loop_bounds`` applies the same one-line
 change to older interpreters. Kernels whose trip counts depend on the program id (the causal tile
-loops of ``kernels/fftconv.py``) need it; compiled kernels are not affected.
+loops of ``helm/kernels/fftconv.py``) need it; compiled kernels are not affected.
 """
 
 from __future__ import annotations

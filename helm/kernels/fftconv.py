@@ -34,7 +34,7 @@ and compute-bound at L=1024 (~2x; ``FP32_DOT_PRECISION = "tf32"`` halves that at
 Two-sided filters double the FLOPs. The quadratic term overtakes the FFT's memory traffic at
 L ~ 4-8k (at L=8192 bf16 about even, fp32 slower): the kernel stays correct with bounded memory
 there, and a Monarch-FFT path would be the second strategy for very long filters. These are
-estimates: the measurements come from kernels/bench/bench_fftconv.py.
+estimates: the measurements come from helm/kernels/bench/bench_fftconv.py.
 
 Precision: operands are rounded to the input dtype for the tensor cores when u is bf16/fp16 (x = u *
 pregate is formed in fp32 first) and products accumulate in fp32; fp32 inputs use 3xTF32
@@ -55,7 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.interpreter import fix_loop_bounds
+from helm.kernels.interpreter import fix_loop_bounds
 
 _INTERPRET = triton.knobs.runtime.interpret  # the same switch that made the kernels below
 fix_loop_bounds()  # program-id-dependent trip counts under Triton < 3.7's interpreter

@@ -1,7 +1,7 @@
 """Microbenchmark: the fused path loss against F.cross_entropy, the eager reference and
 torch.compile(reference), forward + backward, on one CUDA device.
 
-    python -m kernels.bench.bench_path_loss [--out-dir bench/results] [--losses xe hxe ...]
+    python -m helm.kernels.bench.bench_path_loss [--out-dir bench/results] [--losses xe hxe ...]
 
 For each loss (XE, HXE alpha 0.2, soft labels beta 15, aa_loss_only, aa_loss_add) and each shape
 (N = 128 x 444 and 8 x 8192 tokens; V = 69 columns, or padded to Vp = 72) it records the median time
@@ -82,8 +82,8 @@ def measure(step: Callable[[], None], z: torch.Tensor, warmup: int, rep: int) ->
 
 
 def run_case(loss: str, N: int, Vp: int, args: argparse.Namespace) -> dict[str, dict]:
+    from helm.kernels.path_loss import path_loss_triton
     from helm.ops.path_loss import path_loss_ref
-    from kernels.path_loss import path_loss_triton
 
     torch._dynamo.reset()  # one compiled variant per case; no recompile limit reached
     compiled = torch.compile(path_loss_ref, dynamic=False)

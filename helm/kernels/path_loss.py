@@ -246,7 +246,7 @@ def _check_runnable(logits: torch.Tensor) -> None:
     if logits.is_cuda or isinstance(fn, InterpretedFunction):
         return
     raise RuntimeError(
-        f"kernels.path_loss.path_loss_triton needs a CUDA tensor (got device {logits.device}); to run the "
+        f"helm.kernels.path_loss.path_loss_triton needs a CUDA tensor (got device {logits.device}); to run the "
         "Triton kernel on CPU set TRITON_INTERPRET=1 before triton is imported, or use the "
         "PyTorch reference (helm.ops.path_loss.path_loss_ref)"
     )
