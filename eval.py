@@ -17,47 +17,19 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
-import torch
-from tqdm import tqdm
 
-from helm.checkpoint import CheckpointError, LoadedModel
-from helm.codon_usage import cai
 from helm.config import HelmArgumentParser, dataset_kwargs, loss_kwargs
-from helm.data.cache import build_token_cache
-from helm.data.dataset import LMDataset
-from helm.data.io import DataError
-from helm.data.sampler import build_loader
-from helm.downstream import (
-    TASKS,
-    evaluate_finetune,
-    evaluate_probe,
-    format_report,
-    load_task,
-    load_task_file,
-    run_baselines,
-    to_json,
-)
-from helm.downstream.tasks import TASK_TYPES
-from helm.embed import (
-    LONG_SEQS,
-    POOLS,
-    cached_token_features,
-    extract,
-    feature_key,
-    read_records,
-    window_capacity,
-)
-from helm.generate import clean_protein, gc_content, protein_masks, sample
-from helm.hf import weights_file
-from helm.lm import LanguageModel, amp_dtype, evaluate
+from helm.downstream.tasks import TASK_TYPES, TASKS
+from helm.embed import LONG_SEQS, POOLS
+from helm.errors import run_reporting_errors
 from helm.logger import setup_logging, teardown_logging
-from helm.losses import build_loss
-from helm.vocab import translate
+
+# The subcommands import torch and the models when they run: --help and argument errors answer at
+# once (no torch).
 
 log = logging.getLogger("helm")
 
@@ -66,9 +38,11 @@ class EvalError(ValueError):
     """A request this script cannot honour; the message says why and what to do instead."""
 
 
-def load(args) -> LoadedModel:
+def load(args):
     """The model of a checkpoint (raw or EMA weights), a HELM export or a Hugging Face folder
     (``helm.hf.load_model``) on the chosen device, in eval mode."""
+    import torch
+
     from helm.hf import load_model
 
     if args.device == "auto":
@@ -91,7 +65,7 @@ def load(args) -> LoadedModel:
     return loaded
 
 
-def data_type(loaded: LoadedModel) -> str:
+def data_type(loaded) -> str:
     """The reading mode of the model's training data (``codon`` reads as ``nuc``)."""
     kind = loaded.config.get("data_type", "nuc")
     return "nuc" if kind == "codon" else kind
@@ -111,6 +85,14 @@ def write_json(doc: dict, out: str | None) -> None:
 
 
 def pretrain(args) -> int:
+    from tqdm import tqdm
+
+    from helm.data.cache import build_token_cache
+    from helm.data.dataset import LMDataset
+    from helm.data.sampler import build_loader
+    from helm.lm import LanguageModel, amp_dtype, evaluate
+    from helm.losses import build_loss
+
     loaded = load(args)
     model, tokenizer, cfg = loaded.model, loaded.tokenizer, loaded.config
     device = next(model.parameters()).device
@@ -190,13 +172,20 @@ def downstream(args) -> int:
         RunStore,
         dedupe,
         duplicate_warnings,
+        evaluate_finetune,
+        evaluate_probe,
         extent_text,
+        format_report,
         input_sha256,
         label_warnings,
         repeated_splits,
+        run_baselines,
+        to_json,
         transform_targets,
         write_figure,
     )
+    from helm.embed import window_capacity
+    from helm.vocab import translate
 
     if args.finetune and args.long_seqs == "window":
         raise EvalError(
@@ -367,6 +356,9 @@ def downstream(args) -> int:
 def probe_features(args, model, seqs, token_ids, device) -> list[np.ndarray]:
     """Per-token features of the frozen backbone, once per (checkpoint, weights, sequences,
     long-seqs mode): the grid and later runs reuse them from the feature cache."""
+    from helm.embed import cached_token_features, extract, feature_key
+    from helm.hf import weights_file
+
     key = feature_key(
         weights_file(args.checkpoint),
         seqs,
@@ -390,7 +382,7 @@ def probe_features(args, model, seqs, token_ids, device) -> list[np.ndarray]:
 def load_downstream_task(args):
     """(TaskData, task description dict) from ``--task`` or ``--file`` and its column flags;
     ``--file DIR`` reads a folder of FASTA files, one per class (`load_fasta_folder`)."""
-    from helm.downstream import load_fasta_folder
+    from helm.downstream.tasks import load_fasta_folder, load_task, load_task_file
 
     if (args.task is None) == (args.file is None):
         raise EvalError("name a registered --task or give a --file (one of the two)")
@@ -436,6 +428,12 @@ def load_downstream_task(args):
 
 
 def generate(args) -> int:
+    import torch
+
+    from helm.codon_usage import cai
+    from helm.embed import read_records
+    from helm.generate import gc_content, protein_masks, sample
+
     loaded = load(args)
     model, tokenizer, cfg = loaded.model, loaded.tokenizer, loaded.config
     device = next(model.parameters()).device
@@ -525,6 +523,8 @@ def generate(args) -> int:
 
 def read_proteins(value: str) -> list[tuple[str, str]]:
     """(name, protein) pairs from ``--protein``: a sequence, or a FASTA / one-per-line file."""
+    from helm.generate import clean_protein
+
     path = Path(value)
     if not path.is_file():
         return [("protein", clean_protein(value))]
@@ -548,6 +548,10 @@ def read_proteins(value: str) -> list[tuple[str, str]]:
 
 
 def embed(args) -> int:
+    import torch
+
+    from helm.embed import extract, read_records
+
     out = Path(args.out)
     if out.suffix not in (".npy", ".pt"):
         raise EvalError(f"--out {out}: the file must end in .npy or .pt")
@@ -590,6 +594,8 @@ def embed(args) -> int:
 
 def report_truncation(token_ids, model, long_seqs: str, what: str) -> int:
     """Say how many records exceed the model's window and what was done with them; their count."""
+    from helm.embed import window_capacity
+
     capacity = window_capacity(model.cfg.max_seq_len, not model.cfg.bidirectional)
     lengths = [len(t) for t in token_ids]
     longer = sum(n > capacity for n in lengths)
@@ -804,9 +810,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-USER_ERRORS = (EvalError, DataError, CheckpointError, ValueError, FileNotFoundError)
-
-
 def checkpoint_of(path: str) -> str:
     """CKPT as given, or for a run folder (one holding checkpoints/) its best.pt, else last.pt,
     saying which. Other folders (a HF or HELM-native export) are for the loader to read."""
@@ -827,30 +830,45 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code or 0
     setup_logging(True, None)
     try:
-        args.checkpoint = checkpoint_of(args.checkpoint)
-        positive = {
-            "num": "--num",
-            "batch_size": "--batch_size",
-            "feature_batch_size": "--feature-batch-size",
-            "max_epochs": "--max-epochs",
-            "patience": "--patience",
-            "max_length": "--max-length",
-        }
-        for dest, flag in positive.items():
-            value = getattr(args, dest, None)
-            if value is not None and value < 1:
-                raise EvalError(f"{flag} must be >= 1, got {value}")
-        return args.func(args)
-    except USER_ERRORS as exc:
-        if os.environ.get("HELM_TRACEBACK"):
-            raise
-        print(f"eval.py: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("eval.py: interrupted", file=sys.stderr)
-        return 130
+        return run_reporting_errors("eval.py", lambda: run(args))
     finally:
         teardown_logging()  # an in-process caller (a notebook, the tests) is left as it was
+
+
+POSITIVE = {
+    "num": "--num",
+    "batch_size": "--batch_size",
+    "feature_batch_size": "--feature-batch-size",
+    "max_epochs": "--max-epochs",
+    "patience": "--patience",
+    "max_length": "--max-length",
+}
+
+
+def run(args) -> int:
+    """Check the arguments and the paths they name (before any model loads), then run the command."""
+    for dest, flag in POSITIVE.items():
+        value = getattr(args, dest, None)
+        if value is not None and value < 1:
+            raise EvalError(f"{flag} must be >= 1, got {value}")
+    if not Path(args.checkpoint).exists():
+        raise EvalError(f"{args.checkpoint}: no such checkpoint or folder")
+    args.checkpoint = checkpoint_of(args.checkpoint)
+    if args.command in ("pretrain", "embed"):
+        check_input_file("--file", args.file)
+    for flag, dest in (("--file", "file"), ("--prefix-file", "prefix_file")):
+        if args.command in ("downstream", "generate") and getattr(args, dest, None) is not None:
+            if not Path(getattr(args, dest)).exists():
+                raise EvalError(f"{flag} {getattr(args, dest)}: no such file or folder")
+    return args.func(args)
+
+
+def check_input_file(flag: str, path: str) -> None:
+    """One line for a sequence file that is missing or is a folder, before anything loads."""
+    if Path(path).is_dir():
+        raise EvalError(f"{flag} {path} is a folder: give a sequence file (txt, csv/tsv, fasta)")
+    if not Path(path).is_file():
+        raise EvalError(f"{flag} {path}: no such file")
 
 
 if __name__ == "__main__":

@@ -20,23 +20,9 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-import torch
-import yaml
-from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
-
-from helm import distributed as hdist
-from helm.checkpoint import (
-    CheckpointError,
-    CheckpointManager,
-    RunInfo,
-    TrainState,
-    load_checkpoint,
-    seed_everything,
-    tokenizer_state,
-)
 from helm.config import (
     ConfigError,
+    check_flags,
     data_kwargs,
     dataset_kwargs,
     given_keys,
@@ -45,8 +31,27 @@ from helm.config import (
     schedule_kwargs,
     to_dict,
 )
+from helm.errors import run_reporting_errors
+
+if __name__ == "__main__":  # --help and flag mistakes are answered before torch loads (seconds)
+    if status := run_reporting_errors("train.py", lambda: check_flags(sys.argv[1:])):
+        sys.exit(status)
+
+import torch
+import yaml
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from helm import distributed as hdist
+from helm.checkpoint import (
+    CheckpointManager,
+    RunInfo,
+    TrainState,
+    load_checkpoint,
+    seed_everything,
+    tokenizer_state,
+)
 from helm.data.dataset import LMDataset
-from helm.data.io import DataError
 from helm.data.prepare import prepare_data
 from helm.data.sampler import build_loader
 from helm.ema import ModelEma
@@ -538,42 +543,36 @@ class Meter:
         return stats
 
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, ValueError, FileNotFoundError)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # Before CUDA starts: fewer out-of-memory failures from fragmentation (varying lengths).
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     try:
-        try:
-            args = parse_config(argv)
-        except SystemExit as exc:  # --help, or a command-line error already printed
-            return exc.code or 0
-        if not hdist.launched_by_torchrun():
-            if args.num_nodes > 1:
-                raise ConfigError(
-                    "--num_nodes > 1 needs torchrun (--nnodes, --node_rank, --rdzv-endpoint)"
-                )
-            if args.num_devices > 1:
-                return hdist.spawn_local(args.num_devices, _worker, argv)
-        elif args.num_nodes * args.num_devices not in (1, int(os.environ["WORLD_SIZE"])):
-            raise ConfigError(
-                f"--num_nodes x --num_devices = {args.num_nodes * args.num_devices} but torchrun "
-                f"started {os.environ['WORLD_SIZE']} processes"
-            )
-        return train(args, given_keys(argv))
-    except USER_ERRORS as exc:
-        if os.environ.get("HELM_TRACEBACK"):
-            raise
-        print(f"train.py: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("train.py: interrupted", file=sys.stderr)
-        return 130
+        return run_reporting_errors("train.py", lambda: launch(argv))
     finally:
         hdist.cleanup()
         teardown_logging()
+
+
+def launch(argv: list[str]) -> int:
+    """Parse the flags, then train in this process (torchrun or single) or spawn local ranks."""
+    try:
+        args = parse_config(argv)
+    except SystemExit as exc:  # --help, or a command-line error already printed
+        return exc.code or 0
+    if not hdist.launched_by_torchrun():
+        if args.num_nodes > 1:
+            raise ConfigError(
+                "--num_nodes > 1 needs torchrun (--nnodes, --node_rank, --rdzv-endpoint)"
+            )
+        if args.num_devices > 1:
+            return hdist.spawn_local(args.num_devices, _worker, argv)
+    elif args.num_nodes * args.num_devices not in (1, int(os.environ["WORLD_SIZE"])):
+        raise ConfigError(
+            f"--num_nodes x --num_devices = {args.num_nodes * args.num_devices} but torchrun "
+            f"started {os.environ['WORLD_SIZE']} processes"
+        )
+    return train(args, given_keys(argv))
 
 
 def _worker(argv: list[str]) -> None:

@@ -56,6 +56,7 @@ import torch
 import torch.nn as nn
 
 from helm import distributed as hdist
+from helm.errors import CheckpointError
 
 log = logging.getLogger("helm")
 _EPOCH_FILE = re.compile(r"epoch-(\d{4,})\.pt$")
@@ -66,10 +67,6 @@ REQUIRED_KEYS = (
     "config", "model_name", "model_config", "tokenizer", "hierarchy",
 )  # fmt: skip
 _PLAIN = (str, int, float, bool, type(None))
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 # Integrity -----------------------------------------------------------------------------------------

@@ -24,12 +24,12 @@ from typing import Any
 
 import yaml
 
+from helm.errors import ConfigError
 from helm.hierarchy import HIERARCHIES
-from helm.losses import LOSSES
+from helm.losses import LOSSES, OPTIONS, loss_options
 from helm.models import MODELS
-from helm.models.common import ACTIVATIONS, POS_EMBEDDING_APPLY, POS_EMBEDDINGS
+from helm.models.config import ACTIVATIONS, POS_EMBEDDING_APPLY, POS_EMBEDDINGS
 from helm.ops import IMPLS
-from helm.optim import OPTIMIZERS
 from helm.sched import SCHEDULES
 from helm.tokenizers import DATA_TYPES, TOKENIZERS
 
@@ -37,6 +37,10 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 QUICKSTART = CONFIG_DIR / "quickstart.yaml"
 DATA_KEYS = ("data_dir", "train_file")
 
+# --opt: timm's names; helm.optim.build_optimizer builds each (the optimizers import torch, which the
+# command line does not).
+OPTIMIZERS = ("adamw", "adam", "sgd", "momentum", "nesterov", "rmsprop", "adagrad", "radam", "radamw",
+              "nadam", "adafactor", "lamb")  # fmt: skip
 EVAL_METRICS = (
     "val_loss",
     "val_perplexity",
@@ -49,10 +53,6 @@ EVAL_METRICS = (
 _MAXIMISED = ("val_accuracy", "val_aa_accuracy")
 # Bounds that no real run reaches; past them a typo would end in an allocation failure.
 MAX_SEQ_LEN, MAX_WIDTH, MAX_LAYERS, MAX_VOCAB = 1 << 20, 1 << 16, 1024, 1 << 20
-
-
-class ConfigError(ValueError):
-    """A user mistake in flags or YAML: reported as one clear message, no traceback."""
 
 
 def _bool(text: str) -> bool:
@@ -100,11 +100,8 @@ FLAGS: dict[str, list[tuple[str, Any, Any, str]]] = {
         ("--config", None, [None], "YAML file(s) keyed by flag names; later files win"),
     ],
     "loss": [
-        ("--loss", "XE", LOSSES, "training loss: XE, or one that knows the genetic code (HXE, soft labels, amino-acid losses)"),
-        ("--hxe-alpha", 0.2, float, "HXE weight decay per tree level: w_d = exp(-alpha d) / Z"),
-        ("--hxe-normalize", True, "bool", "normalise HXE weights by Z (sum over nodes)"),
-        ("--soft-labels-beta", 15.0, float, "sharpness of soft-label targets"),
-        ("--aa-loss-weight", 1.0, float, "weight of the amino-acid term in aa_loss_add"),
+        ("--loss", "XE", tuple(LOSSES), "training loss: XE, or one that knows the genetic code (HXE, soft labels, amino-acid losses)"),
+        *((o.flag, o.default, o.kind, o.help) for o in OPTIONS.values()),  # helm.losses.OPTIONS
         ("--hierarchy", "true", HIERARCHIES, "codon tree; random keeps the shape"),
         ("--loss-impl", "auto", IMPLS, "auto: Triton on CUDA"),
     ],
@@ -404,6 +401,13 @@ def parse_config(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def check_flags(argv: list[str]) -> int:
+    """0 when ``argv`` parses and validates: a mistake raises ConfigError, and --help (or an
+    argparse error) exits. Cheap, so a script can answer before it imports torch."""
+    parse_config(argv)
+    return 0
+
+
 def _user_yaml(paths: list[str] | None, parser: argparse.ArgumentParser) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for path in paths or []:
@@ -524,9 +528,10 @@ def validate(args: argparse.Namespace) -> None:
         ("--log-interval", args.log_interval >= 1, "must be >= 1"),
         ("--checkpoint-hist", args.checkpoint_hist >= 0, "must be >= 0"),
         ("--model-ema-decay", 0.0 < args.model_ema_decay < 1.0, "must be in (0, 1)"),
-        ("--hxe-alpha", args.hxe_alpha >= 0, "must be >= 0"),
-        ("--soft-labels-beta", args.soft_labels_beta > 0, "must be > 0"),
-        ("--aa-loss-weight", args.aa_loss_weight >= 0, "must be >= 0"),
+        *(
+            (o.flag, o.valid is None or o.valid(getattr(args, o.key)), o.requirement)
+            for o in OPTIONS.values()
+        ),  # fmt: skip
         ("--seed", 0 <= args.seed < 2**32, "must be in [0, 2**32)"),
         ("--lr", positive(args.lr), "must be > 0"),
         ("--lr-base", args.lr_base > 0, "must be > 0"),
@@ -627,14 +632,7 @@ def model_kwargs(cfg: Mapping[str, Any], vocab_size: int) -> dict[str, Any]:
 
 def loss_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """``helm.losses.build_loss``'s keywords, less the tokenizer's and the tree's."""
-    return dict(
-        name=cfg["loss"],
-        hxe_alpha=cfg["hxe_alpha"],
-        hxe_normalize=cfg["hxe_normalize"],
-        soft_labels_beta=cfg["soft_labels_beta"],
-        aa_loss_weight=cfg["aa_loss_weight"],
-        impl=cfg["loss_impl"],
-    )
+    return dict(name=cfg["loss"], impl=cfg["loss_impl"], **loss_options(cfg))
 
 
 def data_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:

@@ -27,16 +27,17 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn as nn
 from tqdm import tqdm
 
 from helm.data import cache as data_cache
-from helm.data.dataset import frame, pad_batch
 from helm.data.io import DataError, iter_records
-from helm.lm import inference_autocast
+
+if TYPE_CHECKING:  # the command line reads LONG_SEQS and POOLS without importing torch
+    import torch
+    import torch.nn as nn
 
 log = logging.getLogger("helm")
 
@@ -105,7 +106,6 @@ def windows(n: int, capacity: int, long_seqs: str) -> list[tuple[int, int]]:
     return [(s, s + capacity) for s in starts]
 
 
-@torch.no_grad()
 def extract(
     model: nn.Module,
     token_ids: Sequence[np.ndarray],
@@ -123,6 +123,11 @@ def extract(
     ``pool="mean"`` averages the sequence's tokens, ``"cls"`` takes the ``<cls>`` state (the
     mean over windows), ``"last"`` the state at the last token (the causal model's summary).
     """
+    import torch
+
+    from helm.data.dataset import frame, pad_batch
+    from helm.lm import inference_autocast
+
     if pool is not None and pool not in POOLS:
         raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
     if batch_size < 1:
@@ -155,7 +160,7 @@ def extract(
     for b0 in tqdm(batches, desc="features", unit="batch", disable=not show, leave=False):
         batch = chunks[b0 : b0 + batch_size]
         input_ids, mask = pad_batch([frame(token_ids[i][s:e], causal) for i, s, e in batch])
-        with inference_autocast(device):
+        with torch.no_grad(), inference_autocast(device):
             hidden = model(
                 input_ids.to(device),
                 attention_mask=None if bool(mask.all()) else mask.to(device),

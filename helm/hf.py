@@ -50,7 +50,8 @@ from typing import Any
 
 import torch
 
-from helm.checkpoint import CheckpointError, LoadedModel, load_for_eval
+from helm.checkpoint import LoadedModel, load_for_eval
+from helm.errors import CheckpointError, ExportError
 from helm.vocab import NUM_SPECIAL, SPECIAL_TOKENS
 
 log = logging.getLogger("helm")
@@ -65,10 +66,6 @@ HELM_ACTIVATIONS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new"
 # Model-config fields under their command-line names (for messages).
 FLAG_NAMES = {"d_model": "hidden_size", "d_ff": "intermediate_size"}
 NATIVE_HINT = "export the HELM-native folder instead: eval.py export CKPT --format helm --out DIR"
-
-
-class ExportError(ValueError):
-    """A model or folder that this format cannot hold exactly; the message names the option."""
 
 
 def _flag(field: str) -> str:

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from helm.vocab import (
     AMINO_ACIDS,
@@ -32,6 +32,9 @@ from helm.vocab import (
     genetic_code,
     kmers,
 )
+
+if TYPE_CHECKING:  # the tree is numpy; torch only for ``tensors`` (the CLI reads HIERARCHIES)
+    import torch
 
 HIERARCHIES = ("true", "random")
 
@@ -132,6 +135,8 @@ class CodonHierarchy:
 
     def tensors(self, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
         """Torch copies of the tables the losses and metrics use."""
+        import torch
+
         arrays = {
             "paths": self.paths,
             "leaf_depth": self.leaf_depth,

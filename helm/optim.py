@@ -23,20 +23,6 @@ import re
 import torch
 import torch.nn as nn
 
-OPTIMIZERS = (
-    "adamw",
-    "adam",
-    "sgd",
-    "momentum",
-    "nesterov",
-    "rmsprop",
-    "adagrad",
-    "radam",
-    "radamw",
-    "nadam",
-    "adafactor",
-    "lamb",
-)
 _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 
 
@@ -136,7 +122,7 @@ def build_optimizer(
         return Adafactor(groups, **kw)
     if name == "lamb":
         return Lamb(groups, **kw)
-    raise ValueError(f"--opt must be one of {', '.join(OPTIMIZERS)}; got {opt!r}")
+    raise ValueError(f"unknown optimizer --opt {opt!r} (the choices are helm.config.OPTIMIZERS)")
 
 
 class Lamb(torch.optim.Optimizer):

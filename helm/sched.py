@@ -25,8 +25,10 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # the command line reads SCHEDULES without importing torch
+    import torch
 
 SCHEDULES = ("cosine", "step", "multistep", "plateau", "poly", "tanh", "constant")
 
@@ -132,6 +134,8 @@ class Schedule:
     def _noise(self, lr: float, t: float) -> float:
         if not self.noisy(t):
             return lr
+        import torch  # only noisy schedules draw from torch's generator (timm's noise)
+
         g = torch.Generator().manual_seed(int(self.noise_seed + t))
         while True:  # resample until inside the percent limit (rarely more than a few draws)
             n = torch.randn(1, generator=g).item() * self.noise_std

@@ -11,11 +11,10 @@ import pytest
 import torch
 
 from helm.hierarchy import build_hierarchy
-from helm.losses import (
-    LOSSES,
+from helm.losses import LOSSES, build_loss
+from helm.losses.tables import (
     HelmLoss,
     aa_loss,
-    build_loss,
     cross_entropy,
     hxe_loss,
     loss_tables,
@@ -106,7 +105,7 @@ def test_hxe_with_unit_weights_is_xe(h):
 
 def test_hxe_coefficients_for_gtt():
     w = hxe_w(0.4)
-    coef = loss_tables("HXE", TRUE, alpha=0.4).coef[GTT].double()
+    coef = loss_tables("HXE", TRUE, hxe_alpha=0.4).coef[GTT].double()
     want = torch.tensor([w[1], w[2] - w[1], w[3] - w[2], w[4] - w[3], -w[4]], dtype=torch.float64)
     torch.testing.assert_close(coef, want)
 
@@ -296,7 +295,7 @@ def test_build_loss_xe_any_tokenizer_and_refusals():
     logits = torch.randn(5, 304)
     targets = torch.randint(0, 300, (5,))
     torch.testing.assert_close(mod(logits, targets), cross_entropy(logits[:, :300], targets))
-    for kind in LOSSES[1:]:
+    for kind in list(LOSSES)[1:]:
         with pytest.raises(ValueError, match=r"--tokenizer 3mer --overlap 0.*--loss XE"):
             build_loss(kind, vocab_size=4101, is_codon=False)
         with pytest.raises(ValueError, match=r"needs a codon hierarchy.*--hierarchy"):

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from helm.models import model_config
-from helm.models.common import ModelConfig
+from helm.models.config import ModelConfig
 from helm.models.mamba import (
     Mamba,
     Mamba2Mixer,

@@ -9,7 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from helm.models import build_model, model_config
-from helm.models.common import ACTIVATIONS, POS_EMBEDDING_APPLY, POS_EMBEDDINGS, RMSNorm
+from helm.models.common import RMSNorm
+from helm.models.config import ACTIVATIONS, POS_EMBEDDING_APPLY, POS_EMBEDDINGS
 from helm.models.gpt2 import sdpa_mask
 
 V, D, B, T = 69, 32, 2, 12
@@ -316,7 +317,7 @@ def test_language_model_rows_all_positions_or_targets_only():
     """All positions (the CUDA way for small vocabularies: no host sync) or only the target rows
     (the CPU and large vocabularies): the loss is the one over the targets alone either way."""
     from helm.lm import LanguageModel
-    from helm.losses import cross_entropy
+    from helm.losses.tables import cross_entropy
 
     torch.manual_seed(0)
     backbone = build_model("gpt2", vocab_size=69, d_model=16, num_layers=1, num_heads=2, d_ff=32)

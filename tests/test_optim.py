@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn as nn
 
+from helm.config import OPTIMIZERS
 from helm.ema import ModelEma
 from helm.models.common import tag
 from helm.optim import (
-    OPTIMIZERS,
     Lamb,
     build_optimizer,
     clip_gradients,

@@ -223,7 +223,7 @@ def _ddp_worker(rank: int, world: int, port: int, batch, out_path: str) -> None:
 def _tiny_lm():
     from helm.hierarchy import build_hierarchy
     from helm.lm import LanguageModel
-    from helm.losses import HelmLoss, loss_tables
+    from helm.losses.tables import HelmLoss, loss_tables
     from helm.models import build_model
 
     torch.manual_seed(0)

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from helm.errors import DataError
 from helm.vocab import AMINO_ACIDS, STOP, translate
 
 logger = logging.getLogger("helm")
@@ -65,10 +66,6 @@ _WHITESPACE = str.maketrans({" ": None, "\t": None, "\r": None, "\n": None})
 
 # Reasons an invalid record is dropped; the keys of ReadReport.invalid.
 EMPTY, BAD_CHARACTER, NOT_CODONS = "empty", "invalid character", "length not a multiple of 3"
-
-
-class DataError(ValueError):
-    """A data file that cannot be used as given: the message names the file, place and reason."""
 
 
 @dataclass(slots=True)

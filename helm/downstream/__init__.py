@@ -10,75 +10,58 @@ Typical use (``extract`` maps sequences to per-token (T_i, D) hidden states)::
     results |= run_baselines(data, splits)
     print(format_report(results, TASKS["tc_riboswitches"]))
     write_figure({"tc_riboswitches": results}, "report.svg")
+
+Importing the package is light (no torch, for the command line): each name below loads its
+submodule on first access.
 """
 
-from helm.downstream.baselines import (
-    BASELINES,
-    extent_text,
-    format_report,
-    run_baselines,
-    to_json,
-)
-from helm.downstream.checks import dedupe, duplicate_warnings, duplicates, label_warnings
-from helm.downstream.figure import write_figure
-from helm.downstream.finetune import evaluate_finetune
-from helm.downstream.heads import OneHotEncoder, TextCNN, codon_frequency_features, pad_features
-from helm.downstream.metrics import PRIMARY, compute_metrics
-from helm.downstream.protocol import (
-    ProbeResult,
-    TaskSplit,
-    evaluate_pooled,
-    evaluate_probe,
-    make_splits,
-    repeated_splits,
-    select_at_best_val,
-)
-from helm.downstream.runs import RunStore
-from helm.downstream.tasks import (
-    TASKS,
-    TaskData,
-    TaskSpec,
-    fetch_task,
-    input_sha256,
-    load_fasta_folder,
-    load_task,
-    load_task_file,
-    transform_targets,
-)
+from __future__ import annotations
 
-__all__ = [
-    "BASELINES",
-    "PRIMARY",
-    "TASKS",
-    "OneHotEncoder",
-    "ProbeResult",
-    "RunStore",
-    "TaskData",
-    "TaskSpec",
-    "TaskSplit",
-    "TextCNN",
-    "codon_frequency_features",
-    "compute_metrics",
-    "dedupe",
-    "duplicate_warnings",
-    "duplicates",
-    "evaluate_finetune",
-    "evaluate_pooled",
-    "evaluate_probe",
-    "extent_text",
-    "fetch_task",
-    "format_report",
-    "input_sha256",
-    "label_warnings",
-    "load_fasta_folder",
-    "load_task",
-    "load_task_file",
-    "make_splits",
-    "pad_features",
-    "repeated_splits",
-    "run_baselines",
-    "select_at_best_val",
-    "to_json",
-    "transform_targets",
-    "write_figure",
-]
+import importlib
+from typing import Any
+
+# name -> submodule of helm.downstream
+_LAZY = {
+    "BASELINES": "baselines",
+    "extent_text": "baselines",
+    "format_report": "baselines",
+    "run_baselines": "baselines",
+    "to_json": "baselines",
+    "dedupe": "checks",
+    "duplicate_warnings": "checks",
+    "duplicates": "checks",
+    "label_warnings": "checks",
+    "write_figure": "figure",
+    "evaluate_finetune": "finetune",
+    "OneHotEncoder": "heads",
+    "TextCNN": "heads",
+    "codon_frequency_features": "heads",
+    "pad_features": "heads",
+    "PRIMARY": "metrics",
+    "compute_metrics": "metrics",
+    "ProbeResult": "protocol",
+    "TaskSplit": "protocol",
+    "evaluate_pooled": "protocol",
+    "evaluate_probe": "protocol",
+    "make_splits": "protocol",
+    "repeated_splits": "protocol",
+    "select_at_best_val": "protocol",
+    "RunStore": "runs",
+    "TASKS": "tasks",
+    "TaskData": "tasks",
+    "TaskSpec": "tasks",
+    "fetch_task": "tasks",
+    "input_sha256": "tasks",
+    "load_fasta_folder": "tasks",
+    "load_task": "tasks",
+    "load_task_file": "tasks",
+    "transform_targets": "tasks",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'helm.downstream' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"helm.downstream.{_LAZY[name]}"), name)

@@ -25,33 +25,12 @@ sub-layer).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 
-from helm.models.common import MLP, Backbone, ModelConfig, init_weights
-from helm.models.gpt2 import SelfAttention, attention_inputs, check_attention_config
-
-MLM_HEADS = ("transform", "linear")
-
-
-@dataclass
-class BertConfig(ModelConfig):
-    """BERT options: all of ``ModelConfig``, bidirectional by default, BERT's LayerNorm eps and
-    MLM head (``mlm_head``: "transform" | "linear", see the module docstring)."""
-
-    bidirectional: bool = True
-    norm_eps: float = 1e-12
-    mlm_head: str = "transform"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_attention_config(self)
-        if self.mlm_head not in MLM_HEADS:
-            raise ValueError(
-                f"mlm_head must be one of {', '.join(MLM_HEADS)}; got {self.mlm_head!r}"
-            )
+from helm.models.common import MLP, Backbone, init_weights
+from helm.models.config import BertConfig, ModelConfig
+from helm.models.gpt2 import SelfAttention, attention_inputs
 
 
 class BertBlock(nn.Module):

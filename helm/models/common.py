@@ -16,82 +16,13 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "swiglu")
-POS_EMBEDDINGS = ("none", "absolute", "sincos", "rotary")
-POS_EMBEDDING_APPLY = ("add", "concat")
-
-
-@dataclass
-class ModelConfig:
-    vocab_size: int = 69
-    pad_vocab_size_multiple: int = 8
-    d_model: int = 256
-    num_layers: int = 4
-    num_heads: int = 4
-    d_ff: int | None = None  # None: 4 * d_model
-    dropout: float = 0.0
-    attn_dropout: float = 0.0
-    activation: str = "gelu"
-    tie_embeddings: bool = True
-    pos_embedding: str = "absolute"
-    pos_embedding_apply: str = "add"
-    pos_embedding_dim: int | None = None  # width of the position part under "concat"
-    max_seq_len: int = 1024
-    bidirectional: bool = False  # False: causal (CLM); True: every position sees every other (MLM)
-    norm_eps: float = 1e-5
-    init_std: float = 0.02
-
-    # Whether the backbone builds its blocks without an MLP when d_ff == 0 (set by such configs).
-    allows_no_mlp: ClassVar[bool] = False
-
-    def __post_init__(self) -> None:
-        if self.d_ff is None:
-            self.d_ff = 4 * self.d_model
-        _check_choice("activation", self.activation, ACTIVATIONS)
-        _check_choice("pos_embedding", self.pos_embedding, POS_EMBEDDINGS)
-        _check_choice("pos_embedding_apply", self.pos_embedding_apply, POS_EMBEDDING_APPLY)
-        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "max_seq_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.d_ff < 0:
-            raise ValueError(f"d_ff must be >= 0, got {self.d_ff}")
-        if self.d_ff == 0 and not self.allows_no_mlp:
-            raise ValueError(
-                f"d_ff=0 (no MLP) is not supported by {type(self).__name__}; use d_ff >= 1"
-            )
-        if self.pad_vocab_size_multiple < 1:
-            raise ValueError("pad_vocab_size_multiple must be >= 1")
-        for name in ("dropout", "attn_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.pos_embedding_apply == "concat":
-            if self.pos_embedding not in ("absolute", "sincos"):
-                raise ValueError(
-                    "pos_embedding_apply=concat needs pos_embedding absolute or sincos, "
-                    f"got {self.pos_embedding!r}"
-                )
-            if not self.pos_embedding_dim or not 0 < self.pos_embedding_dim < self.d_model:
-                raise ValueError(
-                    "pos_embedding_apply=concat needs 0 < pos_embedding_dim < hidden_size, "
-                    f"got pos_embedding_dim={self.pos_embedding_dim}, hidden_size={self.d_model}"
-                )
-
-    @property
-    def padded_vocab_size(self) -> int:
-        m = self.pad_vocab_size_multiple
-        return (self.vocab_size + m - 1) // m * m
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+from helm.models.config import ModelConfig
 
 
 def tag(param: nn.Parameter, *, no_weight_decay: bool = False, **optim: float) -> nn.Parameter:

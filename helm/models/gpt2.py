@@ -18,36 +18,12 @@ Masks handed to SDPA (built once per forward by ``sdpa_mask``):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from helm.models.common import MLP, Backbone, ModelConfig, Rotary, positions_like
-
-
-def check_attention_config(cfg: ModelConfig) -> None:
-    """Errors for head counts that cannot split the width (shared by the attention models)."""
-    if cfg.d_model % cfg.num_heads:
-        raise ValueError(
-            f"num_heads={cfg.num_heads} must divide hidden_size={cfg.d_model} "
-            f"(each head gets hidden_size / num_heads channels)"
-        )
-    if cfg.pos_embedding == "rotary" and (cfg.d_model // cfg.num_heads) % 2:
-        raise ValueError(
-            f"pos_embedding=rotary needs an even head dimension; hidden_size / num_heads = "
-            f"{cfg.d_model // cfg.num_heads}"
-        )
-
-
-@dataclass
-class GPT2Config(ModelConfig):
-    """GPT-2 options: all of ``ModelConfig`` (``bidirectional=False`` is the causal CLM model)."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_attention_config(self)
+from helm.models.common import MLP, Backbone, Rotary, positions_like
+from helm.models.config import GPT2Config, ModelConfig, check_attention_config
 
 
 def sdpa_mask(

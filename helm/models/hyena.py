@@ -37,66 +37,14 @@ and HyenaDNA's ``lr_pos_emb=0``), not parameters.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from helm.models.common import MLP, Backbone, ModelConfig, init_weights, tag
-from helm.ops import IMPLS
+from helm.models.common import MLP, Backbone, init_weights, tag
+from helm.models.config import HyenaConfig, ModelConfig
 from helm.ops.fftconv import fftconv
-
-
-@dataclass
-class HyenaConfig(ModelConfig):
-    """Hyena options on top of ``ModelConfig``; ``num_heads`` is unused (one operator head)."""
-
-    pos_embedding: str = "none"
-    filter_order: int = 64  # width of the implicit filter MLP
-    filter_inner_layers: int = 2  # hidden Linear + Sin layers after the first
-    filter_emb_dim: int = 33  # positional features: 1 time + (filter_emb_dim - 1) / 2 sin/cos pairs
-    filter_sine_freq: float = 1.0  # initial frequency w of the Sin activations (learnable)
-    filter_lr_scale: float = 1.0  # filter learning rate as a multiple of the base learning rate
-    filter_wd: float = 0.0  # weight decay of the filter MLP
-    # The fastest / slowest channel's filter decays to filter_decay_target at this fraction of
-    # max_seq_len (safari's ExponentialModulation); the other channels lie in between.
-    filter_fast_decay_pct: float = 0.3
-    filter_slow_decay_pct: float = 1.5
-    filter_decay_target: float = 1e-2
-    short_filter_size: int = 3
-    fftconv_impl: str = "auto"  # auto | torch | triton (see helm.ops.fftconv)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.pos_embedding == "rotary":
-            raise ValueError(
-                "pos_embedding=rotary is for attention models; Hyena takes none, absolute or sincos"
-            )
-        if self.filter_emb_dim < 3 or self.filter_emb_dim % 2 == 0:
-            raise ValueError(
-                "filter_emb_dim must be odd and >= 3 (time + sin/cos pairs), "
-                f"got {self.filter_emb_dim}"
-            )
-        if self.filter_order < 1 or self.filter_inner_layers < 0:
-            raise ValueError("filter_order must be >= 1 and filter_inner_layers >= 0")
-        if self.short_filter_size < 1:
-            raise ValueError(f"short_filter_size must be >= 1, got {self.short_filter_size}")
-        if self.bidirectional and self.short_filter_size % 2 == 0:
-            raise ValueError(
-                f"a bidirectional (centred) short conv needs an odd short_filter_size, "
-                f"got {self.short_filter_size}"
-            )
-        if not 0 < self.filter_fast_decay_pct <= self.filter_slow_decay_pct:
-            raise ValueError("need 0 < filter_fast_decay_pct <= filter_slow_decay_pct")
-        if not 0 < self.filter_decay_target < 1:
-            raise ValueError("filter_decay_target must be in (0, 1)")
-        if self.filter_lr_scale < 0 or self.filter_wd < 0:
-            raise ValueError("filter_lr_scale and filter_wd must be >= 0")
-        if self.fftconv_impl not in IMPLS:
-            raise ValueError(
-                f"fftconv_impl must be one of {', '.join(IMPLS)}; got {self.fftconv_impl!r}"
-            )
 
 
 def filter_lags(

@@ -19,111 +19,20 @@ else acts per token. Causal (CLM) models ignore ``attention_mask`` for the same 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from helm.models.common import MLP, Backbone, ModelConfig, RMSNorm, init_weights, tag
+from helm.models.common import MLP, Backbone, RMSNorm, init_weights, tag
+from helm.models.config import MambaConfig, ModelConfig
 from helm.ops.selective_scan import (
-    SCAN_IMPLS,
     causal_conv1d,
     check_scan_impl,
     resolve_scan_impl,
     selective_scan,
     ssd_chunk_scan,
 )
-
-SSM_LAYERS = ("mamba", "mamba2")
-BIDIRECTIONAL_STRATEGIES = ("add", "ew_multiply")
-BIDIRECTIONAL_MLPS = ("per_direction", "shared")
-
-
-@dataclass
-class MambaConfig(ModelConfig):
-    """Mamba backbone options on top of ModelConfig; ``d_ff = 0`` builds blocks without an MLP.
-
-    Bidirectional layers (``bidirectional=True``) come in two kinds, ``bidirectional_mlp``:
-
-    - "per_direction" (default): two whole blocks per layer, f (forward) and r (reverse), each
-      ``Delta(x) = a + MLP(RMSNorm(x + a))`` with ``a = Mixer(RMSNorm(x))``: the residual update
-      that block would add to x. With rev reversing each row's real tokens (its own inverse), the
-      layer is the residual map ``y = x + Delta_f(x) + rev(Delta_r(rev(x)))`` ("add"; "ew_multiply"
-      multiplies the two updates instead). Equivalently, each direction runs its block on the
-      residual stream and the two updates are summed, not the two streams (which would count x
-      twice).
-    - "shared": one block per layer whose mixer sub-block runs two mixers,
-      ``x = x + Mixer_f(h) + rev(Mixer_r(rev(h)))`` with ``h = RMSNorm(x)`` (one norm), followed by
-      one MLP sub-block as in a causal layer.
-
-    Parameters per layer (Mamba-1, d = d_model, e = expand * d, R = dt_rank, N = d_state,
-    K = d_conv, swiglu MLP of width f; norms have d weights):
-    mixer M = 2de + e(K + 1) + e(R + 2N) + (Re + e) + eN + e + ed, MLP F = 2df + 2f + fd + d;
-    causal layer = M + F + 2d; per_direction = 2 (M + F + 2d), exactly two causal layers;
-    shared = 2M + F + 2d (with d_ff = 0, F and one norm drop from each block). Tying
-    (``bidirectional_weight_tie``) removes 3de, the reverse in_proj and out_proj, from either.
-    So 20 per_direction layers of width 256 (f = 1024) cost what 40 causal layers cost: 49,099,008
-    parameters with the 72-row tied embedding, against 33,314,048 for "shared".
-    """
-
-    allows_no_mlp = True  # d_ff = 0: Mamba's original block, a mixer only
-
-    pos_embedding: str = "none"
-    activation: str = "swiglu"  # the block's gated MLP; d_ff = 0: no MLP
-    ssm_layer: str = "mamba"  # "mamba" (Mamba-1) | "mamba2" (SSD)
-    d_state: int = 16
-    d_conv: int = 4
-    expand: int = 2  # d_inner = expand * d_model
-    dt_rank: int | str = "auto"  # Mamba-1: "auto" = ceil(d_model / 16)
-    dt_min: float = 0.001
-    dt_max: float = 0.1
-    dt_init_floor: float = 1e-4
-    headdim: int = 64  # Mamba-2: channels per head; must divide d_inner
-    ngroups: int = 1  # Mamba-2: groups of heads sharing B and C
-    # Tokens per chunk: Mamba-1's PyTorch log-space scan (working memory and fp32 rounding grow
-    # linearly with it; mamba-ssm's selective_scan_fn ignores it) and Mamba-2's SSD chunk (used by
-    # both the PyTorch scan and mamba_chunk_scan_combined).
-    chunk_size: int = 64
-    bidirectional_strategy: str = "add"
-    bidirectional_weight_tie: bool = False
-    bidirectional_mlp: str = "per_direction"  # "per_direction" | "shared": see the docstring
-    scan_impl: str = "auto"  # auto | torch | mamba_ssm: see helm.ops.selective_scan
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for name, value, choices in (
-            ("ssm_layer", self.ssm_layer, SSM_LAYERS),
-            ("bidirectional_strategy", self.bidirectional_strategy, BIDIRECTIONAL_STRATEGIES),
-            ("bidirectional_mlp", self.bidirectional_mlp, BIDIRECTIONAL_MLPS),
-            ("scan_impl", self.scan_impl, SCAN_IMPLS),
-        ):
-            if value not in choices:
-                raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
-        if self.pos_embedding == "rotary":
-            raise ValueError("pos_embedding=rotary applies to attention only; mamba has none")
-        if self.dt_rank == "auto":
-            self.dt_rank = math.ceil(self.d_model / 16)
-        for name in ("d_state", "d_conv", "expand", "dt_rank", "headdim", "ngroups", "chunk_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.scan_impl != "torch" and not 2 <= self.d_conv <= 4:
-            raise ValueError(
-                f"d_conv={self.d_conv}: causal-conv1d's kernel takes 2..4; use scan_impl='torch'"
-            )
-        if not 0 < self.dt_min <= self.dt_max:
-            raise ValueError(f"need 0 < dt_min <= dt_max, got {self.dt_min}, {self.dt_max}")
-        if self.ssm_layer == "mamba2":
-            if self.d_inner % self.headdim:
-                raise ValueError(f"headdim={self.headdim} must divide d_inner={self.d_inner}")
-            nheads = self.d_inner // self.headdim
-            if nheads % self.ngroups:
-                raise ValueError(f"ngroups={self.ngroups} must divide nheads={nheads}")
-
-    @property
-    def d_inner(self) -> int:
-        return self.expand * self.d_model
 
 
 def _inverse_softplus_dt(n: int, cfg: MambaConfig) -> torch.Tensor:

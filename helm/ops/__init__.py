@@ -18,10 +18,15 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # importing helm.ops imports no torch: the command line reads IMPLS
+    import torch
 
 IMPLS = ("auto", "torch", "triton")
+# Mamba's scans: mamba-ssm's CUDA kernels are the kernel (``helm.ops.selective_scan``).
+SCAN_KERNEL = "mamba_ssm"
+SCAN_IMPLS = ("auto", "torch", SCAN_KERNEL)
 
 
 def resolve_impl(

@@ -8,7 +8,7 @@
 ``anc[c, s]`` is the ancestor of leaf c at depth s (-1 past the leaf), so slot 0 is the root (a
 log-sum-exp over all V real columns) and the leaf's own slot is just ``z_y``. XE is coef = (+1 at the
 root, -1 at the leaf); HXE, the amino-acid losses and soft labels are other coefficients
-(``helm.losses.loss_tables`` builds them).
+(``helm.losses.tables.loss_tables`` builds them).
 
 ``path_loss_ref`` is the PyTorch reference: the CPU path, the test oracle and the benchmark
 baseline of the fused Triton kernel ``helm.kernels.path_loss.path_loss_triton``, which has the same

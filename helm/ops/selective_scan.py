@@ -37,7 +37,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from helm.ops import resolve_impl
+from helm.ops import SCAN_IMPLS, SCAN_KERNEL, resolve_impl
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +63,6 @@ except (ImportError, OSError, RuntimeError) as err:
     mamba_chunk_scan_combined = None
     _IMPORT_ERRORS["mamba_ssm.mamba_chunk_scan_combined"] = repr(err)
 
-SCAN_KERNEL = "mamba_ssm"  # the kernel's name in ``impl`` / ``MambaConfig.scan_impl``
-SCAN_IMPLS = ("auto", "torch", SCAN_KERNEL)
 # What each op and each mixer needs from the optional packages (keys of _IMPORT_ERRORS).
 _CONV = "causal_conv1d"
 _SCAN = "mamba_ssm.selective_scan_fn"

@@ -48,14 +48,14 @@ def build_tables(
 ) -> dict[str, torch.Tensor | None]:
     """anc, coef, soft, const of ``path_loss_ref`` for one loss, exactly as the trainer builds them."""
     from helm.hierarchy import build_hierarchy
-    from helm.losses import loss_tables
+    from helm.losses.tables import loss_tables
 
     t = loss_tables(
         _NAMES[loss],
         build_hierarchy("true"),
-        alpha=alpha,
-        beta=beta,
-        aa_weight=aa_weight,
+        hxe_alpha=alpha,
+        soft_labels_beta=beta,
+        aa_loss_weight=aa_weight,
         vocab_size=V,
         device=device,
     )

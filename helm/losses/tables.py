@@ -1,4 +1,5 @@
-"""Losses over the codon tree (DESIGN.md): the tables, the functional losses and ``HelmLoss``.
+"""Losses over the codon tree (DESIGN.md): the tables, the functional losses and ``HelmLoss``
+(the registry of names and options, and ``build_loss``, are ``helm.losses``'s).
 
 Every loss here is one formula over per-target tables, the path loss of ``helm.ops.path_loss``::
 
@@ -19,12 +20,10 @@ from scipy.special import xlogy
 from torch import nn
 
 from helm.hierarchy import CodonHierarchy
+from helm.losses import LOSSES, OPTIONS, spec
 from helm.ops import IMPLS
 from helm.ops.path_loss import LossTables, path_loss
 from helm.vocab import IGNORE_INDEX
-
-LOSSES = ("XE", "HXE", "soft_labels", "aa_loss_add", "aa_loss_only")
-CODON_HINT = "--tokenizer 3mer --overlap 0 (--data-type nuc or codon)"
 
 
 # Tables --------------------------------------------------------------------------------------------
@@ -114,16 +113,6 @@ def _build_tables(
     )
 
 
-def _check_params(alpha: float, beta: float, aa_weight: float) -> None:
-    # Written as `not x >= 0` so that NaN is refused too.
-    if not alpha >= 0:
-        raise ValueError(f"--hxe-alpha must be >= 0, got {alpha}")
-    if not beta > 0:
-        raise ValueError(f"--soft-labels-beta must be > 0, got {beta}")
-    if not aa_weight >= 0:
-        raise ValueError(f"--aa-loss-weight must be >= 0, got {aa_weight}")
-
-
 _TABLE_CACHE: dict[tuple, LossTables] = {}
 
 
@@ -131,39 +120,40 @@ def loss_tables(
     kind: str,
     hierarchy: CodonHierarchy | None,
     *,
-    alpha: float = 0.2,
-    normalize: bool = True,
-    beta: float = 15.0,
-    aa_weight: float = 1.0,
     vocab_size: int | None = None,
     device: torch.device | str | None = None,
+    **options: float | bool,
 ) -> LossTables:
-    """The ``path_loss_ref`` tables of loss ``kind`` (one of ``LOSSES``), cached per device.
+    """The ``path_loss_ref`` tables of loss ``kind`` (a ``helm.losses.LOSSES`` name), cached per
+    device. ``options`` are ``helm.losses.OPTIONS`` keys (``hxe_alpha``, ...; defaults for the rest).
 
     XE ignores the hierarchy and needs only ``vocab_size`` (any tokenizer); the others need the codon
-    hierarchy. Only the parameters of ``kind`` enter the cache key (XE does not depend on alpha).
+    hierarchy. Only the options of ``kind`` enter the cache key (XE does not depend on alpha).
     """
-    if kind not in LOSSES:
-        raise ValueError(f"unknown loss {kind!r}; choose from {', '.join(LOSSES)}")
-    _check_params(alpha, beta, aa_weight)
+    loss = spec(kind)
+    opts = {key: options.get(key, option.default) for key, option in OPTIONS.items()}
+    for option in OPTIONS.values():
+        option.check(opts[option.key])
     if kind == "XE" and vocab_size is None and hierarchy is None:
         raise ValueError("XE tables need vocab_size or a hierarchy")
-    params = {
-        "XE": (),
-        "HXE": (float(alpha), bool(normalize)),
-        "soft_labels": (float(beta),),
-        "aa_loss_only": (),
-        "aa_loss_add": (float(aa_weight),),
-    }[kind]
+    params = tuple(opts[key] for key in loss.options)
     tree = None
-    if kind != "XE":
+    if loss.needs_tree:
         if hierarchy is None:
             raise ValueError(f"loss {kind!r} needs the codon hierarchy")
         tree = (hierarchy.kind, hierarchy.seed, tuple(hierarchy.codon_order()))
     V = vocab_size if vocab_size is not None else hierarchy.num_leaves  # type: ignore[union-attr]
     key = (kind, tree, params, V, str(torch.device(device or "cpu")))
     if key not in _TABLE_CACHE:
-        tables = _build_tables(kind, hierarchy, alpha, normalize, beta, aa_weight, vocab_size)
+        tables = _build_tables(
+            kind,
+            hierarchy,
+            opts["hxe_alpha"],
+            opts["hxe_normalize"],
+            opts["soft_labels_beta"],
+            opts["aa_loss_weight"],
+            vocab_size,
+        )
         _TABLE_CACHE[key] = tables.to(device)
     return _TABLE_CACHE[key]
 
@@ -195,7 +185,9 @@ def hxe_loss(
     impl: str = "auto",
 ) -> torch.Tensor:
     """Hierarchical cross entropy: ``-sum_d w_d log(P(C_d) / P(C_{d-1}))`` along the target's path."""
-    tables = loss_tables("HXE", hierarchy, alpha=alpha, normalize=normalize, device=logits.device)
+    tables = loss_tables(
+        "HXE", hierarchy, hxe_alpha=alpha, hxe_normalize=normalize, device=logits.device
+    )
     kw = dict(ignore_index=ignore_index, reduction=reduction, impl=impl)
     return path_loss(logits, targets, tables, **kw)
 
@@ -210,7 +202,7 @@ def soft_label_loss(
     impl: str = "auto",
 ) -> torch.Tensor:
     """``KL(q_y || p)`` with ``q_y(c) = softmax_c(-beta dist(c, y) / dist_max)``."""
-    tables = loss_tables("soft_labels", hierarchy, beta=beta, device=logits.device)
+    tables = loss_tables("soft_labels", hierarchy, soft_labels_beta=beta, device=logits.device)
     kw = dict(ignore_index=ignore_index, reduction=reduction, impl=impl)
     return path_loss(logits, targets, tables, **kw)
 
@@ -226,7 +218,7 @@ def aa_loss(
 ) -> torch.Tensor:
     """Amino-acid loss ``-log P(parent(y))``; with a ``weight``, ``XE + weight * L_aa``."""
     kind, w = ("aa_loss_only", 1.0) if weight is None else ("aa_loss_add", weight)
-    tables = loss_tables(kind, hierarchy, aa_weight=w, device=logits.device)
+    tables = loss_tables(kind, hierarchy, aa_loss_weight=w, device=logits.device)
     kw = dict(ignore_index=ignore_index, reduction=reduction, impl=impl)
     return path_loss(logits, targets, tables, **kw)
 
@@ -273,42 +265,3 @@ class HelmLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, vocab_size={self.vocab_size}, impl={self.impl!r}"
-
-
-def build_loss(
-    name: str,
-    *,
-    vocab_size: int,
-    is_codon: bool,
-    hierarchy: CodonHierarchy | None = None,
-    hxe_alpha: float = 0.2,
-    hxe_normalize: bool = True,
-    soft_labels_beta: float = 15.0,
-    aa_loss_weight: float = 1.0,
-    impl: str = "auto",
-) -> HelmLoss:
-    """The loss ``name`` (one of ``LOSSES``, ``--loss``) for a tokenizer of ``vocab_size`` tokens.
-
-    Hierarchical losses need the codon tokenizer (``is_codon``) and its ``hierarchy``; XE works with
-    any vocabulary. ``impl``: auto | torch | triton (``helm.ops.resolve_impl``).
-    """
-    if name not in LOSSES:
-        raise ValueError(f"unknown --loss {name!r}; choose from {', '.join(LOSSES)}")
-    if name != "XE":
-        if not is_codon:
-            raise ValueError(
-                f"--loss {name} needs the codon tree, which only the codon tokenizer has: "
-                f"use {CODON_HINT}, or --loss XE"
-            )
-        if hierarchy is None:
-            raise ValueError(f"--loss {name} needs a codon hierarchy (--hierarchy true|random)")
-    tables = loss_tables(
-        name,
-        hierarchy,
-        alpha=hxe_alpha,
-        normalize=hxe_normalize,
-        beta=soft_labels_beta,
-        aa_weight=aa_loss_weight,
-        vocab_size=vocab_size,
-    )
-    return HelmLoss(name, tables, impl=impl)
