@@ -27,6 +27,7 @@ setup(
         # transformers and safetensors: the equivalence and export tests (skipped without them).
         "dev": [
             "pytest>=7.4",
+            "pytest-timeout>=2.2",
             "hypothesis>=6.80",
             "ruff>=0.5",
             "triton>=3.4",

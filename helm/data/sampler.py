@@ -21,10 +21,14 @@ Ranks thus get the same number of batches and, apart from the repeated batches, 
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
+import multiprocessing.util  # registers multiprocessing's exit hook before ours (_exiting)
+import os
 import random
 import signal
 from collections.abc import Callable, Iterator, Sequence
-from functools import partial
+from functools import cache, partial
 from typing import Any
 
 import numpy as np
@@ -183,7 +187,29 @@ def padding_efficiency(
     return real / padded if padded else 1.0
 
 
-def _worker_init(worker_id: int, worker_seeding: str | Callable[[Any], int] = "all") -> None:
+@cache
+def _exiting() -> Any:
+    """An event set when this (main) process exits; its DataLoader workers then obey SIGTERM.
+
+    Workers ignore SIGINT and SIGTERM while the process runs (``_worker_init``). At exit,
+    multiprocessing ends the workers that are still alive (those of an iterator an exception kept
+    referenced, e.g. a failed test's) with SIGTERM and waits for them: without this event, an
+    ignored SIGTERM would make that wait, hence the exit, hang. The hook is registered after
+    multiprocessing's own, so it runs first (atexit runs hooks last-in, first-out).
+    """
+    event = multiprocessing.Event()
+    atexit.register(event.set)
+    return event
+
+
+def _end_on_sigterm_at_exit(exiting: Any, signum: int, frame: Any) -> None:
+    if exiting.is_set():
+        os._exit(0)  # the main process is exiting and ends its workers: nothing to clean up
+
+
+def _worker_init(
+    worker_id: int, worker_seeding: str | Callable[[Any], int] = "all", exiting: Any = None
+) -> None:
     """Seed a DataLoader worker the way timm's ``--worker-seeding`` does.
 
     PyTorch itself seeds ``random`` and ``torch`` in each worker with ``worker_info.seed`` (the
@@ -193,9 +219,13 @@ def _worker_init(worker_id: int, worker_seeding: str | Callable[[Any], int] = "a
     draws from its own per-item generators, so this matters only for code using global RNGs.
     """
     # Ctrl-C and SIGTERM reach every process of the group; the trainer stops at a safe point and
-    # ends its workers itself, so a worker must not die first and break the loader.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
+    # ends its workers itself, so a worker must not die first and break the loader. Only once the
+    # main process exits does SIGTERM end a worker (``_exiting``).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if exiting is None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    else:
+        signal.signal(signal.SIGTERM, partial(_end_on_sigterm_at_exit, exiting))
     info = torch.utils.data.get_worker_info()
     if callable(worker_seeding):
         seed = worker_seeding(info)
@@ -238,7 +268,7 @@ def build_dataloader(
         num_workers=num_workers,
         collate_fn=collate_fn,
         pin_memory=pin_memory,
-        worker_init_fn=partial(_worker_init, worker_seeding=worker_seeding)
+        worker_init_fn=partial(_worker_init, worker_seeding=worker_seeding, exiting=_exiting())
         if num_workers
         else None,
         persistent_workers=num_workers > 0,
