@@ -3,9 +3,10 @@
 or ``torchrun --nproc_per_node N train.py ...``. See README for the flags; ``--help`` lists them all.
 
 The story, top to bottom: distributed setup, resume, data, loss, model and optimizer, schedule,
-EMA, state, compile and DDP, then the loop (updates, logging, validation, checkpoints) and the test
-split. Each part is a call into ``helm``; what happens inside an update lives in ``helm/lm.py``, the
-checkpoint format in ``helm/checkpoint.py``.
+EMA, state, compile and DDP (``_train``), then the loop (``loop``): each epoch's updates and log
+lines (``train_epoch``), its validation and checkpoints (``end_epoch``), and the test split
+(``test_best``). Each part is a call into ``helm``; what happens inside an update lives in
+``helm/lm.py``, the checkpoint format in ``helm/checkpoint/``.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import math
 import os
 import shutil
 import sys
-import time
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from helm.config import (
     ConfigError,
@@ -59,12 +61,11 @@ from helm.hf import init_from
 from helm.hierarchy import CodonHierarchy, build_hierarchy
 from helm.lm import (
     CudaPrefetcher,
+    Meter,
     build_training,
     evaluate,
-    flops_per_token,
     forward_backward,
     optimizer_step,
-    peak_flops,
     to_device,
 )
 from helm.logger import RunLogger, setup_logging, teardown_logging
@@ -116,26 +117,7 @@ def _train(args, given, info: hdist.DistInfo, out: Path, stop: hdist.StopRequest
         tokenizer_state=ckpt["tokenizer"] if ckpt else None,
     )
     tokenizer = data.tokenizer
-    dataset_kw = dataset_kwargs(cfg) | {"vocab_size": tokenizer.vocab_size}
-    loader_kw = dict(
-        batch_size=args.batch_size,
-        num_replicas=info.world_size,
-        rank=info.rank,
-        seed=args.seed,
-        num_workers=num_workers(args.num_workers, info),
-        pin_memory=args.pin_mem and device.type == "cuda",
-        worker_seeding=args.worker_seeding,
-    )
-    train_ds = LMDataset(data.stores["train"], truncation=args.truncation, **dataset_kw)
-    repeats = args.epoch_repeats or 1.0  # timm: 0 means one pass per epoch
-    train_loader = build_loader(train_ds, train=True, repeats=repeats, **loader_kw)
-    train_sampler = train_loader.batch_sampler
-
-    def eval_loader(name):  # fixed masks (epoch 0) and order: comparable across epochs
-        dataset = LMDataset(data.stores[name], truncation="head", **dataset_kw)
-        return build_loader(dataset, train=False, **loader_kw)
-
-    val_loader = eval_loader("val") if "val" in data.stores else None
+    loaders = Loaders(data, args, info)
 
     # Loss, model and optimizer: the codon tree (restored exactly on resume), the configured loss,
     # backbone + LM head, the lr scaled to the global batch; CUDA precision settings.
@@ -144,7 +126,6 @@ def _train(args, given, info: hdist.DistInfo, out: Path, stop: hdist.StopRequest
         if ckpt
         else build_hierarchy(args.hierarchy, args.seed)
     )
-    metric_tree = hierarchy if tokenizer.is_codon else None
     accum = args.grad_accum_steps
     parts = build_training(
         cfg,
@@ -153,8 +134,8 @@ def _train(args, given, info: hdist.DistInfo, out: Path, stop: hdist.StopRequest
         device=device,
         global_batch=args.batch_size * accum * info.world_size,
     )
-    model, loss_fn, optimizer, amp = parts.model, parts.loss_fn, parts.optimizer, parts.amp
-    cuda_defaults(device, amp)
+    model = parts.model
+    cuda_defaults(device, parts.amp)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("%s %s: %.2fM parameters", args.model_name, args.mode, n_params / 1e6)
     if args.init_from and ckpt is None:  # trained weights of this architecture (not on resume)
@@ -163,10 +144,11 @@ def _train(args, given, info: hdist.DistInfo, out: Path, stop: hdist.StopRequest
         model = convert_sync_bn(model, info.distributed)
 
     # Schedule: the lr is a pure function of the update count (or epoch).
-    updates_per_epoch = math.ceil(len(train_sampler) / accum)
+    updates_per_epoch = math.ceil(len(loaders.train.batch_sampler) / accum)
     scheduler, num_epochs = build_scheduler(
-        optimizer, base_lr=parts.lr, updates_per_epoch=updates_per_epoch, **schedule_kwargs(cfg)
-    )
+        parts.optimizer, base_lr=parts.lr, updates_per_epoch=updates_per_epoch,
+        **schedule_kwargs(cfg),
+    )  # fmt: skip
 
     # EMA: made from the raw module after .to(device), before compile and DDP wrap it.
     ema = None
@@ -178,7 +160,7 @@ def _train(args, given, info: hdist.DistInfo, out: Path, stop: hdist.StopRequest
     saver = CheckpointManager(out / "checkpoints", args.checkpoint_hist, args.val_metric_mode)
     state = TrainState(
         model.backbone,
-        optimizer,
+        parts.optimizer,
         scheduler,
         parts.scaler,
         saver,
@@ -197,7 +179,7 @@ def _train(args, given, info: hdist.DistInfo, out: Path, stop: hdist.StopRequest
     if info.is_main:
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(args), sort_keys=False))
         tokenizer.save(out / "tokenizer")
-    run = RunInfo(
+    run_info = RunInfo(
         to_dict(args),
         args.model_name,
         vars(parts.model_config),
@@ -212,148 +194,234 @@ def _train(args, given, info: hdist.DistInfo, out: Path, stop: hdist.StopRequest
     if args.compile:
         train_model = torch.compile(train_model)
 
-    # Loop. A stop request (SIGINT/SIGTERM) is honoured at safe points only: after an update,
-    # inside validation (single process) and after the epoch's checkpoint.
+    # Logging: metrics.jsonl and TensorBoard; the meter reads the device at log steps only.
     logger = RunLogger(out, info.is_main)
     if state.epoch_metrics:
         logger.relog(state.epoch_metrics)  # the killed run may not have logged its last epoch
-    meter = Meter(device, info.world_size, n_params, args, with_xe=args.loss != "XE")
-    eval_kw = dict(hierarchy=metric_tree, vocab_size=tokenizer.vocab_size, amp=amp)
-    if not info.distributed:  # ranks must agree on stopping, so they do at log steps instead
-        eval_kw["should_stop"] = lambda: bool(stop.signum)
-    first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite step
-    skipped = 0
+    flops = model.backbone.flops_per_token(args.max_seq_len)  # the model states its FLOPs
+    meter = Meter(device, info.world_size, flops, with_xe=args.loss != "XE")
     log.info(
         "training %d epochs x %d updates (batch %d x accum %d x %d ranks, lr %.3g)",
-        num_epochs,
-        updates_per_epoch,
-        args.batch_size,
-        accum,
-        info.world_size,
-        parts.lr,
-    )
-    try:
-        for epoch in range(state.epoch, num_epochs):
-            state.epoch = epoch
-            train_ds.set_epoch(epoch)
-            train_sampler.set_epoch(epoch)
-            train_sampler.load_state_dict({"epoch": epoch, "batches_done": state.batches_done})
-            use_prefetcher = device.type == "cuda" and not args.no_prefetcher
-            batches = iter(CudaPrefetcher(train_loader, device) if use_prefetcher else train_loader)
-            model.train()
-            bar = tqdm(
-                total=len(train_sampler),
-                initial=state.batches_done,
-                disable=not (info.is_main and sys.stderr.isatty()),
-                desc=f"epoch {epoch}",
-                unit="batch",
-                dynamic_ncols=True,
-                leave=False,
-            )
-            meter.reset()
-            while micro := list(itertools.islice(batches, accum)):
-                micro = [to_device(b, device) for b in micro]
-                step_xe = meter.zero() if meter.with_xe else None
-                step_loss, step_targets, step_tokens = forward_backward(
-                    train_model, micro, loss_fn, parts.scaler, amp, info.world_size, step_xe
-                )
-                bad = ~torch.isfinite(step_loss)
-                first_bad = torch.where(
-                    bad & (first_bad < 0), torch.full_like(first_bad, state.step), first_bad
-                )
-                # --nan-policy skip reads one scalar per update (a sync): the price of skipping.
-                if args.nan_policy == "skip" and bool(hdist.all_reduce_sum(bad.float())):
-                    optimizer.zero_grad(set_to_none=True)
-                    first_bad.fill_(-1)
-                    skipped += 1
-                    state.batches_done += len(micro)
-                    bar.update(len(micro))
-                    continue
-                meter.add(step_loss, step_targets, step_tokens, step_xe)
-                grad_norm = optimizer_step(
-                    model,
-                    optimizer,
-                    parts.scaler,
-                    clip_grad=args.clip_grad,
-                    clip_mode=args.clip_mode,
-                )
-                state.step += 1
-                state.batches_done += len(micro)
-                scheduler.step_update(state.step)
-                if ema is not None:
-                    ema.update(model, step=state.step)
-                bar.update(len(micro))
-                log_step = state.step % args.log_interval == 0
-                if log_step:
-                    check_finite(first_bad)
-                    stats = meter.stats(scheduler.lr, grad_norm)
-                    bar.set_postfix(loss=f"{stats['train/loss']:.4f}", lr=f"{scheduler.lr:.2e}")
-                    if bar.disable:
-                        summary = " ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in stats.items())
-                        log.info("epoch %d step %d: %s", epoch, state.step, summary)
-                    logger.log(state.step, stats, epoch=epoch)
-                    meter.reset()
-                if (log_step or not info.distributed) and stop.agreed(device):
-                    raise hdist.Interrupted
-            bar.close()
-            check_finite(first_bad)
+        num_epochs, updates_per_epoch, args.batch_size, accum, info.world_size, parts.lr,
+    )  # fmt: skip
+    run = Run(
+        args, info, out, stop, model, train_model, parts, scheduler, ema, state, saver,
+        run_info, loaders, logger, meter, metric_tree=hierarchy if tokenizer.is_codon else None,
+    )  # fmt: skip
+    return loop(run, num_epochs)
 
-            # Validation, schedule, checkpoints, early stopping. Until the epoch's checkpoint is
-            # written, batches_done says the epoch is trained: a stop here resumes at validation.
-            metrics = validate(model, ema, val_loader, loss_fn, device, eval_kw)
-            # As timm: with an EMA, the EMA's metric chooses the best checkpoint.
-            key = f"ema_{args.eval_metric}" if ema is not None else args.eval_metric
-            metric = metrics.get(key)
-            scheduler.step(epoch + 1, metric)
-            improved = saver.update_best(metric, epoch)
-            state.bad_epochs = 0 if improved else state.bad_epochs + 1
-            state.epoch, state.batches_done = epoch + 1, 0  # a resume starts the next epoch
-            state.epoch_metrics = {"step": state.step, "epoch": epoch, "metrics": metrics}
-            checkpoint = state.checkpoint(run)
-            if info.is_main:
-                saver.save_epoch(checkpoint, epoch, improved)
-            summary = " ".join(
-                f"{k} {v:.4f}" for k, v in metrics.items() if not k.endswith("count")
-            )
-            best = " *best*" if improved else ""
-            log.info("epoch %d done (step %d): %s%s", epoch, state.step, summary, best)
-            logger.log(state.step, metrics, epoch=epoch)
-            if stop.agreed(device):
-                raise hdist.Interrupted
-            if args.early_stop and state.bad_epochs >= args.patience_epochs:
-                log.info("early stop: %s did not improve for %d epochs", key, state.bad_epochs)
+
+@dataclass
+class Run:
+    """What the loop works with, made by ``_train``'s set-up."""
+
+    args: Any
+    info: hdist.DistInfo
+    out: Path
+    stop: hdist.StopRequest
+    model: torch.nn.Module  # the raw LanguageModel (checkpoints, EMA, evaluation)
+    train_model: torch.nn.Module  # the view that trains: DDP and compile wrap the raw model
+    parts: Any  # helm.lm.Training: loss, optimizer, scaler, precision
+    scheduler: Any
+    ema: ModelEma | None
+    state: TrainState
+    saver: CheckpointManager
+    run_info: RunInfo
+    loaders: Loaders
+    logger: RunLogger
+    meter: Meter
+    metric_tree: CodonHierarchy | None  # the tree metrics (codon tokenizers only)
+    skipped: int = 0  # updates skipped for a non-finite loss (--nan-policy skip)
+    first_bad: torch.Tensor = field(init=False)  # the first non-finite step on this rank, or -1
+
+    def __post_init__(self) -> None:
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=self.info.device)
+
+    def eval_kw(self) -> dict[str, Any]:
+        kw = dict(hierarchy=self.metric_tree, vocab_size=self.loaders.vocab_size,
+                  amp=self.parts.amp)  # fmt: skip
+        if not self.info.distributed:  # ranks must agree on stopping: they do at log steps
+            kw["should_stop"] = lambda: bool(self.stop.signum)
+        return kw
+
+
+def loop(run: Run, num_epochs: int) -> int:
+    """The epochs, then the test split. A stop request (SIGINT/SIGTERM) is honoured at safe points
+    only: after an update, inside validation (single process) and after the epoch's checkpoint."""
+    try:
+        for epoch in range(run.state.epoch, num_epochs):
+            train_epoch(run, epoch)
+            if end_epoch(run, epoch):  # early stopping
                 break
     except hdist.Interrupted:  # every rank stops at the same safe point
-        code = save_at_stop(state, run, saver, first_bad, out, info.is_main)
-        logger.close()
-        return code or stop.exit_code
+        code = save_at_stop(run)
+        run.logger.close()
+        return code or run.stop.exit_code
     except (KeyboardInterrupt, NonFiniteLoss) as exc:  # a second signal, or a non-finite loss
-        log.error("%s; %s", str(exc) or "stopped at once, saving nothing new", last_good(saver))
-        logger.close()
+        reason = str(exc) or "stopped at once, saving nothing new"
+        log.error("%s; %s", reason, last_good(run.saver))
+        run.logger.close()
         return 3 if isinstance(exc, NonFiniteLoss) else 130
-    if skipped:
-        log.warning("%d updates were skipped for non-finite losses (--nan-policy skip)", skipped)
+    if run.skipped:
+        log.warning(
+            "%d updates were skipped for non-finite losses (--nan-policy skip)", run.skipped
+        )
+    code = test_best(run)
+    run.logger.close()
+    if code == 0:
+        log.info("done: checkpoints in %s", run.out / "checkpoints")
+    return code
 
-    # Test split: the best epoch's own weights (the last ones when no validation chose one).
-    if "test" in data.stores:
-        hdist.barrier()  # rank 0 wrote the checkpoints
-        best = saver.load_best()
-        use_ema = ema is not None and best.checkpoint.get("ema") is not None
-        model.backbone.load_state_dict(best.checkpoint["ema" if use_ema else "model"])
-        try:
-            test = evaluate(
-                model, eval_loader("test"), loss_fn, device=device, prefix="test", **eval_kw
-            )
-        except hdist.Interrupted:
-            log.warning("stopped during the test split; the checkpoints are complete in %s", out)
-            logger.close()
-            return stop.exit_code
-        summary = " ".join(f"{k} {v:.4f}" for k, v in test.items())
-        log.info("test (epoch %s, %s): %s", best.epoch, best.path.name, summary)
-        logger.log(state.step, test, epoch=best.epoch)
-    logger.close()
-    log.info("done: checkpoints in %s", out / "checkpoints")
+
+def train_epoch(run: Run, epoch: int) -> None:
+    """One epoch of updates from where the state says (a resume starts mid-epoch)."""
+    args, state, device, meter = run.args, run.state, run.info.device, run.meter
+    state.epoch = epoch
+    sampler = run.loaders.train.batch_sampler
+    run.loaders.train.dataset.set_epoch(epoch)
+    sampler.set_epoch(epoch)
+    sampler.load_state_dict({"epoch": epoch, "batches_done": state.batches_done})
+    prefetch = device.type == "cuda" and not args.no_prefetcher
+    loader = run.loaders.train
+    batches = iter(CudaPrefetcher(loader, device) if prefetch else loader)
+    run.model.train()
+    bar = tqdm(
+        total=len(sampler),
+        initial=state.batches_done,
+        disable=not (run.info.is_main and sys.stderr.isatty()),
+        desc=f"epoch {epoch}",
+        unit="batch",
+        dynamic_ncols=True,
+        leave=False,
+    )
+    meter.reset()
+    while micro := list(itertools.islice(batches, args.grad_accum_steps)):
+        micro = [to_device(b, device) for b in micro]
+        step_xe = meter.zero() if meter.with_xe else None
+        step_loss, step_targets, step_tokens = forward_backward(
+            run.train_model, micro, run.parts.loss_fn, run.parts.scaler, run.parts.amp,
+            run.info.world_size, step_xe,
+        )  # fmt: skip
+        bad = ~torch.isfinite(step_loss)
+        run.first_bad = torch.where(
+            bad & (run.first_bad < 0), torch.full_like(run.first_bad, state.step), run.first_bad
+        )
+        # --nan-policy skip reads one scalar per update (a sync): the price of skipping.
+        if args.nan_policy == "skip" and bool(hdist.all_reduce_sum(bad.float())):
+            run.parts.optimizer.zero_grad(set_to_none=True)
+            run.first_bad.fill_(-1)
+            run.skipped += 1
+            state.batches_done += len(micro)
+            bar.update(len(micro))
+            continue
+        meter.add(step_loss, step_targets, step_tokens, step_xe)
+        grad_norm = optimizer_step(
+            run.model, run.parts.optimizer, run.parts.scaler, clip_grad=args.clip_grad,
+            clip_mode=args.clip_mode,
+        )  # fmt: skip
+        state.step += 1
+        state.batches_done += len(micro)
+        run.scheduler.step_update(state.step)
+        if run.ema is not None:
+            run.ema.update(run.model, step=state.step)
+        bar.update(len(micro))
+        log_step = state.step % args.log_interval == 0
+        if log_step:
+            check_finite(run.first_bad)
+            stats = meter.stats(run.scheduler.lr, grad_norm)
+            bar.set_postfix(loss=f"{stats['train/loss']:.4f}", lr=f"{run.scheduler.lr:.2e}")
+            if bar.disable:
+                summary = " ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in stats.items())
+                log.info("epoch %d step %d: %s", epoch, state.step, summary)
+            run.logger.log(state.step, stats, epoch=epoch)
+            meter.reset()
+        if (log_step or not run.info.distributed) and run.stop.agreed(device):
+            raise hdist.Interrupted
+    bar.close()
+    check_finite(run.first_bad)
+
+
+def end_epoch(run: Run, epoch: int) -> bool:
+    """Validation, the schedule, the epoch's checkpoints and its log line; True to stop early.
+    Until the epoch's checkpoint is written, batches_done says the epoch is trained: a stop here
+    resumes at validation."""
+    args, state, saver = run.args, run.state, run.saver
+    metrics = validate(run.model, run.ema, run.loaders.val, run.parts.loss_fn, run.info.device,
+                       run.eval_kw())  # fmt: skip
+    # As timm: with an EMA, the EMA's metric chooses the best checkpoint.
+    key = f"ema_{args.eval_metric}" if run.ema is not None else args.eval_metric
+    metric = metrics.get(key)
+    run.scheduler.step(epoch + 1, metric)
+    improved = saver.update_best(metric, epoch)
+    state.bad_epochs = 0 if improved else state.bad_epochs + 1
+    state.epoch, state.batches_done = epoch + 1, 0  # a resume starts the next epoch
+    state.epoch_metrics = {"step": state.step, "epoch": epoch, "metrics": metrics}
+    checkpoint = state.checkpoint(run.run_info)
+    if run.info.is_main:
+        saver.save_epoch(checkpoint, epoch, improved)
+    summary = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if not k.endswith("count"))
+    best = " *best*" if improved else ""
+    log.info("epoch %d done (step %d): %s%s", epoch, state.step, summary, best)
+    run.logger.log(state.step, metrics, epoch=epoch)
+    if run.stop.agreed(run.info.device):
+        raise hdist.Interrupted
+    if args.early_stop and state.bad_epochs >= args.patience_epochs:
+        log.info("early stop: %s did not improve for %d epochs", key, state.bad_epochs)
+        return True
+    return False
+
+
+def test_best(run: Run) -> int:
+    """The test split with the best epoch's own weights (the last ones when no validation chose
+    one); 0, or the stop's exit code when a signal stops it."""
+    if not run.loaders.has("test"):
+        return 0
+    hdist.barrier()  # rank 0 wrote the checkpoints
+    best = run.saver.load_best()
+    use_ema = run.ema is not None and best.checkpoint.get("ema") is not None
+    run.model.backbone.load_state_dict(best.checkpoint["ema" if use_ema else "model"])
+    try:
+        test = evaluate(
+            run.model, run.loaders.evaluation("test"), run.parts.loss_fn, device=run.info.device,
+            prefix="test", **run.eval_kw(),
+        )  # fmt: skip
+    except hdist.Interrupted:
+        log.warning("stopped during the test split; the checkpoints are complete in %s", run.out)
+        return run.stop.exit_code
+    summary = " ".join(f"{k} {v:.4f}" for k, v in test.items())
+    log.info("test (epoch %s, %s): %s", best.epoch, best.path.name, summary)
+    run.logger.log(run.state.step, test, epoch=best.epoch)
     return 0
+
+
+class Loaders:
+    """The run's datasets and loaders: training (shuffled per epoch, resumable), and validation
+    and test with fixed masks (epoch 0) and order, comparable across epochs."""
+
+    def __init__(self, data, args, info: hdist.DistInfo):
+        self.stores = data.stores
+        self.vocab_size = data.tokenizer.vocab_size
+        self.dataset_kw = dataset_kwargs(vars(args)) | {"vocab_size": self.vocab_size}
+        self.loader_kw = dict(
+            batch_size=args.batch_size,
+            num_replicas=info.world_size,
+            rank=info.rank,
+            seed=args.seed,
+            num_workers=num_workers(args.num_workers, info),
+            pin_memory=args.pin_mem and info.device.type == "cuda",
+            worker_seeding=args.worker_seeding,
+        )
+        dataset = LMDataset(self.stores["train"], truncation=args.truncation, **self.dataset_kw)
+        repeats = args.epoch_repeats or 1.0  # timm: 0 means one pass per epoch
+        self.train = build_loader(dataset, train=True, repeats=repeats, **self.loader_kw)
+        self.val = self.evaluation("val") if self.has("val") else None
+
+    def has(self, split: str) -> bool:
+        return split in self.stores
+
+    def evaluation(self, split: str):
+        dataset = LMDataset(self.stores[split], truncation="head", **self.dataset_kw)
+        return build_loader(dataset, train=False, **self.loader_kw)
 
 
 # The parts of train() that are more than a few lines ---------------------------------------------
@@ -433,26 +501,23 @@ def validate(model, ema, loader, loss_fn, device, eval_kw: dict) -> dict[str, fl
     return metrics
 
 
-def save_at_stop(state, run, saver, first_bad, out: Path, is_main: bool) -> int:
+def save_at_stop(run: Run) -> int:
     """Write last.pt where the run stopped (a collective under DDP: RNG streams are gathered);
     after a non-finite loss nothing is written, so the last good checkpoint stays (returns 3)."""
-    first_bad = hdist.all_reduce_max(first_bad.clone())  # every rank decides alike
+    first_bad = hdist.all_reduce_max(run.first_bad.clone())  # every rank decides alike
     if first_bad.item() >= 0:
         step = first_bad.item() + 1
         log.error("stopped after a non-finite loss at optimizer step %d: nothing saved", step)
         return 3
-    checkpoint = state.checkpoint(run)
-    if is_main:
-        saver.save_last(checkpoint)
+    state = run.state
+    checkpoint = state.checkpoint(run.run_info)
+    if run.info.is_main:
+        run.saver.save_last(checkpoint)
         log.warning(
             "stopped at step %d (epoch %d, %d batches in): saved %s; continue with "
             "--resume auto --output %s",
-            state.step,
-            state.epoch,
-            state.batches_done,
-            saver.last,
-            out,
-        )
+            state.step, state.epoch, state.batches_done, run.saver.last, run.out,
+        )  # fmt: skip
     hdist.barrier()
     return 0
 
@@ -482,65 +547,6 @@ def check_finite(first_bad: torch.Tensor) -> None:
             f"non-finite loss at optimizer step {first_bad.item() + 1}: stopping (try a lower "
             "--lr, --clip-grad, --amp-dtype bfloat16, or --nan-policy skip)"
         )
-
-
-class Meter:
-    """Loss, targets and tokens summed on the device between log steps; read (and summed across
-    ranks) only when ``stats`` is called, so the loop never waits for the device otherwise."""
-
-    def __init__(
-        self, device: torch.device, world_size: int, n_params: int, args, with_xe: bool = False
-    ):
-        self.device, self.world_size, self.with_xe = device, world_size, with_xe
-        self.peak = peak_flops(device)
-        attention = args.model_name in ("gpt2", "bert")
-        self.tok_flops = flops_per_token(
-            n_params, args.num_layers, args.hidden_size, args.max_seq_len, attention
-        )
-        self.reset()
-
-    def reset(self) -> None:
-        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        self.targets = torch.zeros((), dtype=torch.long, device=self.device)
-        self.tokens = torch.zeros((), dtype=torch.long, device=self.device)  # input tokens
-        # Cross entropy in nats beside a hierarchical loss (forward_backward adds to it).
-        self.xe = self.zero() if self.with_xe else None
-        self.t0 = time.time()
-
-    def zero(self) -> torch.Tensor:
-        return torch.zeros((), dtype=torch.float64, device=self.device)
-
-    def add(
-        self,
-        loss_sum: torch.Tensor,
-        targets: torch.Tensor,
-        tokens: torch.Tensor,
-        xe_sum: torch.Tensor | None = None,
-    ) -> None:
-        if xe_sum is not None:
-            self.xe += xe_sum
-        self.loss_sum += loss_sum
-        self.targets += targets
-        self.tokens += tokens
-
-    def stats(self, lr: float, grad_norm: torch.Tensor | None) -> dict[str, float]:
-        for t in (self.loss_sum, self.targets, self.tokens, self.xe):
-            if t is not None:
-                hdist.all_reduce_sum(t)
-        dt = time.time() - self.t0
-        stats = {
-            "train/loss": self.loss_sum.item() / max(self.targets.item(), 1),
-            "train/lr": lr,
-            "train/tokens_per_s": self.tokens.item() / dt,
-        }
-        if self.xe is not None:
-            stats["train/xe"] = self.xe.item() / max(self.targets.item(), 1)
-        if grad_norm is not None:
-            stats["train/grad_norm"] = float(grad_norm)
-        if self.peak is not None:
-            mfu = stats["train/tokens_per_s"] * self.tok_flops / self.peak / self.world_size
-            stats["train/mfu"] = mfu
-        return stats
 
 
 def main(argv: list[str] | None = None) -> int:

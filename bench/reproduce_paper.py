@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 from helm.data.demo import demo_sequences  # noqa: E402
 from helm.data.io import iter_records  # noqa: E402
 from helm.downstream import TASKS, ProbeResult, load_task, write_figure  # noqa: E402
+from helm.downstream.experiment import run_experiment  # noqa: E402
 from helm.vocab import STOP, genetic_code  # noqa: E402
 
 log = logging.getLogger("helm")
@@ -54,8 +55,8 @@ SCALES = {
                   "32", "--num_heads", "2", "--intermediate_size", "64", "--max_seq_len", "48",
                   "--batch_size", "8", "--num_samples", "96", "--epochs", "1", "--warmup-epochs",
                   "0", "--lr", "3e-3", "--num_workers", "0", "--accelerator", "cpu"],
-        "eval": ["--lrs", "1e-3", "--batch-sizes", "16", "--seeds", "0", "--max-epochs", "2",
-                 "--patience", "2", "--device", "cpu"],
+        "eval": dict(lrs=[1e-3], batch_sizes=[16], seeds=[0], max_epochs=2, patience=2,
+                     device="cpu"),
         "tasks": ["gc_content"],
     },
     "gpu": {
@@ -63,8 +64,8 @@ SCALES = {
                   "256", "--num_heads", "4", "--intermediate_size", "1024", "--max_seq_len", "512",
                   "--batch_size", "64", "--epochs", "2", "--warmup-epochs", "0", "--lr", "1e-3",
                   "--amp", "--num_workers", "4"],
-        "eval": ["--lrs", "1e-3", "3e-4", "--batch-sizes", "32", "--seeds", "0", "1", "2",
-                 "--max-epochs", "30", "--patience", "5"],
+        "eval": dict(lrs=[1e-3, 3e-4], batch_sizes=[32], seeds=[0, 1, 2], max_epochs=30,
+                     patience=5),
         "tasks": ["mrfp_expression", "cov_vaccine_degradation", "tc_riboswitches", "mlos"],
     },
 }  # fmt: skip
@@ -72,9 +73,10 @@ STOPS = {c for c, aa in genetic_code().items() if aa == STOP}
 
 
 def load_script(name: str):
-    """train.py or eval.py as a module, so each step runs in this process."""
+    """train.py as a module, so each run trains in this process."""
     spec = importlib.util.spec_from_file_location(f"helm_{Path(name).stem}_script", ROOT / name)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -139,27 +141,27 @@ def main(argv: list[str] | None = None) -> int:
     scale = SCALES[args.scale]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    train, evalpy = load_script("train.py"), load_script("eval.py")
+    train = load_script("train.py")
 
     # Downstream sets, and the corpus cleaned of them.
     if args.scale == "smoke":
         raw = out / "demo_corpus.fasta"
         corpus_seqs = demo_sequences(300, seed=0)
         raw.write_text("".join(f">demo{i}\n{s}\n" for i, s in enumerate(corpus_seqs)))
-        tasks = {"gc_content": ["--file", str(smoke_task(out, corpus_seqs)), "--split-seeds", "0"]}
+        tasks = {"gc_content": dict(file=str(smoke_task(out, corpus_seqs)), split_seeds=[0])}
     else:
         if args.corpus is None or args.data_dir is None:
             parser.error("--scale gpu needs --corpus and --data_dir")
         raw = Path(args.corpus)
         names = args.tasks or scale["tasks"]
-        tasks = {t: ["--task", t, "--data_dir", args.data_dir] for t in names}
+        tasks = {t: dict(task=t, data_dir=args.data_dir) for t in names}
     downstream = []
-    for name, flags in tasks.items():
+    for name, where in tasks.items():
         data = load_task(TASKS[name], data_dir=args.data_dir) if name in TASKS else None
         downstream += (
             data.sequences
             if data
-            else [r.sequence for r in iter_records(flags[1], column_name="Sequence")]
+            else [r.sequence for r in iter_records(where["file"], column_name="Sequence")]
         )
     corpus = out / "corpus.fasta"
     kept, dropped = clean_corpus(raw, downstream, corpus)
@@ -176,25 +178,21 @@ def main(argv: list[str] | None = None) -> int:
                 return code
 
     # Probing: every variant on every task, baselines once per task.
-    grid = scale["eval"]
+    grid = dict(scale["eval"])
     if args.paper_grid:
-        grid = [*grid, "--lrs", "3e-4", "1e-4", "1e-5", "--batch-sizes", "8", "16", "32", "64"]
+        grid |= dict(lrs=[3e-4, 1e-4, 1e-5], batch_sizes=[8, 16, 32, 64])
     results: dict[str, dict[str, ProbeResult]] = {t: {} for t in tasks}
     for i, variant in enumerate(args.variants):
-        for task, flags in tasks.items():
+        for task, where in tasks.items():
             report = out / variant / f"{task}.json"
-            code = evalpy.main(["downstream", str(out / variant / "checkpoints" / "last.pt"),
-                                *flags, *grid, "--out", str(report),
-                                *([] if i == 0 else ["--no-baselines"])])  # fmt: skip
-            if code != 0:
-                return code
-            for name, r in json.loads(report.read_text())["results"].items():
-                method = variant if name.startswith(("gpt2", "bert", "mamba", "hyena")) else name
-                values = [v if v is not None else float("nan") for v in r["values"]]
-                results[task][method] = ProbeResult(
-                    method, r["task"], r["metric"], values, {}, r["chosen"],
-                    num_splits=r["num_splits"], num_seeds=r["num_seeds"], input=r["input"],
-                )  # fmt: skip
+            experiment = run_experiment(
+                out / variant / "checkpoints" / "last.pt", **where, **grid, baselines=i == 0,
+                runs_file=report.with_suffix(".runs.jsonl"),
+            )  # fmt: skip
+            experiment.write(report)
+            for name, r in experiment.results.items():
+                method = variant if name == experiment.model_method else name
+                results[task][method] = replace(r, method=method)
     text = (
         f"# HELM paper comparison, scale {args.scale}\n\nCorpus {raw}: {kept} records kept, "
         f"{dropped} dropped as downstream sequences. Test metric at the best validation epoch, "

@@ -64,7 +64,7 @@ import torch
 from helm.checkpoint import seed_everything
 from helm.config import parse_config
 from helm.hierarchy import build_hierarchy
-from helm.lm import build_training, flops_per_token, forward_backward, optimizer_step, peak_flops
+from helm.lm import build_training, forward_backward, mfu, optimizer_step, peak_flops
 from helm.logger import setup_logging
 from helm.tokenizers import build_tokenizer
 from helm.vocab import IGNORE_INDEX
@@ -200,10 +200,7 @@ def measure(case: str, args, opts: argparse.Namespace, device: torch.device) -> 
     step_s = [t / opts.steps for t in block_s]
     median_s = statistics.median(step_s)
     tokens = args.batch_size * args.max_seq_len
-    attention = args.model_name in ("gpt2", "bert")
-    flops = flops_per_token(
-        n_params, args.num_layers, args.hidden_size, args.max_seq_len, attention
-    )
+    flops = model.backbone.flops_per_token(args.max_seq_len)  # the model states its FLOPs
     peak = peak_flops(device)
     final_loss = float(losses[-1])
     if not torch.isfinite(torch.tensor(final_loss)):
@@ -233,7 +230,7 @@ def measure(case: str, args, opts: argparse.Namespace, device: torch.device) -> 
         "tokens_per_s": tok_s,
         "flops_per_token": flops,
         "achieved_tflops": tok_s * flops / 1e12,
-        "mfu": tok_s * flops / peak if peak else None,
+        "mfu": mfu(tok_s, flops, peak) if peak else None,
         "peak_mem_mb": peak_mem,
         "peak_mem_kind": mem_kind,
         "warmup_s": warmup_s,

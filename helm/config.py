@@ -27,7 +27,7 @@ import yaml
 from helm.errors import ConfigError
 from helm.hierarchy import HIERARCHIES
 from helm.losses import LOSSES, OPTIONS, loss_options
-from helm.models import MODELS
+from helm.models import MODELS, config_class
 from helm.models.config import ACTIVATIONS, POS_EMBEDDING_APPLY, POS_EMBEDDINGS
 from helm.ops import IMPLS
 from helm.sched import SCHEDULES
@@ -88,6 +88,52 @@ def _integer(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
 
 
+def _model_defaults(field: str) -> str:
+    """Each model's default of a config field, for --help: ``absolute for gpt2, bert; none ...``."""
+    by_value: dict[str, list[str]] = {}
+    for name, entry in MODELS.items():
+        by_value.setdefault(getattr(entry.config, field), []).append(name)
+    return "; ".join(f"{value} for {', '.join(names)}" for value, names in by_value.items())
+
+
+# Argument types of eval.py (and of any script that reads sequence files and checkpoints).
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def existing_path(text: str) -> str:
+    if not Path(text).exists():
+        raise argparse.ArgumentTypeError(f"{text}: no such file or folder")
+    return text
+
+
+def sequence_file(text: str) -> str:
+    if Path(text).is_dir():
+        raise argparse.ArgumentTypeError(
+            f"{text} is a folder: give a sequence file (txt, csv/tsv, fasta)"
+        )
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"{text}: no such file")
+    return text
+
+
+def fractions(text: str) -> tuple[float, float, float]:
+    try:
+        parts = tuple(float(p) for p in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected train,val,test fractions, got {text!r}"
+        ) from None
+    if len(parts) != 3 or min(parts) < 0 or not math.isclose(sum(parts), 1.0, abs_tol=1e-6):
+        raise argparse.ArgumentTypeError(f"expected three fractions summing to 1, got {text!r}")
+    return parts
+
+
 class _Lower(tuple):
     """Choices matched case-insensitively (the value is lower-cased first)."""
 
@@ -136,7 +182,7 @@ FLAGS: dict[str, list[tuple[str, Any, Any, str]]] = {
         ("--num_layers", 4, int, "number of blocks"),
         ("--num_heads", 4, int, "attention heads (gpt2, bert)"),
         ("--pad_vocab_size_multiple", 8, int, "pad the embedding rows to a multiple"),
-        ("--pos_embedding", "absolute", POS_EMBEDDINGS, "positions: none, learned absolute, fixed sincos, rotary (attention only)"),
+        ("--pos_embedding", None, POS_EMBEDDINGS, f"positions: none, learned absolute, fixed sincos, rotary (attention only); default: the model's own ({_model_defaults('pos_embedding')})"),
         ("--pos_embedding_apply", "add", POS_EMBEDDING_APPLY, "add positions to tokens, or concatenate them (--pos_embedding_dim wide)"),
         ("--pos_embedding_dim", None, int, "position width under concat"),
         ("--tie_embeddings", False, "onoff", "share the token embedding with the LM head"),
@@ -144,7 +190,7 @@ FLAGS: dict[str, list[tuple[str, Any, Any, str]]] = {
         ("--intermediate_size", 1024, int, "MLP width d_ff"),
         ("--dropout", 0.0, float, "dropout on residual branches and embeddings"),
         ("--attn_dropout", 0.0, float, "dropout on attention probabilities (training only)"),
-        ("--activation", None, ACTIVATIONS, "MLP activation (default: the model's own: gelu; swiglu for mamba's gated MLP)"),
+        ("--activation", None, ACTIVATIONS, f"MLP activation; default: the model's own ({_model_defaults('activation')})"),
         ("--compile", False, "on", "torch.compile the model"),
     ],
     "optimizer": [
@@ -504,9 +550,14 @@ def validate(args: argparse.Namespace) -> None:
         )
     if args.ssm_layer is not None and args.model_name != "mamba":
         raise ConfigError(f"--ssm_layer applies to --model_name mamba only, not {args.model_name}")
-    if args.pos_embedding == "rotary" and args.model_name not in ("gpt2", "bert"):
+    model = config_class(args.model_name)
+    if args.pos_embedding is None:  # each model's own default, recorded in config.yaml
+        args.pos_embedding = model.pos_embedding
+    if args.pos_embedding == "rotary" and not model.attention:
+        attentive = ", ".join(n for n, e in MODELS.items() if e.config.attention)
         raise ConfigError(
-            "--pos_embedding rotary needs attention: use --model_name gpt2 or bert, or another embedding"
+            f"--pos_embedding rotary needs attention: use --model_name {attentive}, or another "
+            "embedding"
         )
     if args.distributed_backend not in ("auto", "ddp", "nccl", "gloo"):
         raise ConfigError(
@@ -605,24 +656,22 @@ def to_dict(args: argparse.Namespace) -> dict[str, Any]:
 # stored in a checkpoint).
 
 
+def _keywords(cfg: Mapping[str, Any], same: str, **renamed: str) -> dict[str, Any]:
+    """The values of ``cfg`` under a builder's keywords: ``same`` names the settings whose key is
+    the keyword, ``renamed`` maps a keyword to its setting's key."""
+    return {k: cfg[k] for k in same.split()} | {kw: cfg[key] for kw, key in renamed.items()}
+
+
 def model_kwargs(cfg: Mapping[str, Any], vocab_size: int) -> dict[str, Any]:
     """The model config's fields (``helm.models.model_config``)."""
-    kw = dict(
-        vocab_size=vocab_size,
-        pad_vocab_size_multiple=cfg["pad_vocab_size_multiple"],
-        d_model=cfg["hidden_size"],
-        num_layers=cfg["num_layers"],
-        num_heads=cfg["num_heads"],
-        d_ff=cfg["intermediate_size"],
-        dropout=cfg["dropout"],
-        attn_dropout=cfg["attn_dropout"],
-        tie_embeddings=cfg["tie_embeddings"],
-        pos_embedding=cfg["pos_embedding"],
-        pos_embedding_apply=cfg["pos_embedding_apply"],
-        pos_embedding_dim=cfg["pos_embedding_dim"],
-        max_seq_len=cfg["max_seq_len"],
-        bidirectional=cfg["bidirectional"],
+    kw = _keywords(
+        cfg,
+        "pad_vocab_size_multiple num_layers num_heads dropout attn_dropout tie_embeddings "
+        "pos_embedding pos_embedding_apply pos_embedding_dim max_seq_len bidirectional",
+        d_model="hidden_size",
+        d_ff="intermediate_size",
     )
+    kw["vocab_size"] = vocab_size
     if cfg["activation"] is not None:  # otherwise each model keeps its own default
         kw["activation"] = cfg["activation"]
     if cfg["model_name"] == "mamba" and cfg["ssm_layer"] is not None:
@@ -637,73 +686,44 @@ def loss_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 def data_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """``helm.data.prepare.prepare_data``'s keywords, less the run's folders and rank."""
-    keys = (
+    return _keywords(
+        cfg,
         "demo_corpus data_dir train_file val_file test_file file_extension column_name split seed "
-        "on_invalid num_samples tokenizer overlap vocab_size data_type cache_dir"
+        "on_invalid num_samples tokenizer overlap vocab_size data_type cache_dir",
     )
-    return {k: cfg[k] for k in keys.split()}
 
 
 def dataset_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """``helm.data.dataset.LMDataset``'s keywords, less the store, vocabulary and truncation."""
-    return dict(
-        mode=cfg["mode"],
-        max_seq_len=cfg["max_seq_len"],
-        masking_strategy=cfg["masking_strategy"],
-        masking_ratio=cfg["masking_ratio"],
-        mask_replace=cfg["mask_replace"],
-        seed=cfg["seed"],
-        return_position_ids=cfg.get("position_ids", False),
-    )
+    kw = _keywords(cfg, "mode max_seq_len masking_strategy masking_ratio mask_replace seed")
+    return kw | {"return_position_ids": cfg.get("position_ids", False)}  # absent from old runs
 
 
 def lr_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """``helm.optim.scaled_lr``'s keywords, less the global batch."""
-    return dict(
-        lr=cfg["lr"],
-        lr_base=cfg["lr_base"],
-        lr_base_size=cfg["lr_base_size"],
-        lr_base_scale=cfg["lr_base_scale"],
-        opt=cfg["opt"],
-    )
+    return _keywords(cfg, "lr lr_base lr_base_size lr_base_scale opt")
 
 
 def optimizer_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """``helm.optim.build_optimizer``'s keywords, less the parameters and the lr."""
-    return dict(
-        opt=cfg["opt"],
-        weight_decay=cfg["weight_decay"],
-        layer_decay=cfg["layer_decay"],
-        momentum=cfg["momentum"],
-        eps=cfg["opt_eps"],
-        betas=cfg["opt_betas"],
-    )
+    return _keywords(cfg, "opt weight_decay layer_decay momentum", eps="opt_eps", betas="opt_betas")
 
 
 def schedule_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """``helm.sched.build_scheduler``'s keywords, less the optimizer, base lr and epoch length."""
-    return dict(
-        sched=cfg["sched"],
-        on_updates=cfg["sched_on_updates"],
-        epochs=cfg["epochs"],
-        min_lr=cfg["min_lr"],
-        warmup_epochs=cfg["warmup_epochs"],
-        warmup_lr=cfg["warmup_lr"],
-        warmup_prefix=cfg["warmup_prefix"],
-        cooldown_epochs=cfg["cooldown_epochs"],
-        cycle_mul=cfg["lr_cycle_mul"],
-        cycle_decay=cfg["lr_cycle_decay"],
-        cycle_limit=cfg["lr_cycle_limit"],
-        k_decay=cfg["lr_k_decay"],
-        decay_epochs=cfg["decay_epochs"],
-        decay_milestones=cfg["decay_milestones"],
-        decay_rate=cfg["decay_rate"],
-        noise=cfg["lr_noise"],
-        noise_pct=cfg["lr_noise_pct"],
-        noise_std=cfg["lr_noise_std"],
-        seed=cfg["seed"],
-        plateau_mode=cfg["val_metric_mode"],
-        patience_epochs=cfg["patience_epochs"],
+    return _keywords(
+        cfg,
+        "sched epochs min_lr warmup_epochs warmup_lr warmup_prefix cooldown_epochs decay_epochs "
+        "decay_milestones decay_rate seed patience_epochs",
+        on_updates="sched_on_updates",
+        cycle_mul="lr_cycle_mul",
+        cycle_decay="lr_cycle_decay",
+        cycle_limit="lr_cycle_limit",
+        k_decay="lr_k_decay",
+        noise="lr_noise",
+        noise_pct="lr_noise_pct",
+        noise_std="lr_noise_std",
+        plateau_mode="val_metric_mode",
     )
 
 

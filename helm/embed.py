@@ -88,6 +88,32 @@ def read_records(
 # Extraction --------------------------------------------------------------------------------------
 
 
+def report_truncation(token_ids, model, long_seqs: str, what: str) -> int:
+    """Say how many records exceed the model's window and what was done with them; their count."""
+    capacity = window_capacity(model.cfg.max_seq_len, not model.cfg.bidirectional)
+    lengths = [len(t) for t in token_ids]
+    longer = sum(n > capacity for n in lengths)
+    if longer and long_seqs == "truncate":
+        log.warning(
+            "%d of %d records are longer than the model's window of %d tokens (the longest has "
+            "%d): only their first %d tokens were %s; --long-seqs window reads them whole",
+            longer,
+            len(lengths),
+            capacity,
+            max(lengths),
+            capacity,
+            what,
+        )
+    elif longer:
+        log.info(
+            "%d of %d records read as overlapping windows of %d tokens",
+            longer,
+            len(lengths),
+            capacity,
+        )
+    return longer
+
+
 def window_capacity(max_seq_len: int, causal: bool) -> int:
     """Sequence tokens that fit one model input beside the frame."""
     return max_seq_len - (1 if causal else 2)

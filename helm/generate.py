@@ -18,12 +18,15 @@ generated tokens, so it measures how natural the model finds the sequence.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from helm.data.dataset import frame
+from helm.data.io import DataError, iter_records
 from helm.lm import inference_autocast
 from helm.vocab import (
     AMINO_ACIDS,
@@ -174,3 +177,70 @@ def sample(
 def gc_content(seq: str) -> float:
     """Fraction of G and C among the letters (nan for an empty sequence)."""
     return (seq.count("G") + seq.count("C")) / len(seq) if seq else math.nan
+
+
+def read_proteins(value: str) -> list[tuple[str, str]]:
+    """(name, protein) pairs from ``--protein``: a sequence, or a FASTA / one-per-line file."""
+    path = Path(value)
+    if not path.is_file():
+        return [("protein", clean_protein(value))]
+    fasta = path.read_text().lstrip().startswith(">")
+    out = []
+    # Raw records (validate=False): proteins are checked by clean_protein, not as nucleotides.
+    for record in iter_records(path, file_extension="fasta" if fasta else "txt", validate=False):
+        name = (record.header or f"protein{record.index}") if fasta else f"line{record.line}"
+        try:
+            out.append((name, clean_protein(record.sequence)))
+        except ValueError as exc:
+            raise DataError(f"{path}: {name}: {exc}") from None
+    if not out:
+        raise DataError(f"{path}: no protein sequences")
+    return out
+
+
+def fasta_record(index: int, sample: Sample, sequence: str, source: str, nucleotides: bool) -> str:
+    """``>gen{index} source=... tokens=... [gc=... cai=...] loglik=... end=eos|cap`` and the
+    sequence in lines of 80; ``end=cap``: no <eos> within the length cap."""
+    from helm.codon_usage import cai
+
+    fields = [f"source={source}", f"tokens={sample.num_generated}"]
+    if nucleotides:
+        fields += [f"gc={gc_content(sequence):.4f}", f"cai={cai(sequence):.4f}"]
+    fields += [f"loglik={sample.log_likelihood:.4f}", "end=eos" if sample.ended else "end=cap"]
+    lines = [f">gen{index} " + " ".join(fields)]
+    lines += [sequence[i : i + 80] for i in range(0, len(sequence), 80)] or [""]
+    return "\n".join(lines)
+
+
+@dataclass
+class Prompt:
+    """What one group of samples continues: token ids (no frame) and, for a designed protein, the
+    allowed tokens of each step (``protein_masks``)."""
+
+    name: str
+    ids: list[int]
+    allowed: torch.Tensor | None = None
+
+
+def build_prompts(
+    tokenizer, *, protein: str | None = None, prefixes: Sequence[tuple[str, str]] = ()
+) -> list[Prompt]:
+    """The prompts of a protein (a sequence or a file of them, ``read_proteins``: codon tokenizer
+    only) or of ``(name, nucleotide prefix)`` pairs (whole codons for a codon tokenizer)."""
+    if protein is not None:
+        if not tokenizer.is_codon:
+            raise ValueError(
+                f"--protein needs the codon tokenizer (3mer, overlap 0); this model uses "
+                f"{tokenizer.name}: sample without --protein"
+            )
+        return [
+            Prompt(name, [], protein_masks(seq, tokenizer.vocab_size))
+            for name, seq in read_proteins(protein)
+        ]
+    prompts = []
+    for name, prefix in prefixes:
+        prefix = "".join(prefix.split()).upper().replace("U", "T")
+        if tokenizer.is_codon and len(prefix) % 3:
+            raise ValueError(f"prefix {name!r}: length {len(prefix)} is not whole codons")
+        prompts.append(Prompt(name, [int(i) for i in tokenizer.encode(prefix)]))
+    return prompts

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -222,12 +223,69 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
-def flops_per_token(
-    n_params: int, num_layers: int, d_model: int, seq_len: int, attention: bool
-) -> float:
-    """Training FLOPs per token: 6N for the weights (forward + backward) plus, for attention
-    models, 12 * layers * d_model * seq_len for the score and value products (PaLM appendix B)."""
-    return 6 * n_params + (12 * num_layers * d_model * seq_len if attention else 0)
+def mfu(tokens_per_s: float, flops_per_token: float, peak: float) -> float:
+    """Model FLOPs utilisation of one device: the FLOP/s the tokens need over the device's peak."""
+    return tokens_per_s * flops_per_token / peak
+
+
+class Meter:
+    """Loss, targets and tokens summed on the device between log steps; read (and summed across
+    ranks) only when ``stats`` is called, so the loop never waits for the device otherwise."""
+
+    def __init__(
+        self,
+        device: torch.device,
+        world_size: int,
+        flops_per_token: float,
+        with_xe: bool = False,
+    ):
+        self.device, self.world_size, self.with_xe = device, world_size, with_xe
+        self.peak = peak_flops(device)
+        self.tok_flops = flops_per_token  # the model's (Backbone.flops_per_token)
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.targets = torch.zeros((), dtype=torch.long, device=self.device)
+        self.tokens = torch.zeros((), dtype=torch.long, device=self.device)  # input tokens
+        # Cross entropy in nats beside a hierarchical loss (forward_backward adds to it).
+        self.xe = self.zero() if self.with_xe else None
+        self.t0 = time.time()
+
+    def zero(self) -> torch.Tensor:
+        return torch.zeros((), dtype=torch.float64, device=self.device)
+
+    def add(
+        self,
+        loss_sum: torch.Tensor,
+        targets: torch.Tensor,
+        tokens: torch.Tensor,
+        xe_sum: torch.Tensor | None = None,
+    ) -> None:
+        if xe_sum is not None:
+            self.xe += xe_sum
+        self.loss_sum += loss_sum
+        self.targets += targets
+        self.tokens += tokens
+
+    def stats(self, lr: float, grad_norm: torch.Tensor | None) -> dict[str, float]:
+        for t in (self.loss_sum, self.targets, self.tokens, self.xe):
+            if t is not None:
+                all_reduce_sum(t)
+        dt = time.time() - self.t0
+        stats = {
+            "train/loss": self.loss_sum.item() / max(self.targets.item(), 1),
+            "train/lr": lr,
+            "train/tokens_per_s": self.tokens.item() / dt,
+        }
+        if self.xe is not None:
+            stats["train/xe"] = self.xe.item() / max(self.targets.item(), 1)
+        if grad_norm is not None:
+            stats["train/grad_norm"] = float(grad_norm)
+        if self.peak is not None:
+            stats["train/mfu"] = mfu(stats["train/tokens_per_s"], self.tok_flops, self.peak)
+            stats["train/mfu"] /= self.world_size
+        return stats
 
 
 # Building and stepping a run's model -------------------------------------------------------------

@@ -3,6 +3,7 @@ session's tiny checkpoints are (conftest.py trains them)."""
 
 import importlib
 import importlib.util
+import sys
 from functools import cache
 from pathlib import Path
 from types import ModuleType
@@ -23,6 +24,7 @@ def load_script(file: str) -> ModuleType:
     """train.py or eval.py as a module (loaded once), so tests call ``main`` in-process."""
     spec = importlib.util.spec_from_file_location(f"helm_{Path(file).stem}_script", ROOT / file)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

@@ -301,3 +301,18 @@ def test_resume_ignores_the_quickstart_layer():
     """A resumed run's flags are checked against its checkpoint, not against quickstart.yaml."""
     args = parse_config(["--resume", "auto", "--output", "x", "--tokenizer", "nuc"])
     assert args.loss == "XE"  # quickstart's HXE would have refused --tokenizer nuc
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert", "mamba", "hyena"])
+def test_each_model_owns_its_default_positions(name):
+    from helm.models import config_class
+
+    args = parse_config(["--model_name", name, "--train_file", "x.txt"])
+    assert args.pos_embedding == config_class(name).pos_embedding  # recorded, not left unset
+    assert args.pos_embedding == ("absolute" if name in ("gpt2", "bert") else "none")
+    given = parse_config(
+        ["--model_name", name, "--train_file", "x.txt", "--pos_embedding", "sincos"]
+    )
+    assert given.pos_embedding == "sincos"
+    help_text = " ".join(build_parser().format_help().split())
+    assert "default: the model's own (absolute for gpt2, bert; none for mamba, hyena)" in help_text

@@ -22,6 +22,7 @@ from scipy import stats
 from helm.data.io import DataError
 from helm.downstream import (
     TASKS,
+    Grid,
     OneHotEncoder,
     RunStore,
     TaskSpec,
@@ -407,15 +408,13 @@ def _synthetic(n: int = 120, d: int = 6, seed: int = 0):
 def test_evaluate_probe_learns_a_linear_target():
     feats, data = _synthetic()
     splits = make_splits(data, seed=0)
-    result = evaluate_probe(feats, data, splits, lrs=(3e-3,), batch_sizes=(16,), seeds=(0,),
-                            max_epochs=25, patience=8, progress=False)  # fmt: skip
+    result = evaluate_probe(feats, data, splits, grid=Grid(lrs=(3e-3,), batch_sizes=(16,), seeds=(0,), max_epochs=25, patience=8), progress=False)  # fmt: skip
     assert result.metric == "spearman" and len(result.values) == 1
     assert result.mean > 0.8, result
     assert result.chosen == [{"split": splits[0].name, "lr": 3e-3, "batch_size": 16}]
     linear = evaluate_probe(feats, data, splits, head="linear")
     assert linear.mean > 0.95 and "alpha" in linear.chosen[0]
-    untrained = evaluate_probe(feats, data, splits, lrs=(1e-9,), batch_sizes=(16,), seeds=(0,),
-                               max_epochs=1, progress=False)  # fmt: skip
+    untrained = evaluate_probe(feats, data, splits, grid=Grid(lrs=(1e-9,), batch_sizes=(16,), seeds=(0,), max_epochs=1), progress=False)  # fmt: skip
     assert untrained.mean < result.mean  # the score reflects training, not the harness
 
 
@@ -434,8 +433,7 @@ def test_baselines_on_a_tiny_task():
     codons = [[s[i : i + 3] for i in range(0, 60, 3)] for s in seqs]
     y = np.array([c.count("GCC") - c.count("AAA") + 0.1 * rng.normal() for c in codons])
     data = TaskData(seqs, y, "regression", ["Value"])
-    results = run_baselines(data, make_splits(data, seed=0), lrs=(1e-3,), batch_sizes=(16,),
-                            seeds=(0, 1), max_epochs=3, patience=2, progress=False)  # fmt: skip
+    results = run_baselines(data, make_splits(data, seed=0), grid=Grid(lrs=(1e-3,), batch_sizes=(16,), seeds=(0, 1), max_epochs=3, patience=2), progress=False)  # fmt: skip
     assert set(results) == {"onehot_textcnn", "codon_freq"}
     assert len(results["onehot_textcnn"].values) == 2 and len(results["codon_freq"].values) == 1
     assert results["codon_freq"].mean > 0.5  # codon counts carry the target
@@ -451,8 +449,7 @@ def test_tc_riboswitches_loads_with_splits_and_runs(shared_data):
     (split,) = make_splits(data)
     assert (len(split.train), len(split.val), len(split.test)) == (248, 53, 54)
     assert all(set(s) <= set("ACGT") for s in data.sequences)
-    results = run_baselines(data, [split], lrs=(1e-3,), batch_sizes=(64,), seeds=(0,),
-                            max_epochs=2, patience=2, progress=False)  # fmt: skip
+    results = run_baselines(data, [split], grid=Grid(lrs=(1e-3,), batch_sizes=(64,), seeds=(0,), max_epochs=2, patience=2), progress=False)  # fmt: skip
     assert all(np.isfinite(r.mean) for r in results.values())
     assert "3-mers" in format_report(results, TASKS["tc_riboswitches"])
 
@@ -510,8 +507,7 @@ def test_textcnn_probe_not_far_below_a_linear_probe_on_unscaled_features():
     data = TaskData(["ATG"] * n, z @ rng.normal(size=d), "regression", ["Value"])
     splits = make_splits(data, seed=0)
     linear = evaluate_probe(feats, data, splits, head="linear")
-    cnn = evaluate_probe(feats, data, splits, lrs=(3e-4,), batch_sizes=(16,), seeds=(0,),
-                         max_epochs=20, patience=5, progress=False)  # fmt: skip
+    cnn = evaluate_probe(feats, data, splits, grid=Grid(lrs=(3e-4,), batch_sizes=(16,), seeds=(0,), max_epochs=20, patience=5), progress=False)  # fmt: skip
     assert linear.mean > 0.9 and cnn.mean > linear.mean - 0.1, (cnn.mean, linear.mean)
 
 
@@ -621,8 +617,7 @@ def test_onehot_baseline_on_100kb_records_reads_the_models_window():
     assert ids.tolist() == [index.get(seqs[0][i : i + 3], 64) for i in range(0, 99_999, 3)]
     data = TaskData(seqs, rng.normal(size=24), "regression", ["Value"])
     start = time.perf_counter()
-    (result,) = run_baselines(data, make_splits(data), methods=("onehot_textcnn",), lrs=(1e-3,),
-                              batch_sizes=(8,), seeds=(0,), max_epochs=1, progress=False,
+    (result,) = run_baselines(data, make_splits(data), methods=("onehot_textcnn",), grid=Grid(lrs=(1e-3,), batch_sizes=(8,), seeds=(0,), max_epochs=1), progress=False,
                               extent=[3 * 510] * 24).values()  # fmt: skip
     assert time.perf_counter() - start < 10 and result.input.startswith("first 1530 nt")
 
@@ -650,7 +645,9 @@ def test_embed_ids_from_a_table_column(tmp_path):
 def test_run_store_resumes_an_interrupted_grid(tmp_path, caplog, monkeypatch):
     feats, data = _synthetic(n=60)
     splits = make_splits(data)
-    kw = dict(lrs=(3e-3, 1e-3), batch_sizes=(16,), seeds=(0, 1), max_epochs=3, patience=2)
+    kw = dict(
+        grid=Grid(lrs=(3e-3, 1e-3), batch_sizes=(16,), seeds=(0, 1), max_epochs=3, patience=2)
+    )
     trained, stop_after = [], [3]
     real = protocol._train_textcnn
 

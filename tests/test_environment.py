@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -54,9 +55,15 @@ def test_transformers_model_classes_import_beside_helm_from_the_repo_root():
 
 
 def test_the_wheel_installs_no_name_another_distribution_provides(tmp_path):
+    # Built from a copy: setuptools writes build/ and *.egg-info beside the sources.
+    source = tmp_path / "source"
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, source / name)
+    shutil.copytree(ROOT / "helm", source / "helm", ignore=shutil.ignore_patterns("__pycache__"))
     build = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(tmp_path), str(ROOT)],
+         "-w", str(tmp_path), str(source)],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert build.returncode == 0, build.stderr[-2000:]
@@ -86,7 +93,9 @@ def test_the_wheel_installs_no_name_another_distribution_provides(tmp_path):
 def test_help_and_argument_errors_import_no_torch(argv):
     result = run("-X", "importtime", *argv, timeout=120)
     assert result.returncode in (0, 2)
-    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if "|" in line}
+    imported = {
+        line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if "|" in line
+    }
     heavy = sorted(m for m in imported if m.split(".")[0] in HEAVY)
     assert not heavy, f"{' '.join(argv)} imported {heavy[:5]}"
     if result.returncode == 2:

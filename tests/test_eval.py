@@ -412,12 +412,15 @@ def test_eval_errors_are_one_line(tiny_runs, eval_run, tmp_path):
     code, _, err = eval_run("generate", tiny_checkpoint(tiny_runs, "clm"), "--nmu", 2)
     assert code == 2 and "did you mean --num?" in err and "usage:" not in err
     code, _, err = eval_run("generate", tiny_checkpoint(tiny_runs, "clm"), "--num", 0)
-    assert code == 2 and "--num must be >= 1, got 0" in err
+    assert code == 2 and "argument --num: must be >= 1, got 0" in err
     code, _, err = eval_run(
         "generate", tiny_checkpoint(tiny_runs, "clm"), "--max_length", 3, "--top_k", 5
     )
     assert code == 0, err  # both spellings of every flag
     empty = tmp_path / "runs" / "x"
     (empty / "checkpoints").mkdir(parents=True)
+    code, _, err = eval_run("pretrain", empty, "--file", tmp_path / "d.txt")
+    assert code == 2 and "d.txt: no such file" in err  # the arguments are checked first
+    (tmp_path / "d.txt").write_text("ATGAAATAA\n")
     code, _, err = eval_run("pretrain", empty, "--file", tmp_path / "d.txt")
     assert code == 2 and "without a checkpoint yet" in err

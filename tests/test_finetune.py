@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 from helpers import tiny_checkpoint
 
 from helm.checkpoint import load_for_eval
-from helm.downstream import evaluate_finetune, evaluate_probe, make_splits
+from helm.downstream import Grid, evaluate_finetune, evaluate_probe, make_splits
 from helm.downstream.finetune import (
     FinetuneModel,
     build_head,
@@ -24,10 +25,12 @@ from helm.downstream.finetune import (
 )
 from helm.downstream.tasks import TaskData
 from helm.embed import extract, window_capacity
+from helm.models import MODELS
 from helm.optim import build_optimizer
 from helm.vocab import CLS_ID, EOS_ID, PAD_ID
 
-GRID = dict(lrs=(3e-3,), batch_sizes=(16,), seeds=(0,), max_epochs=6, patience=3, progress=False)
+SEARCH = Grid(lrs=(3e-3,), batch_sizes=(16,), seeds=(0,), max_epochs=6, patience=3)
+GRID = dict(grid=SEARCH, progress=False)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -177,7 +180,7 @@ def test_finetuning_changes_the_backbone_and_probing_does_not(ckpt):
 
     # The frozen probe reads features once and never touches the backbone.
     features = extract(backbone, [f[1:-1] for f in framed])
-    evaluate_probe(features, data, [split], **{**GRID, "max_epochs": 2})
+    evaluate_probe(features, data, [split], grid=replace(SEARCH, max_epochs=2), progress=False)
     assert not changed(before, backbone)
 
 
@@ -190,7 +193,13 @@ def test_finetuning_learns_gc_content(ckpt, head):
     capacity = window_capacity(loaded.model.cfg.max_seq_len, causal=False)
     assert any(len(t) > capacity for t in token_ids)  # some records are cut to the window
     result = evaluate_finetune(
-        loaded.model, token_ids, data, splits, head=head, **{**GRID, "seeds": (0, 1)}
+        loaded.model,
+        token_ids,
+        data,
+        splits,
+        head=head,
+        grid=replace(SEARCH, seeds=(0, 1)),
+        progress=False,
     )
     assert result.method == f"finetune_{head}" and result.metric == "spearman"
     assert len(result.values) == 2
@@ -238,7 +247,7 @@ def test_cli_finetune_writes_the_report(ckpt, eval_run, tmp_path):
     assert err.startswith("eval.py: error: --long-seqs window does not apply to --finetune")
 
 
-@pytest.mark.parametrize("name", ["hyena", "gpt2", "bert", "mamba"])
+@pytest.mark.parametrize("name", MODELS)
 def test_finetune_backbone_groups_equal_the_trainers(name):
     """finetune_run deep-copies the backbone: its optimizer groups must be the trainer's (no-decay
     tags and Hyena's filter lr hints survive the copy), at backbone_lr_scale times the lr."""

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helm.models import model_config
+from helm.models import MODELS, model_config
 from helm.models.config import ModelConfig
 from helm.models.mamba import (
     Mamba,
@@ -437,7 +437,7 @@ def test_d_ff_zero_only_where_allowed():
         MambaConfig(d_ff=-1)
     with pytest.raises(ValueError, match="d_ff=0 .*not supported by ModelConfig"):
         ModelConfig(d_ff=0)
-    for name in ("gpt2", "bert", "hyena"):
+    for name in [n for n, e in MODELS.items() if not e.config.allows_no_mlp]:
         with pytest.raises(ValueError, match="d_ff=0"):
             model_config(name, d_ff=0)
     assert ModelConfig(d_model=8).d_ff == 32  # None still means 4 * d_model

@@ -8,15 +8,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from helm.models import build_model, model_config
+from helm.models import MODELS, build_model, model_config
 from helm.models.common import RMSNorm
 from helm.models.config import ACTIVATIONS, POS_EMBEDDING_APPLY, POS_EMBEDDINGS
 from helm.models.gpt2 import sdpa_mask
 
 V, D, B, T = 69, 32, 2, 12
-
-
-MODELS = ["gpt2", "bert", "hyena", "mamba"]
 
 
 def tiny(name: str, bidirectional: bool = False, seed: int = 0, **kw) -> nn.Module:
@@ -25,7 +22,7 @@ def tiny(name: str, bidirectional: bool = False, seed: int = 0, **kw) -> nn.Modu
         pad_vocab_size_multiple=8,
         d_model=D,
         num_layers=2,
-        num_heads=4 if name in ("gpt2", "bert") else 2,
+        num_heads=4 if MODELS[name].config.attention else 2,
         max_seq_len=64,
         bidirectional=bidirectional,
     )
@@ -100,7 +97,7 @@ def test_right_padding_leaves_real_positions_unchanged(name, bidirectional):
             torch.testing.assert_close(padded[i, :n], alone[0], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "bert", "hyena"])
+@pytest.mark.parametrize("name", MODELS)
 def test_a_row_of_only_padding_stays_finite(name, bidirectional):
     # Its query rows have no real key to attend to: without care that is a softmax over nothing.
     model = tiny(name, bidirectional)
@@ -172,7 +169,7 @@ def test_rotary_is_relative_and_absolute_is_not():
         assert same == invariant, pos
 
 
-@pytest.mark.parametrize("name", ["gpt2", "bert"])
+@pytest.mark.parametrize("name", [n for n, e in MODELS.items() if e.config.attention])
 def test_heads_must_divide_width(name):
     with pytest.raises(ValueError, match="num_heads=3 must divide"):
         tiny(name, num_heads=3)
@@ -334,3 +331,22 @@ def test_language_model_rows_all_positions_or_targets_only():
         torch.testing.assert_close(cross_entropy(logits, targets, vocab_size=69), want)
     big = build_model("gpt2", vocab_size=3000, d_model=16, num_layers=1, num_heads=2, d_ff=32)
     assert big.cfg.padded_vocab_size > LanguageModel.SELECT_ABOVE
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_each_model_states_its_flops_per_token(name):
+    # MFU's numerator: 6 per weight, and the attention products only where the model attends.
+    model = tiny(name)
+    params = sum(p.numel() for p in model.parameters())
+    assert model.flops_per_token(0) == 6 * params
+    grows = model.flops_per_token(100) - model.flops_per_token(0)
+    assert grows == (12 * 2 * D * 100 if MODELS[name].config.attention else 0)
+
+
+def test_gpt2_recipe_flops_match_palm_appendix_b():
+    # The 50M GPT-2 recipe (10 x 640, T = 444, 49,612,800 parameters; see README).
+    cfg = model_config("gpt2", vocab_size=69, d_model=640, num_layers=10, num_heads=10, d_ff=2560,
+                       max_seq_len=444, tie_embeddings=False)  # fmt: skip
+    with torch.device("meta"):
+        model = build_model("gpt2", cfg)
+    assert model.flops_per_token(444) == 6 * 49_612_800 + 12 * 10 * 640 * 444

@@ -13,6 +13,7 @@ import torch
 from helpers import ROOT, TINY, load_script
 
 from helm.checkpoint import load_checkpoint
+from helm.models import MODELS
 
 train = load_script("train.py")
 TINY = [*TINY, "--log-interval", "1", "--warmup-epochs", "0", "--sched-on-updates"]
@@ -40,7 +41,7 @@ def train_losses(out_dir: Path) -> list[float]:
 
 
 @pytest.mark.parametrize("mode", ["mlm", "clm"])
-@pytest.mark.parametrize("model", ["gpt2", "bert", "mamba", "hyena"])
+@pytest.mark.parametrize("model", MODELS)
 def test_loss_falls(run, model, mode):
     code, out = run(
         "--model_name", model, "--mode", mode, "--epochs", "3", "--lr", "3e-3", "--loss", "XE"

@@ -25,7 +25,8 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -255,6 +256,7 @@ def _write_cache(
     split: Split,
     tokenizer: Any,
     out: Path,
+    *,
     read_options: dict[str, Any],
     meta: dict[str, Any],
     show_progress: bool,
@@ -305,20 +307,13 @@ def _write_cache(
     return meta
 
 
-def _build(
-    split: Split,
-    tokenizer: Any,
-    final: Path,
-    read_options: dict[str, Any],
-    meta: dict[str, Any],
-    show_progress: bool,
-    chunk_chars: int,
-) -> None:
-    """Build the cache in a temporary sibling of `final`, then rename it into place."""
+def _build(name: str, final: Path, write: Callable[[Path], dict[str, Any]]) -> None:
+    """Build the cache of split ``name`` in a temporary sibling of `final` (``write(folder)``
+    returns the cache's metadata), then rename it into place."""
     start = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{HOST}-", dir=final.parent))
     try:
-        meta = _write_cache(split, tokenizer, tmp, read_options, meta, show_progress, chunk_chars)
+        meta = write(tmp)
         try:
             os.rename(tmp, final)
         except OSError:
@@ -334,7 +329,7 @@ def _build(
     logger.info(
         "token cache %s: %s records, %s tokens (%s), %s trailing bases dropped, %s invalid "
         "skipped; built in %.1fs -> %s",
-        split.name,
+        name,
         f"{meta['num_records']:,}",
         f"{meta['num_tokens']:,}",
         meta["dtype"],
@@ -407,7 +402,9 @@ def build_token_cache(
         **inputs,
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    build = lambda: _build(split, tokenizer, final, read_options, meta, show_progress, chunk_chars)
+    write = partial(_write_cache, split, tokenizer, read_options=read_options, meta=meta,
+                    show_progress=show_progress, chunk_chars=chunk_chars)  # fmt: skip
+    build = lambda: _build(split.name, final, write)
 
     if rank == 0:
         remove_stale_builds(cache_dir)

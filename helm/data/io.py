@@ -29,6 +29,7 @@ import re
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 import numpy as np
@@ -38,20 +39,36 @@ from helm.vocab import AMINO_ACIDS, STOP, translate
 
 logger = logging.getLogger("helm")
 
-FORMATS = ("txt", "csv", "tsv", "fasta")
+
+class FileFormat(str, Enum):
+    """The formats a sequence file can have (each optionally gzipped)."""
+
+    TXT = "txt"  # one sequence a line
+    CSV = "csv"  # a table; TSV: tab-separated
+    TSV = "tsv"
+    FASTA = "fasta"
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    __format__ = str.__format__
+
+
+FORMATS = tuple(f.value for f in FileFormat)
 ON_INVALID = ("error", "skip")
+# File extensions (and --file_extension names) of each format.
 _FORMAT_ALIASES = {
-    "txt": "txt",
-    "text": "txt",
-    "seq": "txt",
-    "csv": "csv",
-    "tsv": "tsv",
-    "tab": "tsv",
-    "fasta": "fasta",
-    "fa": "fasta",
-    "fna": "fasta",
-    "ffn": "fasta",
-    "fas": "fasta",
+    "txt": FileFormat.TXT,
+    "text": FileFormat.TXT,
+    "seq": FileFormat.TXT,
+    "csv": FileFormat.CSV,
+    "tsv": FileFormat.TSV,
+    "tab": FileFormat.TSV,
+    "fasta": FileFormat.FASTA,
+    "fa": FileFormat.FASTA,
+    "fna": FileFormat.FASTA,
+    "ffn": FileFormat.FASTA,
+    "fas": FileFormat.FASTA,
 }
 # Names accepted for a table's delimiter beside the character itself.
 _DELIMITER_NAMES = {"tab": "\t", "\\t": "\t", "comma": ",", "semicolon": ";", "pipe": "|"}
@@ -150,7 +167,9 @@ def check_on_invalid(on_invalid: str) -> None:
         raise ValueError(f"on_invalid must be 'error' or 'skip', got {on_invalid!r}")
 
 
-def detect_format(path: str | os.PathLike, file_extension: str | None = None) -> tuple[str, bool]:
+def detect_format(
+    path: str | os.PathLike, file_extension: str | None = None
+) -> tuple[FileFormat, bool]:
     """(format, gzipped) of a file from its suffixes, or from `file_extension` (e.g. ``"fa.gz"``)."""
     name = (file_extension or Path(path).name).lower()
     parts = name.lstrip(".").split(".")
@@ -291,17 +310,17 @@ def _raw_records(
 ) -> Iterator[Record]:
     """Every record of a file with its raw (uncleaned, unvalidated) text as `sequence`."""
     fmt, gz = detect_format(path, file_extension)
-    if fmt == "fasta":
+    if fmt == FileFormat.FASTA:
         yield from _fasta_records(path, gz)
         return
-    if fmt == "txt":
+    if fmt == FileFormat.TXT:
         index = 0
         for line_no, line in enumerate(text_lines(path, gz), 1):
             if line.strip():
                 index += 1
                 yield Record(f"{path}:{line_no}", line_no, index - 1, str(index), line)
         return
-    default = "," if fmt == "csv" else "\t"
+    default = "," if fmt == FileFormat.CSV else "\t"
     header, rows = table_rows(path, gz=gz, delimiter=delimiter or default)
     if columns is None:
         if header is None:
@@ -358,9 +377,9 @@ def count_records(
 ) -> int:
     """Number of records in a file, valid or not (the index space of `iter_records`)."""
     fmt, gz = detect_format(path, file_extension)
-    if fmt in ("csv", "tsv"):
+    if fmt in (FileFormat.CSV, FileFormat.TSV):
         # Rows count the same whichever column is read, so no column has to be chosen here.
-        _, rows = table_rows(path, gz=gz, delimiter="," if fmt == "csv" else "\t")
+        _, rows = table_rows(path, gz=gz, delimiter="," if fmt == FileFormat.CSV else "\t")
         return sum(1 for _ in rows)
     return sum(1 for _ in _raw_records(path, column_name, file_extension, None, None))
 

@@ -19,8 +19,9 @@ from collections.abc import Sequence
 
 from helm.downstream.heads import OneHotEncoder, codon_frequency_features
 from helm.downstream.metrics import LOWER_IS_BETTER
-from helm.downstream.protocol import ProbeResult, TaskSplit, evaluate_pooled, evaluate_probe
-from helm.downstream.runs import RunStore
+from helm.downstream.protocol import ProbeResult, evaluate_pooled, evaluate_probe
+from helm.downstream.runs import PAPER_GRID, Grid, RunStore
+from helm.downstream.splits import TaskSplit
 from helm.downstream.tasks import TaskData, TaskSpec
 
 BASELINES = ("onehot_textcnn", "codon_freq")
@@ -31,17 +32,13 @@ def run_baselines(
     splits: Sequence[TaskSplit],
     *,
     methods: Sequence[str] = BASELINES,
-    lrs: Sequence[float] = (3e-4, 1e-4, 1e-5),
-    batch_sizes: Sequence[int] = (8, 16, 32, 64),
-    seeds: Sequence[int] = (0, 1, 2),
-    max_epochs: int = 100,
-    patience: int = 15,
+    grid: Grid = PAPER_GRID,
     device: str = "cpu",
     progress: bool = True,
     extent: Sequence[int] | None = None,
     store: RunStore | None = None,
 ) -> dict[str, ProbeResult]:
-    """Run the baselines named in `methods`; the TextCNN grid arguments are `evaluate_probe`'s.
+    """Run the baselines named in `methods`; the one-hot TextCNN searches `grid` (`evaluate_probe`).
 
     `extent` gives the nucleotides of each record to read (what the probed model saw); None
     reads whole records. `store` keeps finished TextCNN runs for a rerun (`RunStore`).
@@ -61,11 +58,7 @@ def run_baselines(
             OneHotEncoder()(seqs),
             data,
             splits,
-            lrs=lrs,
-            batch_sizes=batch_sizes,
-            seeds=seeds,
-            max_epochs=max_epochs,
-            patience=patience,
+            grid=grid,
             device=device,
             progress=progress,
             method="onehot_textcnn",

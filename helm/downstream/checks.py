@@ -11,8 +11,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from helm.downstream.protocol import TaskSplit
-from helm.downstream.tasks import TaskData
+from helm.downstream.splits import TaskSplit
+from helm.downstream.tasks import TaskData, TaskType
 
 MIN_LABEL_COUNT = 5  # fewer positives or negatives than this in val or test: the score is fragile
 
@@ -72,7 +72,7 @@ def label_warnings(
     """Classes (classification) or labels (multilabel) with fewer than `min_count` records of a
     kind in a validation or test split, or none at all in train: their metrics rest on a handful
     of records, or are undefined (a label without negatives has no AUROC)."""
-    if data.task == "regression":
+    if data.task == TaskType.REGRESSION:
         return []
     lines = []
     for split in splits:
@@ -80,7 +80,7 @@ def label_warnings(
             idx = getattr(split, part)
             floor = 1 if part == "train" else min_count
             for k, name in enumerate(data.label_names):
-                if data.task == "classification":
+                if data.task == TaskType.CLASSIFICATION:
                     counts = {"records": int(np.sum(data.targets[idx] == k))}
                 else:
                     pos = int(data.targets[idx, k].sum())

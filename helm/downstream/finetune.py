@@ -28,15 +28,14 @@ from helm.data.io import DataError
 from helm.downstream.heads import TextCNN
 from helm.downstream.protocol import (
     ProbeResult,
-    TaskSplit,
-    check_splits,
     search_grid,
     task_loss,
     train_with_early_stopping,
     training_targets,
 )
-from helm.downstream.runs import RunStore
-from helm.downstream.tasks import TaskData
+from helm.downstream.runs import PAPER_GRID, Grid, RunStore
+from helm.downstream.splits import TaskSplit, check_splits
+from helm.downstream.tasks import TaskData, TaskType
 from helm.embed import window_capacity
 from helm.lm import amp_dtype, inference_autocast
 from helm.optim import build_optimizer, param_groups
@@ -149,7 +148,9 @@ def finetune_run(
     device = torch.device(device)
     task, causal = data.task, not backbone.cfg.bidirectional
     y, mu, sd = training_targets(data, split.train)
-    y_train = torch.as_tensor(y, dtype=torch.int64 if task == "classification" else torch.float32)
+    y_train = torch.as_tensor(
+        y, dtype=torch.int64 if task == TaskType.CLASSIFICATION else torch.float32
+    )
     torch.manual_seed(seed)  # the head's initialisation and the dropout
     order = torch.Generator().manual_seed(seed)  # the epochs' shuffling
     model = FinetuneModel(
@@ -195,11 +196,7 @@ def evaluate_finetune(
     data: TaskData,
     splits: Sequence[TaskSplit],
     *,
-    lrs: Sequence[float] = (3e-4, 1e-4, 1e-5),
-    batch_sizes: Sequence[int] = (8, 16, 32, 64),
-    seeds: Sequence[int] = (0, 1, 2),
-    max_epochs: int = 100,
-    patience: int = 15,
+    grid: Grid = PAPER_GRID,
     head: str = "textcnn",
     backbone_lr_scale: float = 0.1,
     weight_decay: float = 0.01,
@@ -213,13 +210,12 @@ def evaluate_finetune(
     """Finetune `backbone` with a head on a task, under the probe protocol (module docstring).
 
     Args:
-        backbone: a pretrained backbone with ``.cfg`` (e.g. `load_checkpoint_model(...).model`);
+        backbone: a pretrained backbone with ``.cfg`` (e.g. ``helm.hf.load_model(...).model``);
             every run trains a fresh copy, so it is never modified.
         token_ids: one array of token ids per record of `data` (no frame), as from the
             checkpoint's tokenizer; records longer than the model's window are cut to its head.
         splits: from `make_splits`; several (k-fold) pool their runs into one mean and std.
-        lrs, batch_sizes, seeds, max_epochs, patience: as in `evaluate_probe`; `lrs` are the
-            head's learning rates.
+        grid: the search, as in `evaluate_probe` (`Grid`); its lrs are the head's.
         head: ``"textcnn"`` or ``"linear"`` (mean-pooled linear layer).
         backbone_lr_scale: the backbone's learning rate as a multiple of the head's.
         weight_decay: AdamW's decoupled weight decay (never on biases, norms or tagged tensors).
@@ -257,8 +253,8 @@ def evaluate_finetune(
             head=head,
             backbone_lr_scale=backbone_lr_scale,
             weight_decay=weight_decay,
-            max_epochs=max_epochs,
-            patience=patience,
+            max_epochs=grid.max_epochs,
+            patience=grid.patience,
             eval_batch_size=eval_batch_size,
             device=device,
         )[:3]
@@ -267,9 +263,7 @@ def evaluate_finetune(
         run,
         data,
         splits,
-        lrs=lrs,
-        batch_sizes=batch_sizes,
-        seeds=seeds,
+        grid=grid,
         progress=progress,
         method=method or f"finetune_{head}",
         store=store,

@@ -20,7 +20,10 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import stats
 
-PRIMARY = {"regression": "spearman", "classification": "accuracy", "multilabel": "auroc_mean"}
+from helm.downstream.tasks import TaskType
+
+PRIMARY = {TaskType.REGRESSION: "spearman", TaskType.CLASSIFICATION: "accuracy",
+           TaskType.MULTILABEL: "auroc_mean"}  # fmt: skip
 LOWER_IS_BETTER = frozenset({"rmse"})
 
 
@@ -161,11 +164,11 @@ def compute_metrics(
     """All metrics of a task type: regression predictions, class scores or label scores.
 
     `label_names` names the per-label AUROCs of a multilabel task (ignored otherwise)."""
-    if task == "regression":
+    if task == TaskType.REGRESSION:
         return regression_metrics(y_true, y_pred_or_scores)
-    if task == "classification":
+    if task == TaskType.CLASSIFICATION:
         return classification_metrics(y_true, y_pred_or_scores)
-    if task == "multilabel":
+    if task == TaskType.MULTILABEL:
         return multilabel_metrics(y_true, y_pred_or_scores, label_names)
     raise ValueError(f"unknown task type {task!r}; expected one of {sorted(PRIMARY)}")
 

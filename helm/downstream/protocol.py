@@ -19,7 +19,6 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,159 +35,16 @@ from helm.downstream.heads import (
     ridge_path,
 )
 from helm.downstream.metrics import LOWER_IS_BETTER, PRIMARY, better, compute_metrics
-from helm.downstream.runs import Progress, RunStore
-from helm.downstream.tasks import TaskData
+from helm.downstream.runs import PAPER_GRID, Grid, Progress, RunStore
+from helm.downstream.splits import TaskSplit, check_splits
+from helm.downstream.tasks import TaskData, TaskType
 
 logger = logging.getLogger("helm")
+
 
 RIDGE_ALPHAS = (1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)
 LOGISTIC_L2 = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 _EVAL_BATCH = 64
-
-
-# --------------------------------------------------------------------------------------------------
-# Splits
-
-
-@dataclass(eq=False)
-class TaskSplit:
-    """Sorted record indices of a `TaskData` for training, model selection and testing."""
-
-    name: str
-    train: np.ndarray
-    val: np.ndarray
-    test: np.ndarray
-
-    def __repr__(self) -> str:
-        sizes = ", ".join(f"{k} {len(getattr(self, k))}" for k in ("train", "val", "test"))
-        return f"TaskSplit({self.name!r}, {sizes})"
-
-
-DEFAULT_FRACTIONS = (0.7, 0.15, 0.15)
-
-
-def make_splits(
-    data: TaskData,
-    fractions: tuple[float, float, float] | None = None,
-    *,
-    kfold: int | None = None,
-    seed: int = 0,
-    use_split_column: bool = True,
-    val_from_train: float | None = None,
-) -> list[TaskSplit]:
-    """Train/val/test index sets of a task.
-
-    - ``kfold=k``: k splits; fold i is the test set, fold i+1 (mod k) the validation set and the
-      rest train. Records sharing a group (`data.groups`; each record its own group when None)
-      always land in the same fold, so no group straddles train and test.
-    - otherwise the file's split column when present (and `use_split_column`); a column with
-      train and test only needs `val_from_train`: that fraction of train becomes val (seeded,
-      whole groups);
-    - otherwise a random split with `fractions` (default 0.7/0.15/0.15), group-aware.
-    Every rule is deterministic given `seed`.
-    """
-    n = len(data)
-    groups = data.groups if data.groups is not None else np.arange(n)
-    uniq, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
-    rng = np.random.default_rng(seed)
-    if kfold is not None:
-        if kfold < 3 or kfold > len(uniq):
-            raise ValueError(f"kfold needs 3 <= k <= number of groups ({len(uniq)}), got {kfold}")
-        # Shuffle then place the largest groups first, each into the currently smallest fold: a
-        # seeded version of GroupKFold's greedy balancing (ties between equal groups are random).
-        order = rng.permutation(len(uniq))
-        order = order[np.argsort(-counts[order], kind="stable")]
-        fold_of_group, sizes = np.empty(len(uniq), dtype=np.int64), np.zeros(kfold, dtype=np.int64)
-        for g in order:
-            fold_of_group[g] = int(np.argmin(sizes))
-            sizes[fold_of_group[g]] += counts[g]
-        fold = fold_of_group[inverse]
-        return [
-            TaskSplit(
-                f"fold {i + 1}/{kfold} (seed={seed})",
-                np.flatnonzero((fold != i) & (fold != (i + 1) % kfold)),
-                np.flatnonzero(fold == (i + 1) % kfold),
-                np.flatnonzero(fold == i),
-            )
-            for i in range(kfold)
-        ]
-    if data.splits is not None and use_split_column:
-        train, val, test = (np.flatnonzero(data.splits == k) for k in ("train", "val", "test"))
-        if val_from_train is not None:
-            if len(val):
-                raise DataError(
-                    f"{data.source}: the split column already has {len(val)} val records; "
-                    "--val-from-train is for a split with train and test only"
-                )
-            train, val = _carve(train, inverse, val_from_train, rng)
-            name = f"fixed, val {val_from_train:g} of train (seed={seed})"
-        else:
-            name = "fixed"
-        empty = [k for k, p in zip(("train", "val", "test"), (train, val, test)) if not len(p)]
-        if empty:
-            hint = (
-                "; carve validation out of train with --val-from-train F (e.g. 0.15)"
-                if empty == ["val"]
-                else ""
-            )
-            where = (
-                "split folders" if data.source and Path(data.source).is_dir() else "split column"
-            )
-            raise DataError(f"{data.source}: the {where} hold no {empty} records{hint}")
-        return [TaskSplit(name, train, val, test)]
-    fractions = DEFAULT_FRACTIONS if fractions is None else tuple(fractions)
-    if len(fractions) != 3 or abs(sum(fractions) - 1) > 1e-6:
-        raise ValueError(f"fractions must be three numbers summing to 1, got {fractions}")
-    # Whole groups are taken in a seeded order until test, then val, hold at least their share.
-    order = rng.permutation(len(uniq))
-    cum = np.concatenate([[0], np.cumsum(counts[order])])  # records in the first j groups
-    n_test, n_val = (max(1, round(n * f)) if f > 0 else 0 for f in (fractions[2], fractions[1]))
-    end_test = int(np.searchsorted(cum, n_test))
-    end_val = int(np.searchsorted(cum, cum[end_test] + n_val))
-    part = np.zeros(len(uniq), dtype=np.int64)  # 0 train, 1 val, 2 test
-    part[order[:end_test]], part[order[end_test:end_val]] = 2, 1
-    where = part[inverse]
-    return [TaskSplit(f"random(seed={seed})", *(np.flatnonzero(where == k) for k in range(3)))]
-
-
-def _carve(
-    train: np.ndarray, group_of: np.ndarray, fraction: float, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """(train, val): whole groups of `train`, in a seeded order, until val holds `fraction`."""
-    if not 0 < fraction < 1:
-        raise ValueError(f"val_from_train must be a fraction in (0, 1), got {fraction}")
-    groups, counts = np.unique(group_of[train], return_counts=True)
-    order = rng.permutation(len(groups))
-    cum = np.cumsum(counts[order])
-    end = int(np.searchsorted(cum, max(1, round(len(train) * fraction)))) + 1
-    in_val = np.isin(group_of[train], groups[order[:end]])
-    return train[~in_val], train[in_val]
-
-
-def repeated_splits(data: TaskData, split_seeds: Sequence[int], **kw) -> list[TaskSplit]:
-    """`make_splits` once per split seed, identical splits kept once (a fixed split column
-    without `val_from_train` gives one split whatever the seeds)."""
-    out: list[TaskSplit] = []
-    seen = set()
-    for seed in split_seeds:
-        for split in make_splits(data, seed=seed, **kw):
-            key = tuple(p.tobytes() for p in (split.train, split.val, split.test))
-            if key not in seen:
-                seen.add(key)
-                out.append(split)
-    return out
-
-
-def check_splits(splits: Sequence[TaskSplit], n: int) -> None:
-    """Raise unless every split has train, val and test records, all among the `n` of the task."""
-    if not splits:
-        raise ValueError("no splits given")
-    for split in splits:
-        parts = (split.train, split.val, split.test)
-        if any(len(p) == 0 for p in parts):
-            raise DataError(f"{split!r}: train, val and test must each hold at least one record")
-        if max(int(p.max()) for p in parts) >= n:
-            raise DataError(f"{split!r} indexes past the {n} records of the task")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -268,7 +124,7 @@ def training_targets(
 ) -> tuple[np.ndarray, float | np.ndarray, float | np.ndarray]:
     """Training-space targets and the (mean, std) that map predictions back to the data's units."""
     y = data.targets
-    if data.task != "regression":
+    if data.task != TaskType.REGRESSION:
         return y, 0.0, 1.0
     # Standardise on train only, so no statistic of val or test leaks into training.
     mu, sd = y[train].mean(axis=0), y[train].std(axis=0)
@@ -278,9 +134,9 @@ def training_targets(
 
 def task_loss(task: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """MSE (regression, standardised targets), cross-entropy (classes) or BCE (labels)."""
-    if task == "regression":
+    if task == TaskType.REGRESSION:
         return F.mse_loss(out.reshape(y.shape), y)
-    if task == "classification":
+    if task == TaskType.CLASSIFICATION:
         return F.cross_entropy(out, y)
     return F.binary_cross_entropy_with_logits(out, y)
 
@@ -311,12 +167,12 @@ def train_with_early_stopping(
         scored = []
         for part in (split.val, split.test):
             out = predict(part).float()
-            if task == "classification":
+            if task == TaskType.CLASSIFICATION:
                 out = out.softmax(dim=-1)
-            elif task == "multilabel":
+            elif task == TaskType.MULTILABEL:
                 out = out.sigmoid()
             pred = out.cpu().numpy().astype(np.float64)
-            if task == "regression":
+            if task == TaskType.REGRESSION:
                 pred = pred.reshape(len(part), -1) * sd + mu
                 pred = pred[:, 0] if data.targets.ndim == 1 else pred
             scored.append(compute_metrics(task, data.targets[part], pred, data.label_names))
@@ -375,7 +231,9 @@ def _train_textcnn(
     f_mean, f_std = token_statistics(feats, split.train)
     f_mean, f_std = f_mean.to(device), f_std.to(device)
     y, mu, sd = training_targets(data, split.train)
-    y_train = torch.as_tensor(y, dtype=torch.int64 if task == "classification" else torch.float32)
+    y_train = torch.as_tensor(
+        y, dtype=torch.int64 if task == TaskType.CLASSIFICATION else torch.float32
+    )
     torch.manual_seed(seed)  # the head's initialisation and dropout
     order = torch.Generator().manual_seed(seed)  # the epochs' shuffling
     model = TextCNN(feats[0].shape[-1], data.num_outputs).to(device)
@@ -418,13 +276,13 @@ def _linear_probe(
     scale = Standardizer(x[split.train])
     x = scale(x)
     rows = []
-    if task == "regression":
+    if task == TaskType.REGRESSION:
         y, mu, sd = training_targets(data, split.train)
         fits = ridge_path(x[split.train], y[split.train], RIDGE_ALPHAS)
         preds = [(x @ w + b) * sd + mu for w, b in fits]
         grid = [({"alpha": a}, p) for a, p in zip(RIDGE_ALPHAS, preds)]
     else:
-        multilabel = task == "multilabel"
+        multilabel = task == TaskType.MULTILABEL
         grid = []
         for l2 in LOGISTIC_L2:
             model = fit_logistic(
@@ -477,12 +335,8 @@ def evaluate_probe(
     data: TaskData,
     splits: Sequence[TaskSplit],
     *,
+    grid: Grid = PAPER_GRID,
     task: str | None = None,
-    lrs: Sequence[float] = (3e-4, 1e-4, 1e-5),
-    batch_sizes: Sequence[int] = (8, 16, 32, 64),
-    seeds: Sequence[int] = (0, 1, 2),
-    max_epochs: int = 100,
-    patience: int = 15,
     head: str = "textcnn",
     device: str = "cpu",
     progress: bool = True,
@@ -496,9 +350,8 @@ def evaluate_probe(
         features: one (T_i, D) array per record of `data`, in the same order.
         data: the task; `task` overrides its type (normally left None).
         splits: from `make_splits`; several (k-fold) pool their runs into one mean and std.
-        lrs, batch_sizes: the grid searched for the TextCNN head.
-        seeds: one run per seed at every grid point; the linear head is deterministic and runs once.
-        max_epochs, patience: the epoch budget and early-stopping patience on the validation metric.
+        grid: the learning rates, batch sizes, seeds, epoch budget and patience of the TextCNN
+            head's search (`Grid`); the linear head is deterministic and runs once per split.
         head: ``"textcnn"`` or ``"linear"``.
         method: the name in the result (defaults to the head).
         store: finished TextCNN runs are kept there and read back on a rerun (`RunStore`).
@@ -523,16 +376,14 @@ def evaluate_probe(
 
     def run(split: TaskSplit, lr: float, batch_size: int, seed: int):
         return _train_textcnn(
-            feats, data, split, lr, batch_size, seed, max_epochs, patience, device
+            feats, data, split, lr, batch_size, seed, grid.max_epochs, grid.patience, device
         )
 
     result = search_grid(
         run,
         data,
         splits,
-        lrs=lrs,
-        batch_sizes=batch_sizes,
-        seeds=seeds,
+        grid=grid,
         progress=progress,
         method=method or head,
         store=store,
@@ -546,9 +397,7 @@ def search_grid(
     data: TaskData,
     splits: Sequence[TaskSplit],
     *,
-    lrs: Sequence[float],
-    batch_sizes: Sequence[int],
-    seeds: Sequence[int],
+    grid: Grid,
     progress: bool = True,
     method: str = "textcnn",
     store: RunStore | None = None,
@@ -562,15 +411,15 @@ def search_grid(
     logs its place in the search and an estimate of the time left.
     """
     metric = PRIMARY[data.task]
-    chosen, runs, grid = [], [], []
-    counter = Progress(len(splits) * len(lrs) * len(batch_sizes) * len(seeds))
+    chosen, runs, rows = [], [], []
+    counter = Progress(len(splits) * grid.runs_per_split)
     for split in splits:
         digest = hashlib.sha256(b"".join(p.tobytes() for p in (split.train, split.val, split.test)))
         best = None  # (mean val, params, test metrics of each seed)
-        for lr in lrs:
-            for batch_size in batch_sizes:
+        for lr in grid.lrs:
+            for batch_size in grid.batch_sizes:
                 vals, tests = [], []
-                for seed in seeds:
+                for seed in grid.seeds:
                     settings = {"method": method, "split": split.name, "split_sha256":
                                 digest.hexdigest(), "lr": lr, "batch_size": batch_size,
                                 "seed": seed}  # fmt: skip
@@ -594,7 +443,7 @@ def search_grid(
                 val_mean = float(np.nanmean(vals)) if not np.isnan(vals).all() else math.nan
                 params = {"lr": lr, "batch_size": batch_size}
                 test_mean = float(np.mean([t[metric] for t in tests]))
-                grid.append({"split": split.name, **params, "val": val_mean, "test": test_mean})
+                rows.append({"split": split.name, **params, "val": val_mean, "test": test_mean})
                 if best is None or better(metric, val_mean, best[0]):
                     best = (val_mean, params, tests)
         chosen.append({"split": split.name, **best[1]})
@@ -605,5 +454,5 @@ def search_grid(
     values = [r[metric] for r in runs]
     summary = _summarise(runs)
     return ProbeResult(
-        method, data.task, metric, values, summary, chosen, grid, len(splits), len(seeds)
+        method, data.task, metric, values, summary, chosen, rows, len(splits), len(grid.seeds)
     )

@@ -1,4 +1,5 @@
-"""Long grid searches: a progress line with an estimate, and a store of finished runs.
+"""Long grid searches: the grid (``Grid``), a progress line with an estimate, and a store of
+finished runs.
 
 `RunStore` appends every finished run (one head trained at one grid point, seed and split) to a
 JSON-lines file as soon as it ends, keyed by everything that determines it: the caller's context
@@ -16,11 +17,40 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 logger = logging.getLogger("helm")
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The search of the paper's protocol: every learning rate x batch size, each run once per
+    seed, at most ``max_epochs`` epochs with early stopping after ``patience`` epochs without a
+    better validation metric. The defaults are the paper's."""
+
+    lrs: tuple[float, ...] = (3e-4, 1e-4, 1e-5)
+    batch_sizes: tuple[int, ...] = (8, 16, 32, 64)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    max_epochs: int = 100
+    patience: int = 15
+
+    def __post_init__(self) -> None:
+        for name in ("lrs", "batch_sizes", "seeds"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+            if not getattr(self, name):
+                raise ValueError(f"the grid needs at least one of {name}")
+        if self.max_epochs < 1 or self.patience < 1:
+            raise ValueError("max_epochs and patience must be >= 1")
+
+    @property
+    def runs_per_split(self) -> int:
+        return len(self.lrs) * len(self.batch_sizes) * len(self.seeds)
+
+
+PAPER_GRID = Grid()
 
 
 def _key(doc: dict) -> str:

@@ -20,17 +20,40 @@ import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 import numpy as np
 
 from helm.data import cache as data_cache
-from helm.data.io import DataError, ReadReport, Record, detect_format, iter_records, table_rows
+from helm.data.io import (
+    DataError,
+    FileFormat,
+    ReadReport,
+    Record,
+    detect_format,
+    iter_records,
+    table_rows,
+)
 from helm.data.splits import SPLIT_STEMS
 
 logger = logging.getLogger("helm")
 
-TASK_TYPES = ("regression", "classification", "multilabel")
+
+class TaskType(str, Enum):
+    """What a task predicts: one number, one class, or a set of labels per record."""
+
+    REGRESSION = "regression"
+    CLASSIFICATION = "classification"
+    MULTILABEL = "multilabel"
+
+    def __str__(self) -> str:  # the name users give and reports print
+        return str(self.value)
+
+    __format__ = str.__format__
+
+
+TASK_TYPES = tuple(t.value for t in TaskType)
 CODONBERT_COMMIT = "9c31ecc6631df08794c373c5d715235649e2181a"
 _CODONBERT_URL = (
     "https://raw.githubusercontent.com/Sanofi-Public/CodonBERT/"
@@ -65,8 +88,8 @@ class TaskSpec:
 
 
 def _spec(name: str, file_name: str, sha256: str | None, coding: bool, text: str, **kw) -> TaskSpec:
-    kw.setdefault("task", "regression")
-    kw.setdefault("metric", "spearman" if kw["task"] == "regression" else "accuracy")
+    kw.setdefault("task", TaskType.REGRESSION)
+    kw.setdefault("metric", "spearman" if kw["task"] == TaskType.REGRESSION else "accuracy")
     return TaskSpec(name, file_name, sha256, coding=coding, description=text, **kw)
 
 
@@ -89,7 +112,7 @@ TASKS: dict[str, TaskSpec] = {
         # Not pinned: verified on first download (the hash is then recorded and reported).
         _spec("ecoli_proteins", "E.Coli_proteins.csv", None, True,
               "E. coli protein expression class low/medium/high (MPEPE, Ding 2022)",
-              task="classification"),
+              task=TaskType.CLASSIFICATION),
         _spec("fungal_expression", "Fungal_expression.csv", None, True,
               "protein expression of fungal genes (Wint 2022)"),
         _spec("mrna_stability", "mRNA_Stability.csv", None, True,
@@ -208,7 +231,7 @@ class TaskData:
     @property
     def num_outputs(self) -> int:
         """Width of a prediction head: classes, labels or regression targets."""
-        if self.task == "classification" or self.targets.ndim == 2:
+        if self.task == TaskType.CLASSIFICATION or self.targets.ndim == 2:
             return len(self.label_names)
         return 1
 
@@ -250,7 +273,7 @@ def load_task_file(
     *,
     sequence_column: str = "Sequence",
     target_columns: str | tuple[str, ...] | list[str] = ("Value",),
-    task: str = "regression",
+    task: str = TaskType.REGRESSION,
     split_column: str | None = None,
     group_column: str | None = None,
     fmt: str | None = None,
@@ -293,7 +316,7 @@ def load_task_file(
         except DataError:
             fmt = "table"  # an unknown extension (.psv, .dat, ...) is read as a delimited table
     gz = ".gz" if path.name.lower().endswith(".gz") else ""
-    fasta = fmt in ("fasta", "fa", "fna")
+    fasta = fmt == FileFormat.FASTA
     side = _label_table(label_file) if fasta and label_file is not None else None
 
     def fields_of(record: Record) -> dict[str, str]:
@@ -315,11 +338,11 @@ def load_task_file(
         if absent:
             return "missing field", ", ".join(absent)
         values = [fields[c].strip() for c in targets]
-        if task == "regression":
+        if task == TaskType.REGRESSION:
             bad = next((v for v in values if not _is_float(v)), None)
             if bad is not None:
                 return "non-numeric target", repr(bad)
-        elif any(not v for v in values) and task == "classification":
+        elif any(not v for v in values) and task == TaskType.CLASSIFICATION:
             return "missing label", ""
         if split_column is not None and fields[split_column].strip().lower() not in SPLIT_STEMS:
             return "unknown split", repr(fields[split_column])
@@ -331,7 +354,7 @@ def load_task_file(
         path,
         column_name=None if fasta else sequence_column,
         on_invalid=on_invalid,
-        file_extension=("fasta" if fasta else "tsv" if fmt == "tsv" else "csv") + gz,
+        file_extension=f"{FileFormat.FASTA if fasta else fmt if fmt == FileFormat.TSV else FileFormat.CSV}{gz}",
         require_codons=require_codons,
         report=report,
         columns=None if fasta else others,
@@ -381,10 +404,10 @@ def _sort_labels(labels: set[str]) -> list[str]:
 def _encode_targets(
     values: list[list[str]], columns: list[str], task: str, path: Path
 ) -> tuple[np.ndarray, list[str]]:
-    if task == "regression":
+    if task == TaskType.REGRESSION:
         y = np.array(values, dtype=np.float64)
         return (y[:, 0] if len(columns) == 1 else y), list(columns)
-    if task == "classification":
+    if task == TaskType.CLASSIFICATION:
         if len(columns) != 1:
             raise DataError(f"{path}: classification takes one target column, got {columns}")
         # "1" and "1.0" are one class: numeric labels are compared by value.
@@ -471,12 +494,12 @@ def load_fasta_folder(
                 reports.invalid[reason] = reports.invalid.get(reason, 0) + count
     if not seqs:
         raise DataError(f"{root}: no usable records")
-    y, names = _encode_targets(labels, ["class"], "classification", root)
+    y, names = _encode_targets(labels, ["class"], TaskType.CLASSIFICATION, root)
     logger.info("%s: %d records of %d classes from file names", root, len(seqs), len(names))
     return TaskData(
         sequences=seqs,
         targets=y,
-        task="classification",
+        task=TaskType.CLASSIFICATION,
         label_names=names,
         splits=np.array(split_values) if parts else None,
         ids=ids,
@@ -496,7 +519,7 @@ def transform_targets(data: TaskData, transform: str) -> TaskData:
         raise ValueError(f"target transform must be one of {TARGET_TRANSFORMS}, got {transform!r}")
     if transform == "none":
         return data
-    if data.task != "regression":
+    if data.task != TaskType.REGRESSION:
         raise DataError(f"a target transform ({transform}) applies to regression, not {data.task}")
     floor = 0.0 if transform == "log" else -1.0
     bad = np.flatnonzero((data.targets <= floor).reshape(len(data), -1).any(axis=1))

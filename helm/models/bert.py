@@ -28,9 +28,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from helm.models.common import MLP, Backbone, init_weights
+from helm.models.common import MLP, init_weights
 from helm.models.config import BertConfig, ModelConfig
-from helm.models.gpt2 import SelfAttention, attention_inputs
+from helm.models.gpt2 import Attention, AttentionBackbone, SelfAttention
 
 
 class BertBlock(nn.Module):
@@ -43,18 +43,12 @@ class BertBlock(nn.Module):
         self.mlp = MLP(cfg)  # ends in Dropout(fc_out(...))
         self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        mask: torch.Tensor | None,
-        is_causal: bool,
-        position_ids: torch.Tensor,
-    ) -> torch.Tensor:
-        x = self.ln_1(x + self.attn(x, mask, is_causal, position_ids))
+    def forward(self, x: torch.Tensor, att: Attention) -> torch.Tensor:
+        x = self.ln_1(x + self.attn(x, att))
         return self.ln_2(x + self.mlp(x))
 
 
-class Bert(Backbone):
+class Bert(AttentionBackbone):
     """BERT backbone: ``forward(input_ids, attention_mask, position_ids) -> hidden (B, T, D)``
     (``common.Backbone``): LayerNorm on the embeddings, post-LN blocks, no final norm.
 
@@ -76,13 +70,3 @@ class Bert(Backbone):
             if getattr(module, "_residual_proj", False):
                 module._residual_proj = False
         init_weights(self, cfg)
-
-    def block_inputs(
-        self,
-        x: torch.Tensor,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        position_ids: torch.Tensor | None,
-    ) -> tuple[torch.Tensor | None, bool, torch.Tensor]:
-        """(mask, is_causal, position_ids) of ``gpt2.attention_inputs``."""
-        return attention_inputs(self.cfg, input_ids, attention_mask, position_ids)

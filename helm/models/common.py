@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -240,6 +240,15 @@ def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
 # The skeleton ------------------------------------------------------------------------------------
 
 
+class Tokens(NamedTuple):
+    """A batch's inputs, (B, T) each: ids, padding mask (1 = real, 0 = pad) and positions (None
+    when absent)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+    position_ids: torch.Tensor | None
+
+
 class Backbone(nn.Module):
     """Embeddings -> dropout -> blocks -> final norm, with the LM head beside (not applied).
 
@@ -282,13 +291,17 @@ class Backbone(nn.Module):
         """GPT-2 init from ``init_weights`` (scaled residual projections, no-decay tags)."""
         init_weights(self, cfg)
 
-    def block_inputs(
-        self,
-        x: torch.Tensor,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        position_ids: torch.Tensor | None,
-    ) -> tuple[Any, ...]:
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs (forward + backward) per token of a ``seq_len``-token sequence, for MFU:
+        6 per parameter for the weight matmuls, plus, for attention models (``cfg.attention``),
+        12 * layers * d_model * seq_len for the score and value products (PaLM, appendix B).
+        Element-wise work (Mamba's scan, Hyena's long convolution, norms) is not counted."""
+        weights = 6 * sum(p.numel() for p in self.parameters())
+        if not self.cfg.attention:
+            return float(weights)
+        return float(weights + 12 * self.cfg.num_layers * self.cfg.d_model * seq_len)
+
+    def block_inputs(self, x: torch.Tensor, tokens: Tokens) -> tuple[Any, ...]:
         """The arguments after x of every block call, from the embedded x (B, T, D) and the inputs."""
         return ()
 
@@ -303,7 +316,7 @@ class Backbone(nn.Module):
         if self.embed_norm is not None:
             x = self.embed_norm(x)
         x = self.drop(x)
-        args = self.block_inputs(x, input_ids, attention_mask, position_ids)
+        args = self.block_inputs(x, Tokens(input_ids, attention_mask, position_ids))
         for block in self.blocks:
             x = block(x, *args)
         return self.norm_f(x)

@@ -38,8 +38,17 @@ class ModelConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
 
-    # Whether the backbone builds its blocks without an MLP when d_ff == 0 (set by such configs).
+    # Facts each model states about itself; the trainer, the command line, eval.py and the tests
+    # ask them instead of naming models. ``pos_embedding`` above is the model's default positions.
+    # Whether the blocks can be built without an MLP (d_ff == 0).
     allows_no_mlp: ClassVar[bool] = False
+    # Whether the blocks mix tokens by attention: rotary positions apply, and the score and value
+    # products count towards the FLOPs (``Backbone.flops_per_token``).
+    attention: ClassVar[bool] = False
+    # The directions the model runs in: causal (CLM) and/or bidirectional (MLM).
+    directions: ClassVar[tuple[str, ...]] = ("causal", "bidirectional")
+    # Whether a causal model decodes token by token from a cache (``helm.generate``).
+    cached_decoding: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if self.d_ff is None:
@@ -105,6 +114,8 @@ def check_attention_config(cfg: ModelConfig) -> None:
 class GPT2Config(ModelConfig):
     """GPT-2 options: all of ``ModelConfig`` (``bidirectional=False`` is the causal CLM model)."""
 
+    attention = True
+
     def __post_init__(self) -> None:
         super().__post_init__()
         check_attention_config(self)
@@ -116,8 +127,9 @@ MLM_HEADS = ("transform", "linear")
 @dataclass
 class BertConfig(ModelConfig):
     """BERT options: all of ``ModelConfig``, bidirectional by default, BERT's LayerNorm eps and
-    MLM head (``mlm_head``: "transform" | "linear", see the module docstring)."""
+    MLM head (``mlm_head``: "transform" | "linear", see ``helm.models.bert``)."""
 
+    attention = True
     bidirectional: bool = True
     norm_eps: float = 1e-12
     mlm_head: str = "transform"

@@ -18,11 +18,13 @@ Masks handed to SDPA (built once per forward by ``sdpa_mask``):
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from helm.models.common import MLP, Backbone, Rotary, positions_like
+from helm.models.common import MLP, Backbone, Rotary, Tokens, positions_like
 from helm.models.config import GPT2Config, ModelConfig, check_attention_config
 
 
@@ -44,17 +46,23 @@ def sdpa_mask(
     return allowed, False
 
 
-def attention_inputs(
-    cfg: ModelConfig,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    position_ids: torch.Tensor | None,
-) -> tuple[torch.Tensor | None, bool, torch.Tensor]:
-    """(mask, is_causal, position_ids) that every attention block receives (GPT-2 and BERT)."""
+class Attention(NamedTuple):
+    """What every attention block receives, computed once per forward (``attention_inputs``):
+    the SDPA mask or None, whether SDPA applies its causal triangle, and the positions (B, T)."""
+
+    mask: torch.Tensor | None
+    is_causal: bool
+    position_ids: torch.Tensor
+
+
+def attention_inputs(cfg: ModelConfig, tokens: Tokens) -> Attention:
+    """The ``Attention`` of a batch (GPT-2 and BERT)."""
+    position_ids = tokens.position_ids
     if position_ids is None:
-        position_ids = positions_like(input_ids)
-    mask, is_causal = sdpa_mask(attention_mask, input_ids.shape[1], causal=not cfg.bidirectional)
-    return mask, is_causal, position_ids
+        position_ids = positions_like(tokens.input_ids)
+    T = tokens.input_ids.shape[1]
+    mask, is_causal = sdpa_mask(tokens.attention_mask, T, causal=not cfg.bidirectional)
+    return Attention(mask, is_causal, position_ids)
 
 
 class SelfAttention(nn.Module):
@@ -74,26 +82,20 @@ class SelfAttention(nn.Module):
         self.attn_dropout = cfg.attn_dropout
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        mask: torch.Tensor | None,
-        is_causal: bool,
-        position_ids: torch.Tensor,
-    ) -> torch.Tensor:
-        """x: (B, T, D); mask and is_causal from ``sdpa_mask``; position_ids: (B, T)."""
+    def forward(self, x: torch.Tensor, att: Attention) -> torch.Tensor:
+        """x: (B, T, D); ``att`` from ``attention_inputs``."""
         B, T, D = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim)  # (B, T, 3, H, hd)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, T, hd)
         if self.rotary is not None:
-            q, k = self.rotary(q, k, position_ids)
+            q, k = self.rotary(q, k, att.position_ids)
         y = F.scaled_dot_product_attention(
             q,
             k,
             v,
-            attn_mask=mask,
+            attn_mask=att.mask,
             dropout_p=self.attn_dropout if self.training else 0.0,
-            is_causal=is_causal,
+            is_causal=att.is_causal,
         )  # (B, H, T, hd)
         y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
         return self.drop(self.proj(y))
@@ -109,18 +111,19 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        mask: torch.Tensor | None,
-        is_causal: bool,
-        position_ids: torch.Tensor,
-    ) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), mask, is_causal, position_ids)
+    def forward(self, x: torch.Tensor, att: Attention) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), att)
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT2(Backbone):
+class AttentionBackbone(Backbone):
+    """A backbone of attention blocks: each receives the batch's ``Attention`` (GPT-2, BERT)."""
+
+    def block_inputs(self, x: torch.Tensor, tokens: Tokens) -> tuple[Attention]:
+        return (attention_inputs(self.cfg, tokens),)
+
+
+class GPT2(AttentionBackbone):
     """GPT-2 backbone: ``forward(input_ids, attention_mask, position_ids) -> hidden (B, T, D)``
     (``common.Backbone``): pre-LN blocks, a final LayerNorm and GPT-2's init.
 
@@ -130,13 +133,3 @@ class GPT2(Backbone):
 
     def __init__(self, cfg: GPT2Config):
         super().__init__(cfg, Block, norm_f=nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps))
-
-    def block_inputs(
-        self,
-        x: torch.Tensor,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        position_ids: torch.Tensor | None,
-    ) -> tuple[torch.Tensor | None, bool, torch.Tensor]:
-        """(mask, is_causal, position_ids) of ``attention_inputs``."""
-        return attention_inputs(self.cfg, input_ids, attention_mask, position_ids)

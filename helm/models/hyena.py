@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from helm.models.common import MLP, Backbone, init_weights, tag
+from helm.models.common import MLP, Backbone, Tokens, init_weights, tag
 from helm.models.config import HyenaConfig, ModelConfig
 from helm.ops.fftconv import fftconv
 
@@ -211,15 +211,10 @@ class Hyena(Backbone):
         for block in self.blocks:
             nn.init.normal_(block.mixer.D)
 
-    def block_inputs(
-        self,
-        x: torch.Tensor,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        position_ids: torch.Tensor | None,
-    ) -> tuple[torch.Tensor | None]:
+    def block_inputs(self, x: torch.Tensor, tokens: Tokens) -> tuple[torch.Tensor | None]:
         """The padding mask (B, T, 1) in x's dtype (1 = real, 0 = pad), or None."""
-        T = input_ids.shape[1]
+        T = tokens.input_ids.shape[1]
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} is beyond max_seq_len={self.cfg.max_seq_len}")
-        return (None if attention_mask is None else attention_mask[..., None].to(x.dtype),)
+        mask = tokens.attention_mask
+        return (None if mask is None else mask[..., None].to(x.dtype),)

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from helm.models.common import MLP, Backbone, RMSNorm, init_weights, tag
+from helm.models.common import MLP, Backbone, RMSNorm, Tokens, init_weights, tag
 from helm.models.config import MambaConfig, ModelConfig
 from helm.ops.selective_scan import (
     causal_conv1d,
@@ -256,13 +256,8 @@ class Mamba(Backbone):
             if isinstance(module, (MambaMixer, Mamba2Mixer)):
                 module.reset_ssm_parameters()
 
-    def block_inputs(
-        self,
-        x: torch.Tensor,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        position_ids: torch.Tensor | None,
-    ) -> tuple[torch.Tensor | None]:
+    def block_inputs(self, x: torch.Tensor, tokens: Tokens) -> tuple[torch.Tensor | None]:
         """The ``reversal_index`` (B, T) of bidirectional layers (right padding stays), or None."""
-        rev = reversal_index(input_ids, attention_mask) if self.cfg.bidirectional else None
-        return (rev,)
+        if not self.cfg.bidirectional:
+            return (None,)
+        return (reversal_index(tokens.input_ids, tokens.attention_mask),)
