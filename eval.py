@@ -111,7 +111,7 @@ def generate(args) -> int:
     import torch
 
     from helm.embed import read_records
-    from helm.generate import build_prompts, fasta_record, sample
+    from helm.generate import build_prompts, fasta_record, generate
 
     loaded = load(args)
     model, tokenizer, cfg = loaded.model, loaded.tokenizer, loaded.config
@@ -137,28 +137,22 @@ def generate(args) -> int:
     prompts = build_prompts(tokenizer, protein=args.protein, prefixes=prefixes)
 
     generator = torch.Generator(device).manual_seed(args.seed)
-    lines = []
-    index = capped = 0
-    for prompt in prompts:
-        max_length = args.max_length or max(1, model.cfg.max_seq_len - 1 - len(prompt.ids))
-        samples = sample(
-            model,
-            prompt.ids,
-            args.num,
-            vocab_size=tokenizer.vocab_size,
-            max_length=max_length,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            generator=generator,
-            allowed=prompt.allowed,
-            device=device,
-        )
-        for s in samples:
+    lines, capped = [], 0
+    per_batch = max(1, args.batch_size // args.num)  # prompts decoded together
+    for first in range(0, len(prompts), per_batch):
+        group = prompts[first : first + per_batch]
+        samples = generate(
+            model, group, args.num, vocab_size=tokenizer.vocab_size, max_length=args.max_length,
+            min_length=args.min_length, temperature=args.temperature, top_k=args.top_k,
+            top_p=args.top_p, generator=generator, device=device, use_cache=not args.no_cache,
+            stop_codon=args.stop_codon,
+        )  # fmt: skip
+        for i, s in enumerate(samples):
             seq, nucleotides = tokenizer.decode(s.ids), tokenizer.data_type != "aa"
-            lines.append(fasta_record(index, s, seq, prompt.name, nucleotides))
+            source = group[i // args.num].name
+            lines.append(fasta_record(len(lines), s, seq, source, nucleotides))
             capped += not s.ended
-            index += 1
+    index = len(lines)
     if capped:
         log.warning(
             "%d of %d samples reached the length cap without <eos> (end=cap in their headers): "
@@ -380,7 +374,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="a file of prefixes: --num samples each",
     )
     p.add_argument("--num", type=positive_int, default=1, help="samples per prompt")
-    p.add_argument("--max-length", type=positive_int, default=None, help="new tokens at most")
+    p.add_argument(
+        "--max-length", type=positive_int, default=None,
+        help="new tokens at most (default: what fills the model's window after the prompt)",
+    )  # fmt: skip
+    p.add_argument("--min-length", type=int, default=0, help="no <eos> before this many new tokens")
+    p.add_argument(
+        "--stop-codon", action="store_true", help="a sample also ends at an in-frame stop codon"
+    )
+    p.add_argument(
+        "--no-cache", action="store_true",
+        help="recompute the whole context for every token (the reference path; slower)",
+    )  # fmt: skip
+    p.add_argument("--batch_size", type=positive_int, default=64, help="samples decoded together")
     p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: mass p")

@@ -1,16 +1,21 @@
 """Sampling from a causal (CLM) model, free or constrained to code for a given protein.
 
-Decoding is plain autoregressive sampling: every step runs the full forward pass over the context
-again (no key/value cache). For the model sizes HELM trains (tens of millions of parameters, a few
-hundred to a thousand codons) this costs seconds, and it works unchanged for every backbone
-(attention, Mamba, Hyena). The context starts with ``<cls>`` like every training row; once it
-outgrows ``max_seq_len`` the model sees ``<cls>`` plus the most recent tokens, as it saw the random
-crops of long records in training.
+``generate`` decodes every row of a batch together (``num`` samples of each prompt; prompts of
+different lengths are right-padded once, then every row advances in lockstep at its own positions),
+from the model's cache (``Backbone.decode``: GPT-2's keys and values, Mamba's recurrent state,
+Hyena's filter and input history), so a step costs one token's forward pass. ``use_cache=False``
+recomputes the whole context for every token (the reference path; the only one for models without
+cached decoding). Both give the same logits, hence the same greedy sequences. The context starts
+with ``<cls>`` like every training row; once a row outgrows ``max_seq_len`` the model sees ``<cls>``
+plus the most recent tokens, as it saw the random crops of long records in training, and from then
+on every step recomputes that window (positions shift, so nothing can be cached).
 
-Each step takes the logits at the last position over the real vocabulary, removes the tokens that
-can never be generated (``<pad>``, ``<cls>``, ``<unk>``, ``<mask>``) and, under a protein
-constraint, every codon that does not code for the next amino acid; then applies the temperature,
-top-k and top-p (nucleus) filters and draws from a seeded ``torch.Generator``. The reported
+Each step takes the logits at each row's last position over the real vocabulary, removes the tokens
+that can never be generated (``<pad>``, ``<cls>``, ``<unk>``, ``<mask>``), ``<eos>`` before
+``min_length`` new tokens and, under a protein constraint, every codon that does not code for the
+next amino acid; then applies the temperature, top-k and top-p (nucleus) filters and draws from a
+seeded ``torch.Generator``. A row ends at ``<eos>``, at a stop codon (a designed protein's last codon,
+or any in-frame stop with ``stop_codon``), or at ``max_length`` new tokens. The reported
 log-likelihood is the model's own (temperature 1, unfiltered, unconstrained) log-probability of the
 generated tokens, so it measures how natural the model finds the sequence.
 """
@@ -37,6 +42,7 @@ from helm.vocab import (
     STOP,
     UNK_ID,
     codon_id,
+    genetic_code,
     synonymous_codons,
 )
 
@@ -46,12 +52,17 @@ NEVER_SAMPLED = (PAD_ID, CLS_ID, UNK_ID, MASK_ID)
 @dataclass
 class Sample:
     """One generated sequence: its token ids (prefix included, no frame), its log-likelihood, and
-    whether it ended by sampling ``<eos>`` (False: it ran into the length cap)."""
+    how it ended: ``eos``, ``stop`` (a stop codon) or ``cap`` (it ran into the length cap)."""
 
     ids: list[int]
     num_generated: int
     log_likelihood: float
-    ended: bool = True
+    end: str = "eos"
+
+    @property
+    def ended(self) -> bool:
+        """Whether the sequence ended by itself (not at the length cap)."""
+        return self.end != "cap"
 
 
 def clean_protein(protein: str) -> str:
@@ -111,67 +122,163 @@ def filter_logits(
 
 
 @torch.no_grad()
-def sample(
+def generate(
     model: nn.Module,
-    prefix_ids: list[int],
-    num: int,
+    prompts: Sequence[Prompt],
+    num: int = 1,
     *,
     vocab_size: int,
-    max_length: int,
+    max_length: int | None = None,
+    min_length: int = 0,
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
-    allowed: torch.Tensor | None = None,
     device: torch.device | str = "cpu",
+    use_cache: bool = True,
+    stop_codon: bool = False,
 ) -> list[Sample]:
-    """Draw `num` continuations of `prefix_ids` (token ids, no frame) from a causal backbone.
-
-    Generation stops at ``<eos>`` or after `max_length` new tokens. With `allowed` ((L, V) bool,
-    from `protein_masks`) step i may only produce tokens allowed in row i and exactly L tokens are
-    generated (``<eos>`` is then never drawn; the frame ends after the stop codon).
-    """
+    """``num`` continuations of every prompt, in prompt order, decoded as one batch (module
+    docstring), each at most ``max_length`` new tokens (default: what fills the model's window
+    after the prompt). A prompt with ``allowed`` ((L, V) from ``protein_masks``) generates exactly
+    its L codons, the last a stop codon."""
     if getattr(model.cfg, "bidirectional", False):
         raise ValueError("sampling needs a causal (CLM) model")
     device = torch.device(device)
-    steps = len(allowed) if allowed is not None else max_length
-    window = model.cfg.max_seq_len
-    base = torch.ones(vocab_size, dtype=torch.bool, device=device)
-    base[list(NEVER_SAMPLED)] = False
-    if allowed is not None:
-        allowed = allowed.to(device)
-    ctx = torch.from_numpy(frame(prefix_ids, causal=True)).to(device).repeat(num, 1)  # (B, T)
-    loglik = torch.zeros(num, dtype=torch.float64, device=device)
-    done = torch.zeros(num, dtype=torch.bool, device=device)
-    lengths = torch.full((num,), steps, dtype=torch.long, device=device)
+    rows = [p for p in prompts for _ in range(num)]
+    decoder = Decoder(model, rows, vocab_size, max_length, device, use_cache)
+    steps = decoder.steps  # (R,) new tokens each row may make
+    loglik = torch.zeros(len(rows), dtype=torch.float64, device=device)
+    made = torch.zeros(len(rows), dtype=torch.long, device=device)  # new tokens, <eos> included
+    ending = torch.zeros(len(rows), dtype=torch.long, device=device)  # 0 running, then ENDS index
+    stops = torch.tensor([codon_id(c) for c in STOP_CODONS], device=device)
     was_training = model.training
     model.eval()
-    for step in range(steps):
-        inp = ctx if ctx.shape[1] <= window else torch.cat([ctx[:, :1], ctx[:, -window + 1 :]], 1)
+    hidden = decoder.prefill()
+    for step in range(int(steps.max())):
         with inference_autocast(device):
-            hidden = model(inp)[:, -1]  # (B, D)
-            logits = model.lm_head(hidden)[:, :vocab_size].float()  # (B, V)
+            logits = model.lm_head(hidden)[:, :vocab_size].float()  # (R, V)
         logp = logits.log_softmax(-1)
-        ok = base if allowed is None else base & allowed[step]
+        ok = decoder.allowed(step)  # (R, V)
+        if step < min_length:
+            ok[:, EOS_ID] = False
         weights = filter_logits(logits.masked_fill(~ok, -math.inf), temperature, top_k, top_p)
-        nxt = torch.multinomial(weights.softmax(-1), 1, generator=generator)  # (B, 1)
-        loglik += torch.where(done, 0.0, logp.gather(-1, nxt)[:, 0].double())
-        ended = (nxt[:, 0] == EOS_ID) & ~done
-        lengths = torch.where(ended, step + 1, lengths)
-        done |= ended
-        ctx = torch.cat([ctx, nxt], 1)
-        if bool(done.all()):
+        nxt = torch.multinomial(weights.softmax(-1), 1, generator=generator)[:, 0]  # (R,)
+        running = ending == 0
+        loglik += torch.where(running, logp.gather(-1, nxt[:, None])[:, 0].double(), 0.0)
+        made += running.long()
+        is_stop = torch.isin(nxt, stops) & (decoder.protein | stop_codon)
+        new_end = torch.where(nxt == EOS_ID, 1, torch.where(is_stop, 2, 0))
+        new_end = torch.where((new_end == 0) & (made >= steps), 3, new_end)  # the cap
+        ending = torch.where(running, new_end, ending)
+        decoder.append(nxt)
+        if bool((ending > 0).all()):
             break
+        hidden = decoder.next_hidden(nxt)
     model.train(was_training)
-    start = 1 + len(prefix_ids)
-    out = []
-    for b in range(num):
-        new = ctx[b, start : start + int(lengths[b])].tolist()
-        if new and new[-1] == EOS_ID:
-            new = new[:-1]
-        sample = Sample(list(prefix_ids) + new, int(lengths[b]), float(loglik[b]), bool(done[b]))
-        out.append(sample)
-    return out
+    return decoder.samples(made, loglik, ending)
+
+
+STOP_CODONS = tuple(c for c, aa in genetic_code().items() if aa == STOP)
+ENDS = ("", "eos", "stop", "cap")  # the ending codes of ``generate``
+
+
+class Decoder:
+    """The rows of one ``generate`` call: their tokens so far, and the model's hidden state at
+    each row's last token, from the cache or by recomputing the (windowed) context."""
+
+    def __init__(self, model, rows: Sequence[Prompt], vocab_size: int, max_length: int | None,
+                 device, use_cache: bool):  # fmt: skip
+        self.model, self.rows, self.device = model, rows, device
+        self.window = model.cfg.max_seq_len
+        framed = [frame(list(p.ids), causal=True).tolist() for p in rows]  # <cls> + prompt
+        self.prompt_lengths = [len(f) for f in framed]
+        fill = [max(1, self.window - n) for n in self.prompt_lengths]  # the window, once framed
+        self.steps = torch.tensor(
+            [
+                len(p.allowed) if p.allowed is not None else max_length or f
+                for p, f in zip(rows, fill)
+            ],
+            device=device,
+        )
+        total = max(self.prompt_lengths) + int(self.steps.max())
+        self.tokens = torch.full((len(rows), total), PAD_ID, dtype=torch.long, device=device)
+        for r, ids in enumerate(framed):
+            self.tokens[r, : len(ids)] = torch.tensor(ids)
+        self.lengths = torch.tensor(self.prompt_lengths, device=device)  # (R,) tokens per row
+        self.protein = torch.tensor([p.allowed is not None for p in rows], device=device)
+        self.masks = self._masks(vocab_size, int(self.steps.max()))
+        self.cache = None
+        if use_cache:
+            self.cache = model.allocate_cache(len(rows), min(total, self.window))
+
+    def _masks(self, vocab_size: int, steps: int) -> torch.Tensor:
+        """(R, steps, V): what each row may draw at each step (a protein's codons, else all but the
+        tokens never sampled)."""
+        base = torch.ones(vocab_size, dtype=torch.bool, device=self.device)
+        base[list(NEVER_SAMPLED)] = False
+        masks = base.expand(len(self.rows), steps, vocab_size).clone()
+        for r, p in enumerate(self.rows):
+            if p.allowed is not None:
+                masks[r, : len(p.allowed)] &= p.allowed.to(self.device)
+        return masks
+
+    def allowed(self, step: int) -> torch.Tensor:
+        return self.masks[:, step].clone()
+
+    def append(self, nxt: torch.Tensor) -> None:
+        self.tokens[torch.arange(len(self.rows), device=self.device), self.lengths] = nxt
+        self.lengths += 1
+
+    def prefill(self) -> torch.Tensor:
+        """(R, D) hidden states at each prompt's last token."""
+        if self.cache is None:
+            return self._recompute()
+        width = max(self.prompt_lengths)
+        mask = torch.arange(width, device=self.device)[None] < self.lengths[:, None]
+        padded = None if mask.all() else mask.long()
+        with inference_autocast(self.device):
+            hidden = self.model.decode(self.tokens[:, :width], self.cache, attention_mask=padded)
+        return hidden[torch.arange(len(self.rows), device=self.device), self.lengths - 1]
+
+    def next_hidden(self, nxt: torch.Tensor) -> torch.Tensor:
+        """(R, D) hidden states at the token just appended."""
+        if self.cache is not None and self.cache.end < self.window:
+            with inference_autocast(self.device):
+                return self.model.decode(nxt[:, None], self.cache)[:, 0]
+        self.cache = None  # past the window the positions shift: recompute from here on
+        return self._recompute()
+
+    def _recompute(self) -> torch.Tensor:
+        """The full forward pass over each row's context: ``<cls>`` and its last window - 1
+        tokens once it outgrows the window."""
+        seen = self.lengths.clamp(max=self.window)  # (R,)
+        width = int(seen.max())
+        j = torch.arange(width, device=self.device)[None]  # (1, W)
+        shift = (self.lengths - self.window).clamp(min=0)[:, None]  # tokens dropped after <cls>
+        index = torch.where(j == 0, 0, j + shift).clamp(max=self.tokens.shape[1] - 1)
+        inputs = self.tokens.gather(1, index)
+        mask = j < seen[:, None]
+        with inference_autocast(self.device):
+            hidden = self.model(inputs, attention_mask=None if mask.all() else mask.long())
+        return hidden[torch.arange(len(self.rows), device=self.device), seen - 1]
+
+    def samples(self, made: torch.Tensor, loglik: torch.Tensor, ending: torch.Tensor) -> list:
+        out = []
+        for r, p in enumerate(self.rows):
+            start, n = self.prompt_lengths[r], int(made[r])
+            new = self.tokens[r, start : start + n].tolist()
+            end = ENDS[int(ending[r])] or "cap"
+            if end == "eos":
+                new = new[:-1]
+            out.append(Sample(list(p.ids) + new, n, float(loglik[r]), end))
+        return out
+
+
+def sample(model: nn.Module, prefix_ids: list[int], num: int, **kwargs) -> list[Sample]:
+    """``num`` continuations of one prompt (``generate``; ``allowed`` as a keyword)."""
+    allowed = kwargs.pop("allowed", None)
+    return generate(model, [Prompt("sample", list(prefix_ids), allowed)], num, **kwargs)
 
 
 def gc_content(seq: str) -> float:
@@ -199,14 +306,14 @@ def read_proteins(value: str) -> list[tuple[str, str]]:
 
 
 def fasta_record(index: int, sample: Sample, sequence: str, source: str, nucleotides: bool) -> str:
-    """``>gen{index} source=... tokens=... [gc=... cai=...] loglik=... end=eos|cap`` and the
-    sequence in lines of 80; ``end=cap``: no <eos> within the length cap."""
+    """``>gen{index} source=... tokens=... [gc=... cai=...] loglik=... end=eos|stop|cap`` and the
+    sequence in lines of 80; ``end=cap``: no end within the length cap."""
     from helm.codon_usage import cai
 
     fields = [f"source={source}", f"tokens={sample.num_generated}"]
     if nucleotides:
         fields += [f"gc={gc_content(sequence):.4f}", f"cai={cai(sequence):.4f}"]
-    fields += [f"loglik={sample.log_likelihood:.4f}", "end=eos" if sample.ended else "end=cap"]
+    fields += [f"loglik={sample.log_likelihood:.4f}", f"end={sample.end}"]
     lines = [f">gen{index} " + " ".join(fields)]
     lines += [sequence[i : i + 80] for i in range(0, len(sequence), 80)] or [""]
     return "\n".join(lines)

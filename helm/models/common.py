@@ -249,6 +249,33 @@ class Tokens(NamedTuple):
     position_ids: torch.Tensor | None
 
 
+class DecodeCache:
+    """What a causal model keeps between decoding steps: one state per block (a key/value cache,
+    Mamba's conv and SSM states, Hyena's short-conv window and long-conv history) and how many
+    tokens each row holds. Made by ``Backbone.allocate_cache``, advanced by ``Backbone.decode``.
+
+    ``end`` (a Python int, kept on the host so that no step waits for the device) is the longest
+    row; rows are appended to in lockstep, so ``lengths`` differ only by their prompts'.
+    """
+
+    def __init__(self, layers: list[Any], batch_size: int, max_len: int, device: torch.device):
+        self.layers, self.max_len = layers, max_len
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
+        self.end = 0
+        self.uniform = True  # every row holds ``end`` tokens
+
+
+class Step(NamedTuple):
+    """What every block's ``decode`` receives: the new tokens' positions (B, T), which of them are
+    real (B, T) or None for all, the tokens the longest row holds after them, and whether every row
+    holds as many (their keys are then a plain slice of the cache)."""
+
+    positions: torch.Tensor
+    valid: torch.Tensor | None
+    end: int
+    uniform: bool
+
+
 class Backbone(nn.Module):
     """Embeddings -> dropout -> blocks -> final norm, with the LM head beside (not applied).
 
@@ -304,6 +331,58 @@ class Backbone(nn.Module):
     def block_inputs(self, x: torch.Tensor, tokens: Tokens) -> tuple[Any, ...]:
         """The arguments after x of every block call, from the embedded x (B, T, D) and the inputs."""
         return ()
+
+    # Cached decoding (causal models whose config states ``cached_decoding``) -----------------
+
+    def allocate_cache(self, batch_size: int, max_len: int) -> DecodeCache:
+        """An empty cache for ``batch_size`` rows of at most ``max_len`` tokens each."""
+        if not self.cfg.cached_decoding:
+            raise ValueError(
+                f"{type(self).__name__} has no cached decoding (it is an encoder model); "
+                "generate with --no-cache, which recomputes the sequence for every token"
+            )
+        if self.cfg.bidirectional:
+            raise ValueError("cached decoding is for causal (CLM) models")
+        if self.cfg.pos_embedding in ("absolute", "sincos") and max_len > self.cfg.max_seq_len:
+            raise ValueError(
+                f"{max_len} tokens exceed the model's {self.cfg.max_seq_len} positions"
+            )
+        device = next(self.parameters()).device
+        layers = [block.allocate(batch_size, max_len, device) for block in self.blocks]
+        return DecodeCache(layers, batch_size, max_len, device)
+
+    def decode(
+        self,
+        input_ids: torch.Tensor,
+        cache: DecodeCache,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Hidden states (B, T, D) of ``input_ids`` (B, T), the tokens that follow each row's
+        cached ones; the cache takes them. Equal to ``forward`` over each whole row at these
+        positions. ``attention_mask`` (1 = real) is for a first, right-padded call on an empty
+        cache (prompts of different lengths); each row then holds its real tokens only."""
+        B, T = input_ids.shape
+        if cache.end + T > cache.max_len:
+            raise ValueError(f"the cache holds {cache.max_len} tokens a row; {cache.end + T} asked")
+        if attention_mask is not None and cache.end:
+            raise ValueError("a padded call (attention_mask) must be the first on a cache")
+        positions = cache.lengths[:, None] + torch.arange(T, device=input_ids.device)  # (B, T)
+        x = self.embed(input_ids, positions)  # (B, T, D)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+        x = self.drop(x)
+        valid = None if attention_mask is None else attention_mask.bool()
+        step = Step(positions, valid, cache.end + T, cache.uniform)
+        for block, state in zip(self.blocks, cache.layers):
+            x = block.decode(x, state, step)
+        if valid is None:
+            cache.lengths += T
+            cache.end += T
+        else:  # one sync, on the first call
+            counts = valid.sum(1)
+            cache.lengths += counts
+            cache.end, cache.uniform = int(counts.max()), bool((counts == counts[0]).all())
+        return self.norm_f(x)
 
     def forward(
         self,

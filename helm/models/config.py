@@ -115,6 +115,7 @@ class GPT2Config(ModelConfig):
     """GPT-2 options: all of ``ModelConfig`` (``bidirectional=False`` is the causal CLM model)."""
 
     attention = True
+    cached_decoding = True  # a key/value cache per layer
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -179,6 +180,7 @@ class MambaConfig(ModelConfig):
     """
 
     allows_no_mlp = True  # d_ff = 0: Mamba's original block, a mixer only
+    cached_decoding = True  # the recurrence: a conv window and an SSM state per layer
 
     pos_embedding: str = "none"
     activation: str = "swiglu"  # the block's gated MLP; d_ff = 0: no MLP
@@ -258,6 +260,9 @@ class HyenaConfig(ModelConfig):
     filter_decay_target: float = 1e-2
     short_filter_size: int = 3
     fftconv_impl: str = "auto"  # auto | torch | triton (see helm.ops.fftconv)
+
+    # The filter at every lag and the history of the long convolution's inputs (O(t) a step).
+    cached_decoding: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()

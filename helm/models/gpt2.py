@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from helm.models.common import MLP, Backbone, Rotary, Tokens, positions_like
+from helm.models.common import MLP, Backbone, Rotary, Step, Tokens, positions_like
 from helm.models.config import GPT2Config, ModelConfig, check_attention_config
 
 
@@ -82,13 +82,19 @@ class SelfAttention(nn.Module):
         self.attn_dropout = cfg.attn_dropout
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, att: Attention) -> torch.Tensor:
-        """x: (B, T, D); ``att`` from ``attention_inputs``."""
-        B, T, D = x.shape
+    def _qkv(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q, k, v: 3 x (B, H, T, hd) of x (B, T, D), rotated by position when rotary."""
+        B, T, _ = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim)  # (B, T, 3, H, hd)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, T, hd)
         if self.rotary is not None:
-            q, k = self.rotary(q, k, att.position_ids)
+            q, k = self.rotary(q, k, position_ids)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, att: Attention) -> torch.Tensor:
+        """x: (B, T, D); ``att`` from ``attention_inputs``."""
+        B, T, D = x.shape
+        q, k, v = self._qkv(x, att.position_ids)
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -99,6 +105,44 @@ class SelfAttention(nn.Module):
         )  # (B, H, T, hd)
         y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
         return self.drop(self.proj(y))
+
+    def decode(self, x: torch.Tensor, cache: KVCache, step: Step) -> torch.Tensor:
+        """x: (B, T, D) of the tokens after the cached ones; each query attends to its row's keys
+        up to its own position (the cache's rows may hold different numbers of tokens)."""
+        B, T, D = x.shape
+        q, k, v = self._qkv(x, step.positions)
+        keys, values = cache.append(k, v, step)  # (B, H, end, hd) each
+        mask = None
+        if T > 1 or not step.uniform:  # a key is seen by the queries at or after its position
+            seen = torch.arange(step.end, device=x.device)  # (end,)
+            mask = (seen <= step.positions[:, :, None])[:, None]  # (B, 1, T, end)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, H, T, hd)
+        return self.drop(self.proj(y.transpose(1, 2).reshape(B, T, D)))
+
+
+class KVCache:
+    """One attention layer's keys and values, (B, H, max_len, hd) each, allocated on the first
+    ``append`` in the dtype the layer computes in (bf16 under autocast)."""
+
+    def __init__(self, batch_size: int, max_len: int):
+        self.batch_size, self.max_len = batch_size, max_len
+        self.k = self.v = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, step: Step) -> tuple[torch.Tensor, ...]:
+        """Store k, v (B, H, T, hd) at ``step.positions``; the keys and values so far."""
+        if self.k is None:
+            B, H, _, hd = k.shape
+            self.k = k.new_zeros(B, H, self.max_len, hd)
+            self.v = v.new_zeros(B, H, self.max_len, hd)
+        T = k.shape[2]
+        if step.uniform:  # every row writes at the same place
+            self.k[:, :, step.end - T : step.end] = k
+            self.v[:, :, step.end - T : step.end] = v
+        else:
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1)
+            self.k[rows, :, step.positions] = k.transpose(1, 2)  # (B, T, H, hd) by advanced index
+            self.v[rows, :, step.positions] = v.transpose(1, 2)
+        return self.k[:, :, : step.end], self.v[:, :, : step.end]
 
 
 class Block(nn.Module):
@@ -113,6 +157,13 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, att: Attention) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), att)
+        return x + self.mlp(self.ln_2(x))
+
+    def allocate(self, batch_size: int, max_len: int, device: torch.device) -> KVCache:
+        return KVCache(batch_size, max_len)
+
+    def decode(self, x: torch.Tensor, cache: KVCache, step: Step) -> torch.Tensor:
+        x = x + self.attn.decode(self.ln_1(x), cache, step)
         return x + self.mlp(self.ln_2(x))
 
 

@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from helm.models.common import MLP, Backbone, Tokens, init_weights, tag
+from helm.models.common import MLP, Backbone, Step, Tokens, init_weights, tag
 from helm.models.config import HyenaConfig, ModelConfig
 from helm.ops.fftconv import fftconv
 
@@ -177,6 +177,53 @@ class HyenaOperator(nn.Module):
         )  # (B, D, T)
         return self.drop(self.out_proj(y.transpose(1, 2)))  # (B, T, D)
 
+    def allocate(self, batch_size: int, max_len: int, device: torch.device) -> HyenaState:
+        d, s = self.D.shape[0], self.short_filter.kernel_size[0]
+        window = torch.zeros(batch_size, 3 * d, s, device=device, dtype=self.D.dtype)
+        history = torch.zeros(batch_size, d, max_len, device=device)
+        with torch.no_grad():
+            k = self.filter(max_len).float()  # (D, max_len): a lag's value does not depend on L
+        return HyenaState(window, history, k)
+
+    def step(
+        self,
+        x: torch.Tensor,
+        state: HyenaState,
+        position: torch.Tensor,
+        end: int,
+        keep: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One token x (B, D) at ``position`` (B,) of its row (``end``: the longest row's length
+        with it) -> (B, D): the short conv from the window, then ``y_t = sum_{s <= t} k[t - s] v_s
+        + D v_t`` over the row's history, O(t) per channel (Hyena has no fixed-size recurrent
+        state). Rows where ``keep`` (B,) is False (padding) leave the state as it was."""
+        u = self.in_proj(x)  # (B, 3D)
+        window = torch.cat([state.window[..., 1:], u[..., None]], dim=-1)  # (B, 3D, s)
+        u = (window * self.short_filter.weight.squeeze(1)).sum(-1) + self.short_filter.bias
+        x0, x1, v = u.chunk(3, dim=-1)  # 3 x (B, D)
+        gated = v.float() * x1.float()  # the long convolution's input at this step (fp32)
+        history = state.history if keep is None else state.history.clone()
+        history[torch.arange(x.shape[0], device=x.device), :, position] = gated
+        lags = position[:, None] - torch.arange(end, device=x.device)  # (B, end): t - s
+        k = (
+            state.filter[:, lags.clamp(min=0)].permute(1, 0, 2) * (lags >= 0)[:, None]
+        )  # (B, D, end)
+        y = (history[..., :end] * k).sum(-1) + gated * self.D.float()
+        if keep is not None:
+            window = torch.where(keep[:, None, None], window, state.window)
+            history = torch.where(keep[:, None, None], history, state.history)
+        state.window, state.history = window, history
+        return self.drop(self.out_proj((y * x0.float()).to(x.dtype)))
+
+
+class HyenaState:
+    """An operator's state between decoding steps: the short conv's window of projected inputs
+    (B, 3D, s), the long convolution's history of gated inputs (B, D, max_len, fp32), and the
+    implicit filter computed once for max_len lags (D, max_len)."""
+
+    def __init__(self, window: torch.Tensor, history: torch.Tensor, filter: torch.Tensor):
+        self.window, self.history, self.filter = window, history, filter
+
 
 class HyenaBlock(nn.Module):
     """Pre-LN block: ``x + Hyena(LN(x))`` then ``x + MLP(LN(x))``."""
@@ -191,6 +238,21 @@ class HyenaBlock(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         x = x + self.mixer(self.ln_1(x), mask)
         return x + self.mlp(self.ln_2(x))
+
+    def allocate(self, batch_size: int, max_len: int, device: torch.device) -> HyenaState:
+        return self.mixer.allocate(batch_size, max_len, device)
+
+    def decode(self, x: torch.Tensor, state: HyenaState, step: Step) -> torch.Tensor:
+        """x: (B, T, D) after the cached tokens, one token at a time (a causal block)."""
+        out = []
+        for t in range(x.shape[1]):
+            keep = None if step.valid is None else step.valid[:, t]
+            end = step.end - x.shape[1] + t + 1  # the longest row, with this token
+            xt = x[:, t] + self.mixer.step(
+                self.ln_1(x[:, t]), state, step.positions[:, t], end, keep
+            )
+            out.append(xt + self.mlp(self.ln_2(xt)))
+        return torch.stack(out, dim=1)  # (B, T, D)
 
 
 class Hyena(Backbone):

@@ -24,13 +24,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from helm.models.common import MLP, Backbone, RMSNorm, Tokens, init_weights, tag
+from helm.models.common import MLP, Backbone, RMSNorm, Step, Tokens, init_weights, tag
 from helm.models.config import MambaConfig, ModelConfig
 from helm.ops.selective_scan import (
     causal_conv1d,
+    causal_conv1d_update,
     check_scan_impl,
     resolve_scan_impl,
     selective_scan,
+    selective_state_update,
     ssd_chunk_scan,
 )
 
@@ -99,6 +101,24 @@ class MambaMixer(_Mixer):
         )  # fmt: skip
         return self.out_proj(y.transpose(1, 2))  # (B, T, D)
 
+    def allocate(self, batch_size: int, device: torch.device) -> RecurrentState:
+        E, K, N = self.cfg.d_inner, self.cfg.d_conv, self.cfg.d_state
+        conv = torch.zeros(batch_size, E, K, device=device, dtype=self.conv1d.weight.dtype)
+        return RecurrentState(conv, torch.zeros(batch_size, E, N, device=device))
+
+    def step(self, hidden: torch.Tensor, state: RecurrentState) -> tuple[torch.Tensor, tuple]:
+        """One token (B, D) -> ((B, D), the new (conv, ssm) state): the recurrence the scan solves."""
+        R, N = self.cfg.dt_rank, self.cfg.d_state
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (B, d_inner) each
+        w = self.conv1d.weight.squeeze(1)
+        x, conv = causal_conv1d_update(x, state.tensors[0], w, self.conv1d.bias)
+        dt, B, C = self.x_proj(x).split([R, N, N], dim=-1)  # (B, R | N | N)
+        y, ssm = selective_state_update(
+            state.tensors[1], x, dt @ self.dt_proj.weight.T, -torch.exp(self.A_log.float()), B, C,
+            self.D.float(), z, dt_bias=self.dt_proj.bias.float(), dt_softplus=True,
+        )  # fmt: skip
+        return self.out_proj(y), (conv, ssm)
+
 
 class GatedRMSNorm(nn.Module):
     """Mamba-2's output norm: RMSNorm(y * silu(z)) over groups of d_inner / ngroups channels."""
@@ -158,6 +178,44 @@ class Mamba2Mixer(_Mixer):
         )  # fmt: skip
         y = self.norm(y.reshape(Bsz, T, d_inner), z)  # (B, T, d_inner)
         return self.out_proj(y)  # (B, T, D)
+
+    def allocate(self, batch_size: int, device: torch.device) -> RecurrentState:
+        K, N, P = self.cfg.d_conv, self.cfg.d_state, self.cfg.headdim
+        conv = torch.zeros(
+            batch_size, self.conv_dim, K, device=device, dtype=self.conv1d.weight.dtype
+        )
+        return RecurrentState(conv, torch.zeros(batch_size, self.nheads, P, N, device=device))
+
+    def step(self, hidden: torch.Tensor, state: RecurrentState) -> tuple[torch.Tensor, tuple]:
+        """One token (B, D) -> ((B, D), the new (conv, ssm) state): the recurrence SSD solves."""
+        Bsz = hidden.shape[0]
+        G, N, P, d_inner = self.cfg.ngroups, self.cfg.d_state, self.cfg.headdim, self.cfg.d_inner
+        z, xBC, dt = self.in_proj(hidden).split([d_inner, self.conv_dim, self.nheads], dim=-1)
+        w = self.conv1d.weight.squeeze(1)
+        xBC, conv = causal_conv1d_update(xBC, state.tensors[0], w, self.conv1d.bias)
+        x, B, C = xBC.split([d_inner, G * N, G * N], dim=-1)
+        y, ssm = selective_state_update(
+            state.tensors[1], x.reshape(Bsz, self.nheads, P), dt, -torch.exp(self.A_log.float()),
+            B.reshape(Bsz, G, N), C.reshape(Bsz, G, N), self.D.float(), dt_bias=self.dt_bias.float(),
+            dt_softplus=True,
+        )  # fmt: skip
+        return self.out_proj(self.norm(y.reshape(Bsz, d_inner), z)), (conv, ssm)
+
+
+class RecurrentState:
+    """A layer's state between decoding steps (Mamba: the conv window and the SSM state)."""
+
+    def __init__(self, *tensors: torch.Tensor):
+        self.tensors = tensors
+
+    def advance(self, new: tuple[torch.Tensor, ...], keep: torch.Tensor | None) -> None:
+        """Take the new state, except in the rows where ``keep`` (B,) is False (padding)."""
+        if keep is not None:
+            new = tuple(
+                torch.where(keep.view(-1, *[1] * (n.dim() - 1)), n, old)
+                for n, old in zip(new, self.tensors)
+            )
+        self.tensors = new
 
 
 def reversal_index(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -238,6 +296,22 @@ class MambaBlock(nn.Module):
         if self.mlp is not None:
             x = x + self.mlp(self.mlp_norm(x))
         return x
+
+    def allocate(self, batch_size: int, max_len: int, device: torch.device) -> RecurrentState:
+        return self.mixer.allocate(batch_size, device)
+
+    def decode(self, x: torch.Tensor, state: RecurrentState, step: Step) -> torch.Tensor:
+        """x: (B, T, D) after the cached tokens, one token at a time (a causal block)."""
+        out = []
+        for t in range(x.shape[1]):
+            xt = x[:, t]  # (B, D)
+            delta, new = self.mixer.step(self.mixer_norm(xt), state)
+            delta = self.drop(delta)
+            if self.mlp is not None:
+                delta = delta + self.mlp(self.mlp_norm(xt + delta))
+            state.advance(new, None if step.valid is None else step.valid[:, t])
+            out.append(xt + delta)
+        return torch.stack(out, dim=1)  # (B, T, D)
 
 
 class Mamba(Backbone):

@@ -437,3 +437,62 @@ def ssd_chunk_scan(
             x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus
         )
     return ssd_chunk_scan_ref(x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus)
+
+
+# One step at a time (cached decoding) ----------------------------------------------------------
+
+
+def causal_conv1d_update(
+    x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``causal_conv1d`` for one new step: x (B, C) enters the window ``conv_state`` (B, C, K) of
+    the last K inputs (oldest first, zeros before the sequence). Returns (silu(conv), new window),
+    the output equal to ``causal_conv1d``'s at that step."""
+    window = torch.cat([conv_state[..., 1:], x[..., None]], dim=-1)  # (B, C, K)
+    y = (window * weight).sum(-1)
+    if bias is not None:
+        y = y + bias
+    return F.silu(y), window
+
+
+def selective_state_update(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of the recurrence the scans solve (mamba-ssm's ``selective_state_update``, returning
+    the new state instead of writing it): ``h = exp(dt A) h + dt B x``, ``y = C . h + D x``, gated
+    by silu(z). Returns (y, new state), in fp32 maths and x's dtype.
+
+    Mamba-1: state (B, Dch, N); x, dt, z (B, Dch); A (Dch, N); B, C (B, N); D, dt_bias (Dch,).
+    Mamba-2: state (B, H, P, N); x, z (B, H, P); dt (B, H); A, D, dt_bias (H,); B, C (B, G, N)
+    with head h reading group h // (H / G).
+    """
+    acc = _acc_dtype(x)
+    dt = dt.to(acc) + (dt_bias.to(acc) if dt_bias is not None else 0.0)
+    if dt_softplus:
+        dt = F.softplus(dt)
+    xf, A, B, C = x.to(acc), A.to(acc), B.to(acc), C.to(acc)
+    if state.dim() == 4:  # Mamba-2: one scalar decay per head, B and C shared by a group of heads
+        H, G = state.shape[1], B.shape[1]
+        B, C = B.repeat_interleave(H // G, dim=1), C.repeat_interleave(H // G, dim=1)  # (B, H, N)
+        decay = torch.exp(dt * A)[..., None, None]  # (B, H, 1, 1)
+        new = state * decay + (dt[..., None] * xf)[..., None] * B[:, :, None, :]  # (B, H, P, N)
+        y = (new @ C[..., None]).squeeze(-1)  # (B, H, P)
+        Dx = xf * D.to(acc)[:, None] if D is not None else 0.0
+    else:
+        decay = torch.exp(dt[..., None] * A)  # (B, Dch, N)
+        new = state * decay + (dt * xf)[..., None] * B[:, None, :]
+        y = (new @ C[..., None]).squeeze(-1)  # (B, Dch)
+        Dx = xf * D.to(acc) if D is not None else 0.0
+    y = y + Dx
+    if z is not None:
+        y = y * F.silu(z.to(acc))
+    return y.to(x.dtype), new
