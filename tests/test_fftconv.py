@@ -159,6 +159,34 @@ def test_kernel_strided_inputs_and_partial_grads():
         assert _max_err(a, e) < FP32_TOL
 
 
+def test_kernels_read_unit_stride_rows_from_hyenas_transposed_views(monkeypatch):
+    """Hyena's u, gates and dy are transposed views (stride 3H or H along L); the launchers get
+    rows with unit stride along L, so every tile load is coalesced on a GPU."""
+    B, H, L = 2, 3, 17
+    gen = torch.Generator().manual_seed(8)
+    proj = torch.randn(B, L, 3 * H, generator=gen).transpose(1, 2)
+    pre, post, u = (t.requires_grad_() for t in proj.detach().clone().split(H, dim=1))
+    k = torch.randn(H, L, generator=gen, requires_grad=True)
+    D = torch.randn(H, generator=gen, requires_grad=True)
+    dy = torch.randn(B, L, H, generator=gen).transpose(1, 2)
+    seen = []
+    for name in ("_conv_fwd", "_conv_bwd_dx", "_conv_bwd_dk"):
+        launcher = getattr(fftconv_kernels, name)
+
+        def spy(*args, _launcher=launcher, _name=name, **kwargs):
+            seen.extend((_name, a.stride(-1)) for a in args if isinstance(a, torch.Tensor))
+            return _launcher(*args, **kwargs)
+
+        monkeypatch.setattr(fftconv_kernels, name, spy)
+    y = fftconv_triton(u, k, D, pre, post)
+    got = torch.autograd.grad(y, (u, k, D, pre, post), dy)
+    want = torch.autograd.grad(fftconv_ref(u, k, D, pre, post), (u, k, D, pre, post), dy)
+    assert {name for name, _ in seen} == {"_conv_fwd", "_conv_bwd_dx", "_conv_bwd_dk"}
+    assert all(stride == 1 for _, stride in seen), seen
+    for a, e in zip(got, want):
+        assert _max_err(a, e) < FP32_TOL
+
+
 def test_kernel_expanded_upstream_gradient():
     """y.sum().backward() hands the kernel a gradient with zero strides."""
     u, k, D, pre, post = _inputs(2, 2, 18, False, True, torch.float32, 5)

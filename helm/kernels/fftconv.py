@@ -403,11 +403,20 @@ def _fold_skip(k: torch.Tensor, D: torch.Tensor, L: int, bidirectional: bool) ->
     return k_eff
 
 
+def _along_l(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` (B, H, L) with rows contiguous along L (a copy only where they are not)."""
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
 class FFTConvFunction(torch.autograd.Function):
     """Autograd wrapper: forward one Toeplitz product; backward three (see below)."""
 
     @staticmethod
     def forward(ctx, u, k, D, pregate, postgate, bidirectional):
+        # The tiles read along L: unit stride there makes the loads coalesced. Hyena's u and gates
+        # are views of one (B, L, 3H) projection (stride 3H along L), so one copy each is cheaper
+        # than the strided reads every tile would repeat.
+        u, pregate, postgate = (_along_l(t) for t in (u, pregate, postgate))
         k_eff = _fold_skip(k, D, u.shape[-1], bidirectional)
         y = _conv_fwd(u, pregate, postgate, k_eff, bidirectional, u.dtype)
         ctx.save_for_backward(u, k_eff, pregate, postgate)
@@ -427,6 +436,9 @@ class FFTConvFunction(torch.autograd.Function):
         #   dL/dk'[lag] = sum_b sum_t g[b, t] x[b, t - lag]   -> the dk kernel
         #   dL/dk = dL/dk',  dL/dD = dL/dk'[lag 0]  (k' depends on D only through its lag-0 tap)
         u, k_eff, pre, post = ctx.saved_tensors
+        # Hyena's dy arrives transposed (strides (L*H, 1, H), from out_proj(y.transpose(1, 2)))
+        # and y.sum()'s is expanded (stride 0): unit stride along L, as in the forward.
+        dy = _along_l(dy)
         bidir = ctx.bidirectional
         need_u, need_k, need_d, need_pre, need_post, _ = ctx.needs_input_grad
         du = dk = dD = dpre = dpost = None
