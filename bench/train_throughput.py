@@ -64,6 +64,7 @@ import torch
 from helm.checkpoint import seed_everything
 from helm.config import parse_config
 from helm.hierarchy import build_hierarchy
+from helm.kernels.bench.rows import RowLog
 from helm.lm import build_training, forward_backward, mfu, optimizer_step, peak_flops
 from helm.logger import setup_logging
 from helm.tokenizers import build_tokenizer
@@ -332,10 +333,13 @@ def main(argv: list[str] | None = None) -> int:
     device_name, slug = device_label(device)
     load_before = os.getloadavg()[0]  # other work on the host skews CPU timings
     print(f"{opts.preset}: {', '.join(cases)} on {device_name} (torch {torch.__version__})")
+    out = opts.out or REPO / "bench" / "results" / f"train_throughput_{slug}.json"
+    log = RowLog(out.parent, out.stem)  # each case as it is measured: <out>.jsonl
     rows = []
     for case in cases:
         args = resolve_case(PRESETS[opts.preset][case], extra, opts)
         rows.append(measure(case, args, opts, device))
+        log.append(rows[-1])
         r = rows[-1]
         print(f"done {case}: {r['tokens_per_s']:,.0f} tokens/s", flush=True)
     print_table(rows, device_name)
@@ -358,8 +362,6 @@ def main(argv: list[str] | None = None) -> int:
         "data": "synthetic fixed-length batches on the device; no data loading",
         "target": TARGET_NOTE,
     }
-    out = opts.out or REPO / "bench" / "results" / f"train_throughput_{slug}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     print(f"wrote {out}")
     return 0

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.testing
 
+from helm.kernels.bench.rows import RowLog
 from helm.kernels.fftconv import fftconv_triton
 from helm.ops.fftconv import fftconv_ref
 
@@ -96,6 +97,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     torch._dynamo.config.recompile_limit = 64  # one compiled graph per shape, mode and dtype
     compiled = torch.compile(fftconv_ref)
     impls = {"torch": fftconv_ref, "compile": compiled, "triton": fftconv_triton}
+    log = RowLog(args.out_dir, "bench_fftconv")
     rows = []
     for mode in args.modes:
         bidirectional = MODES[mode]
@@ -123,6 +125,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                     if impl == "triton" and L in TARGET_LENGTHS and row["speedup"] is not None:
                         row["target"] = "met" if row["speedup"] >= TARGET_SPEEDUP else "missed"
                     rows.append(row)
+                    log.append(row)
                     print(format_row(row), flush=True)
     return rows
 
