@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +13,8 @@ import torch
 from helm.kernels import fftconv as fftconv_kernels
 from helm.kernels.fftconv import fftconv_triton
 from helm.ops.fftconv import fftconv, fftconv_ref
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # Kernel tests on CPU tensors need the interpreter (set by conftest.py where there is no CUDA); on a
 # CUDA machine the compiled kernels are tested by the `gpu` tests instead.
@@ -244,3 +248,32 @@ def test_kernel_matches_reference_gpu(L, bidirectional, dtype):
     for name, a, e in zip(NAMES, got, want):
         assert a.dtype == e.dtype == dtype, name
         assert _norm_err(a, e) < tol, name
+
+
+@pytest.mark.parametrize("release", ["3.6", "3.9"])
+def test_autotune_tables_admit_only_configs_that_build_well_on_an_h100(release):
+    """The tile tables (which configs the autotuner may compile, per dtype and Triton release)
+    agree with the ahead-of-time sm_90 compile report of that release: no admitted config spills
+    or exceeds shared memory, every config in the lists was compiled, each case keeps some."""
+    path = ROOT / "bench" / "results" / f"compile_sm90_triton{release}.json"
+    report = json.loads(path.read_text())
+    assert report["triton"].startswith(release)
+    tables = {"_fftconv_fwd_kernel": fftconv_kernels._CONV_TILES,
+              "_fftconv_bwd_dx_kernel": fftconv_kernels._CONV_TILES,
+              "_fftconv_bwd_dk_kernel": fftconv_kernels._DK_TILES}  # fmt: skip
+    compiled = set()
+    for row in report["rows"]:
+        if row["kernel"] == "_fftconv_bwd_dk_kernel":
+            key = (row["BLOCK_R"], row["BLOCK_S"], row["BLOCK_K"], row["num_warps"],
+                   row["num_stages"])  # fmt: skip
+        else:
+            key = (row["BLOCK_P"], row["BLOCK_Q"], row["BLOCK_B"], row["num_warps"])
+        kind = "fp32" if row["dtype"] == "fp32" else "16bit"
+        compiled.add((row["kernel"], key, kind))
+        if (kind, release) in tables[row["kernel"]].get(key, ()):
+            assert "error" not in row and not row["wasted"], row
+    for kernel, table in tables.items():
+        for kind in ("16bit", "fp32"):
+            admitted = [key for key, where in table.items() if (kind, release) in where]
+            assert admitted, (kernel, kind)
+            assert all((kernel, key, kind) in compiled for key in admitted)

@@ -67,23 +67,63 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
 FP32_DOT_PRECISION = "tf32x3"
 
 
+# Where each tile shape builds for an H100 (sm_90) without spilling registers and within its 227 KB
+# of shared memory, by operand kind ("16bit": bf16/fp16, "fp32") and Triton release ("3.6": up to
+# 3.8, "3.9": 3.9 and later), read off `python -m helm.kernels.bench.compile_report`
+# (bench/results/compile_sm90_triton3.6.json, ..._triton3.9.json). The autotuner never compiles a
+# tile outside its row for the case at hand: each such compile costs seconds and yields a slow
+# kernel. Measured with bf16; fp16 shares the 16-bit rows.
+_EVERYWHERE = frozenset({("16bit", "3.6"), ("16bit", "3.9"), ("fp32", "3.6"), ("fp32", "3.9")})
+_SIXTEEN = frozenset({("16bit", "3.6"), ("16bit", "3.9")})
+# (BLOCK_P, BLOCK_Q, BLOCK_B, num_warps), num_stages 3: the forward and dx kernels (dx is the
+# stricter; both share the list)
+_CONV_TILES = {
+    (64, 64, 32, 4): _EVERYWHERE,
+    (64, 64, 32, 8): _EVERYWHERE,
+    (128, 64, 32, 8): _EVERYWHERE,
+    (64, 64, 64, 8): _SIXTEEN | {("fp32", "3.9")},
+    (128, 64, 64, 8): frozenset({("16bit", "3.9")}),
+}
+# (BLOCK_R, BLOCK_S, BLOCK_K, num_warps, num_stages): the dk kernel. BLOCK_K 64 with 8 warps keeps
+# its gathered Hankel tiles in registers; (16, 64, 64) reaches wgmma with Triton 3.6 as well.
+_DK_TILES = {
+    (16, 64, 64, 8, 2): _SIXTEEN | {("fp32", "3.9")},
+    (16, 64, 64, 8, 3): _SIXTEEN,
+    (8, 64, 64, 8, 3): _EVERYWHERE,
+    (8, 64, 128, 8, 2): _SIXTEEN,
+    (4, 64, 64, 8, 2): frozenset({("fp32", "3.6")}),
+}
+
+
+def _release() -> str:
+    """The Triton release family of the tables above."""
+    major, minor = (int(x) for x in triton.__version__.split(".")[:2])
+    return "3.9" if (major, minor) >= (3, 9) else "3.6"
+
+
+def _builds(rows: dict, key: tuple, op_dtype) -> bool:
+    kind = "fp32" if op_dtype == tl.float32 else "16bit"
+    return _INTERPRET or (kind, _release()) in rows.get(key, ())
+
+
 def _conv_configs() -> list[triton.Config]:
     """Tile shapes of the Toeplitz-product kernels; one config when interpreting."""
     if _INTERPRET:
         return [triton.Config({"BLOCK_P": 16, "BLOCK_Q": 16, "BLOCK_B": 16}, num_warps=4)]
     return [
-        triton.Config({"BLOCK_P": p, "BLOCK_Q": q, "BLOCK_B": b}, num_warps=w, num_stages=s)
-        for p, q, b, w, s in (
-            (64, 64, 32, 4, 3),
-            (64, 64, 64, 4, 3),
-            (128, 64, 32, 4, 3),
-            (128, 64, 64, 8, 3),
-        )
+        triton.Config({"BLOCK_P": p, "BLOCK_Q": q, "BLOCK_B": b}, num_warps=w, num_stages=3)
+        for p, q, b, w in _CONV_TILES
     ]
 
 
+def _conv_key(c: triton.Config) -> tuple:
+    return c.kwargs["BLOCK_P"], c.kwargs["BLOCK_Q"], c.kwargs["BLOCK_B"], c.num_warps
+
+
 def _prune_conv(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Drop tiles wider than the problem (all but the smallest would only compute padding)."""
+    """Keep the tiles that build well for this dtype and Triton (``_CONV_TILES``) and drop tiles
+    wider than the problem (all but the smallest would only compute padding)."""
+    configs = [c for c in configs if _builds(_CONV_TILES, _conv_key(c), kwargs["OP_DTYPE"])]
     max_p = max(16, triton.next_power_of_2(named_args["L"]))
     max_b = max(16, triton.next_power_of_2(named_args["B"]))
     kept = [c for c in configs if c.kwargs["BLOCK_P"] <= max_p and c.kwargs["BLOCK_B"] <= max_b]
@@ -96,14 +136,20 @@ def _dk_configs() -> list[triton.Config]:
     if _INTERPRET:
         return [triton.Config({"BLOCK_R": 16, "BLOCK_S": 16, "BLOCK_K": 32}, num_warps=4)]
     return [
-        triton.Config({"BLOCK_R": r, "BLOCK_S": s, "BLOCK_K": k}, num_warps=w, num_stages=3)
-        for r, s, k, w in ((8, 64, 128, 4), (16, 64, 128, 4), (16, 64, 256, 8), (16, 128, 128, 8))
+        triton.Config({"BLOCK_R": r, "BLOCK_S": s, "BLOCK_K": k}, num_warps=w, num_stages=n)
+        for r, s, k, w, n in _DK_TILES
     ]
 
 
+def _dk_key(c: triton.Config) -> tuple:
+    return c.kwargs["BLOCK_R"], c.kwargs["BLOCK_S"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages
+
+
 def _prune_dk(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Keep lag blocks no wider than the filter and batch folds no wider than the batch (wider
-    ones compute only padding)."""
+    """Keep the tiles that build well for this dtype and Triton (``_DK_TILES``), lag blocks no
+    wider than the filter and batch folds no wider than the batch (wider ones compute only
+    padding)."""
+    configs = [c for c in configs if _builds(_DK_TILES, _dk_key(c), kwargs["OP_DTYPE"])]
     max_lags = max(512, triton.next_power_of_2(named_args["Lk"]))
     kept = [
         c
