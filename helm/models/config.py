@@ -195,13 +195,13 @@ class MambaConfig(ModelConfig):
     headdim: int = 64  # Mamba-2: channels per head; must divide d_inner
     ngroups: int = 1  # Mamba-2: groups of heads sharing B and C
     # Tokens per chunk: Mamba-1's PyTorch log-space scan (working memory and fp32 rounding grow
-    # linearly with it; mamba-ssm's selective_scan_fn ignores it) and Mamba-2's SSD chunk (used by
-    # both the PyTorch scan and mamba_chunk_scan_combined).
+    # linearly with it; the Triton and mamba-ssm kernels ignore it) and Mamba-2's SSD chunk (used by
+    # the PyTorch scan and mamba_chunk_scan_combined; the Triton SSD clamps it to 16..64).
     chunk_size: int = 64
     bidirectional_strategy: str = "add"
     bidirectional_weight_tie: bool = False
     bidirectional_mlp: str = "per_direction"  # "per_direction" | "shared": see the docstring
-    scan_impl: str = "auto"  # auto | torch | mamba_ssm: see helm.ops.selective_scan
+    scan_impl: str = "auto"  # auto | torch | triton | mamba_ssm: see helm.ops.selective_scan
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -221,9 +221,10 @@ class MambaConfig(ModelConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.scan_impl != "torch" and not 2 <= self.d_conv <= 4:
+        if self.scan_impl in ("auto", "mamba_ssm") and not 2 <= self.d_conv <= 4:
             raise ValueError(
-                f"d_conv={self.d_conv}: causal-conv1d's kernel takes 2..4; use scan_impl='torch'"
+                f"d_conv={self.d_conv}: causal-conv1d's kernel takes 2..4; use scan_impl='torch' or "
+                "'triton'"
             )
         if not 0 < self.dt_min <= self.dt_max:
             raise ValueError(f"need 0 < dt_min <= dt_max, got {self.dt_min}, {self.dt_max}")

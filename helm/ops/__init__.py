@@ -5,12 +5,14 @@ Each op module holds the reference (``x_ref``, the CPU path and test oracle) and
 
 - ``helm.ops.path_loss``: every loss over the codon tree (``helm/kernels/path_loss.py``);
 - ``helm.ops.fftconv``: Hyena's long convolution (``helm/kernels/fftconv.py``);
-- ``helm.ops.selective_scan``: Mamba's scans, with mamba-ssm's CUDA kernels as the fast path.
+- ``helm.ops.selective_scan``: Mamba's scans (``helm/kernels/selective_scan.py`` and
+  ``helm/kernels/ssd.py``, with mamba-ssm's API), and mamba-ssm's CUDA kernels when installed.
 
 Every such op takes ``impl``: ``"auto"`` runs the kernel on CUDA tensors (when it can run there)
 and the reference elsewhere, ``"torch"`` always runs the reference, and the kernel's own name
 (``"triton"`` for HELM's kernels in ``helm/kernels/``, ``"mamba_ssm"`` for mamba-ssm's) always runs the
-kernel, raising when it cannot: there is no silent fallback. The submodules are not imported here,
+kernel, raising when it cannot: there is no silent fallback. The scans take both kernels'
+names; their "auto" prefers mamba-ssm's where it can run. The submodules are not imported here,
 so importing ``helm.ops`` pulls in neither triton nor an optional CUDA extension.
 """
 
@@ -24,9 +26,9 @@ if TYPE_CHECKING:  # importing helm.ops imports no torch: the command line reads
     import torch
 
 IMPLS = ("auto", "torch", "triton")
-# Mamba's scans: mamba-ssm's CUDA kernels are the kernel (``helm.ops.selective_scan``).
+# Mamba's scans: HELM's Triton kernels or mamba-ssm's CUDA kernels (``helm.ops.selective_scan``).
 SCAN_KERNEL = "mamba_ssm"
-SCAN_IMPLS = ("auto", "torch", SCAN_KERNEL)
+SCAN_IMPLS = ("auto", "torch", "triton", SCAN_KERNEL)
 
 
 def resolve_impl(

@@ -1,4 +1,4 @@
-"""Selective state-space scans for the Mamba mixers: PyTorch references and the CUDA fast path.
+"""Selective state-space scans for the Mamba mixers: PyTorch references and the CUDA fast paths.
 
 Mamba-1, per channel d and state n (zero-order hold on A, Euler on B, as in the Mamba paper):
 
@@ -24,10 +24,13 @@ that neither pass meets an overflow. The Mamba-1 form exponentiates only logs of
 ``_scan_chunk``).
 
 The dispatchers ``causal_conv1d``, ``selective_scan`` and ``ssd_chunk_scan`` take ``impl``: auto |
-torch | mamba_ssm, resolved by ``helm.ops.resolve_impl``: "mamba_ssm" runs the kernels of mamba-ssm
-and causal-conv1d (an optional CUDA extra; CUDA tensors only), "torch" the references here, and
-"auto" the kernels on CUDA tensors when they could be imported. ``check_scan_impl`` runs once per
-model: it refuses an explicit "mamba_ssm" that cannot be imported and logs the path in use once.
+torch | triton | mamba_ssm, resolved by ``helm.ops.resolve_impl``: "mamba_ssm" runs the kernels of
+mamba-ssm and causal-conv1d (an optional CUDA extra; CUDA tensors only), "triton" HELM's Triton
+scans (``helm/kernels/selective_scan.py``, ``helm/kernels/ssd.py``; the convolution stays in
+PyTorch), "torch" the references here, and "auto" mamba-ssm's kernels on CUDA tensors when they
+could be imported, else the Triton scans on CUDA tensors, else the references. ``check_scan_impl``
+runs once per model: it refuses an explicit kernel that cannot be imported and logs the path in
+use once.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from helm.ops import SCAN_IMPLS, SCAN_KERNEL, resolve_impl
+from helm.ops import SCAN_IMPLS, SCAN_KERNEL, resolve_impl, triton_installed
 
 logger = logging.getLogger(__name__)
 
@@ -92,17 +95,24 @@ def _unavailable(x: torch.Tensor, needs: tuple[str, ...]) -> str | None:
 
 
 def _resolve(impl: str, x: torch.Tensor, needs: tuple[str, ...], op: str) -> str:
-    return resolve_impl(impl, x, kernel=SCAN_KERNEL, op=op, unavailable=_unavailable(x, needs))
+    """The path, "torch", "triton" or "mamba_ssm": ``helm.ops.resolve_impl`` with mamba-ssm's
+    kernels first for "auto", then the Triton kernels (on CUDA tensors, when triton is installed)."""
+    if impl not in SCAN_IMPLS:
+        raise ValueError(f"{op}: impl must be one of {', '.join(SCAN_IMPLS)}; got {impl!r}")
+    unavailable = _unavailable(x, needs)
+    if impl == "triton" or (impl == "auto" and unavailable is not None):
+        return resolve_impl(impl, x, op=op)
+    return resolve_impl(impl, x, kernel=SCAN_KERNEL, op=op, unavailable=unavailable)
 
 
 def resolve_scan_impl(scan_impl: str, x: torch.Tensor, ssm_layer: str) -> str:
-    """The path ("torch" or "mamba_ssm") of a ``ssm_layer`` mixer whose input is ``x``: the
-    ``helm.ops.resolve_impl`` rule over everything the mixer runs (conv and scan), so both agree."""
+    """The path ("torch", "triton" or "mamba_ssm") of a ``ssm_layer`` mixer whose input is ``x``:
+    the rule of ``_resolve`` over everything the mixer runs (conv and scan), so both agree."""
     return _resolve(scan_impl, x, _LAYER_NEEDS[ssm_layer], f"{ssm_layer} scan")
 
 
 def check_scan_impl(scan_impl: str, ssm_layer: str) -> None:
-    """Once per model: raise if ``scan_impl="mamba_ssm"`` cannot be imported; log the path once.
+    """Once per model: raise if an explicit kernel cannot be imported; log the path once.
 
     (Whether a given input runs the kernels is ``resolve_scan_impl``'s, per call: CUDA tensors only.)
     """
@@ -115,14 +125,25 @@ def check_scan_impl(scan_impl: str, ssm_layer: str) -> None:
             f"ssm_layer={ssm_layer!r}, and they could not be imported "
             f"({_import_errors(_LAYER_NEEDS[ssm_layer])}). Install the CUDA extra (pip install "
             "mamba-ssm causal-conv1d) on a CUDA machine, or set scan_impl to 'auto' (kernels on "
-            "CUDA tensors when available) or 'torch' (PyTorch scan)."
+            "CUDA tensors when available), 'triton' (HELM's Triton scans) or 'torch' (PyTorch "
+            "scan)."
         )
-    if scan_impl != "torch" and available:
-        msg = f"{ssm_layer}: mamba-ssm / causal-conv1d CUDA kernels on CUDA tensors"
-    elif available:
+    if scan_impl == "triton" and not triton_installed():
+        raise RuntimeError(
+            "scan_impl='triton' needs the triton package (it comes with PyTorch's CUDA wheels); "
+            "set scan_impl to 'auto' or 'torch'"
+        )
+    if scan_impl == "torch":
         msg = f"{ssm_layer}: PyTorch scan (scan_impl='torch')"
+    elif scan_impl == "triton":
+        msg = f"{ssm_layer}: Triton scan kernels (scan_impl='triton')"
+    elif available:
+        msg = f"{ssm_layer}: mamba-ssm / causal-conv1d CUDA kernels on CUDA tensors"
+    elif triton_installed():
+        msg = (f"{ssm_layer}: Triton scan kernels on CUDA tensors, PyTorch scan elsewhere "
+               "(mamba-ssm / causal-conv1d not importable)")  # fmt: skip
     else:
-        msg = f"{ssm_layer}: PyTorch scan (mamba-ssm / causal-conv1d not importable)"
+        msg = f"{ssm_layer}: PyTorch scan (mamba-ssm / causal-conv1d and triton not importable)"
     if msg not in _logged:
         _logged.add(msg)
         logger.info(msg)
@@ -346,12 +367,17 @@ def selective_scan(
     chunk_size: int = 64,
     impl: str = "auto",
 ) -> torch.Tensor:
-    """mamba-ssm's ``selective_scan_fn`` or ``selective_scan_lean`` (``impl``: auto | torch |
-    mamba_ssm, see ``helm.ops``)."""
-    if _resolve(impl, u, (_SCAN,), "selective_scan") == SCAN_KERNEL:
+    """mamba-ssm's ``selective_scan_fn``, HELM's Triton twin of it or ``selective_scan_lean``
+    (``impl``: auto | torch | triton | mamba_ssm, see ``_resolve``)."""
+    path = _resolve(impl, u, (_SCAN,), "selective_scan")
+    if path == SCAN_KERNEL:
         return selective_scan_fn(
             u, delta, A, B.contiguous(), C.contiguous(), D, z, delta_bias, delta_softplus
         )
+    if path == "triton":
+        from helm.kernels import selective_scan as kernels  # imports triton: only when asked for
+
+        return kernels.selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     return selective_scan_lean(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_size)
 
 
@@ -430,13 +456,17 @@ def ssd_chunk_scan(
     dt_softplus: bool = False,
     impl: str = "auto",
 ) -> torch.Tensor:
-    """mamba-ssm's ``mamba_chunk_scan_combined`` or ``ssd_chunk_scan_ref`` (``impl``: auto | torch |
-    mamba_ssm, see ``helm.ops``)."""
-    if _resolve(impl, x, (_SSD,), "ssd_chunk_scan") == SCAN_KERNEL:
-        return mamba_chunk_scan_combined(
-            x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus
-        )
-    return ssd_chunk_scan_ref(x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus)
+    """mamba-ssm's ``mamba_chunk_scan_combined``, HELM's Triton twin of it or
+    ``ssd_chunk_scan_ref`` (``impl``: auto | torch | triton | mamba_ssm, see ``_resolve``)."""
+    path = _resolve(impl, x, (_SSD,), "ssd_chunk_scan")
+    if path == "torch":
+        return ssd_chunk_scan_ref(x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus)
+    fn = mamba_chunk_scan_combined
+    if path == "triton":
+        from helm.kernels import ssd  # imports triton: only when asked for
+
+        fn = ssd.mamba_chunk_scan_combined
+    return fn(x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus)
 
 
 # One step at a time (cached decoding) ----------------------------------------------------------
