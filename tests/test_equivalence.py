@@ -1,16 +1,19 @@
 """Backbones and ops against the implementations they claim to match, on tiny random models with the
 weights copied across, forward and backward, in float64 where the peer allows it.
 
-Peers: HF transformers (``GPT2LMHeadModel``, ``BertForMaskedLM``, ``MambaModel``, ``Mamba2Model``;
-the ``test`` extra, skipped when it is not installed), mamba-ssm's ``selective_scan_ref`` and safari's
-``fftconv`` / ``HyenaOperator.forward`` (their formulas are written out below as those repositories
-have them: mamba-ssm needs CUDA to import and safari is not a package). timm is pinned by the
-fixtures in tests/golden (test_sched.py, test_optim.py).
+Peers: HF transformers (``GPT2LMHeadModel`` causal and, under a full attention mask,
+bidirectional; ``BertForMaskedLM``; ``MambaModel``, ``Mamba2Model``, and a Mamba block with its MLP
+as HF's ``MambaBlock`` followed by Llama's ``LlamaRMSNorm`` + ``LlamaMLP``; Llama's
+``apply_rotary_pos_emb`` for rotary positions; the ``dev`` extra, skipped only when transformers is
+not installed), mamba-ssm's ``selective_scan_ref`` (written out below: mamba-ssm needs CUDA to
+import) and safari's Hyena language model, filter to final norm (``tests/safari_hyena.py``: safari
+is not a package). timm is pinned by the fixtures in tests/golden (test_sched.py, test_optim.py).
 """
 
 from __future__ import annotations
 
 import pytest
+import safari_hyena
 import torch
 import torch.nn.functional as F
 from helpers import require
@@ -93,7 +96,10 @@ def _ours_to_theirs(name: str, ours) -> dict:
 # GPT-2 -------------------------------------------------------------------------------------------
 
 
-def test_gpt2_matches_hf_gpt2():
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["causal", "bidirectional"])
+def test_gpt2_matches_hf_gpt2(bidirectional):
+    """Causal: HF's own causal mask from the padding mask. Bidirectional: HF's GPT-2 given a full
+    4-D additive mask (every query sees every real key), which HF uses as given."""
     transformers = require("transformers")
     cfg = transformers.GPT2Config(
         vocab_size=VP, n_positions=64, n_embd=D, n_layer=2, n_head=4, activation_function="gelu_new",
@@ -102,7 +108,8 @@ def test_gpt2_matches_hf_gpt2():
     cfg._attn_implementation = "eager"
     hf = transformers.GPT2LMHeadModel(cfg).double().eval()
     ours = build_model("gpt2", vocab_size=V, d_model=D, num_layers=2, num_heads=4, max_seq_len=64,
-                       activation="gelu_tanh", pos_embedding="absolute").double().eval()  # fmt: skip
+                       activation="gelu_tanh", pos_embedding="absolute",
+                       bidirectional=bidirectional).double().eval()  # fmt: skip
     _randomise(ours)
     mapping = _ours_to_theirs("gpt2", ours)
     _load(hf, ours, mapping)
@@ -110,8 +117,45 @@ def test_gpt2_matches_hf_gpt2():
     mask = torch.ones_like(ids)
     mask[1, 7:] = 0
     logits = ours.lm_head(ours(ids, mask))
-    ref = hf(input_ids=ids, attention_mask=mask).logits
+    hf_mask = mask
+    if bidirectional:
+        keys = mask.bool()[:, None, None, :].expand(-1, 1, T, T)  # (B, 1, T, T)
+        hf_mask = torch.zeros(keys.shape, dtype=torch.float64).masked_fill(
+            ~keys, torch.finfo(torch.float64).min
+        )
+    ref = hf(input_ids=ids, attention_mask=hf_mask).logits
     _compare(ours, hf, mapping, logits, ref, atol=1e-10, mask=mask.bool())
+
+
+def test_rotary_attention_matches_llamas_rotary_embedding():
+    """A rotary attention layer at arbitrary positions against Llama's ``LlamaRotaryEmbedding`` and
+    ``apply_rotary_pos_emb`` on the same q, k, v, then causal softmax attention written out."""
+    transformers = require("transformers")
+    llama = require("transformers.models.llama.modeling_llama")
+    from helm.models.gpt2 import Attention
+
+    H, hd = 4, D // 4
+    cfg = transformers.LlamaConfig(hidden_size=D, num_attention_heads=H, head_dim=hd,
+                                   max_position_embeddings=64,
+                                   rope_parameters={"rope_type": "default", "rope_theta": 1e4})  # fmt: skip
+    model = build_model("gpt2", vocab_size=V, d_model=D, num_layers=1, num_heads=H, max_seq_len=64,
+                        pos_embedding="rotary").double().eval()  # fmt: skip
+    _randomise(model)
+    attn = model.blocks[0].attn
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, T, D, generator=g, dtype=torch.float64)
+    pos = torch.randint(0, 64, (2, T), generator=g)  # --position_ids may give any positions
+    with torch.no_grad():
+        mine = attn(x, Attention(None, True, pos))
+        q, k, v = attn.qkv(x).view(2, T, 3, H, hd).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hd)
+        cos, sin = llama.LlamaRotaryEmbedding(cfg)(x, pos)
+        q, k = llama.apply_rotary_pos_emb(q, k, cos, sin)
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        scores = (q @ k.transpose(-1, -2) / hd**0.5).masked_fill(~causal, float("-inf"))
+        y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(2, T, D)
+        ref = attn.proj(y)
+    # HELM rotates in float32 (as HF computes its angles): float32 agreement.
+    torch.testing.assert_close(mine, ref, atol=1e-5, rtol=1e-5)
 
 
 # BERT --------------------------------------------------------------------------------------------
@@ -216,6 +260,63 @@ def test_mamba_matches_hf_pytorch_path(layer):
     _compare(ours, hf, mapping, hidden, ref, atol=2e-5, rtol=2e-5)
 
 
+def test_mamba_block_with_mlp_matches_hf_mamba_block_then_llama_mlp():
+    """d_ff > 0: each layer is HF's MambaBlock (x + mixer(RMSNorm(x))) followed by a pre-norm
+    gated MLP, here Llama's ``LlamaRMSNorm`` and ``LlamaMLP`` (down(silu(gate(x)) * up(x)), with
+    biases); HF's final norm closes the stack."""
+    transformers = require("transformers")
+    llama = require("transformers.models.llama.modeling_llama")
+    d_ff = 48
+    cfg = transformers.MambaConfig(vocab_size=VP, hidden_size=D, state_size=4, num_hidden_layers=2,
+                                   expand=2, conv_kernel=4, use_bias=False, use_conv_bias=True,
+                                   layer_norm_epsilon=1e-5, time_step_rank=3,
+                                   residual_in_fp32=False)  # fmt: skip
+    hf = transformers.MambaModel(cfg).double().eval()
+    mlp_cfg = transformers.LlamaConfig(hidden_size=D, intermediate_size=d_ff, mlp_bias=True,
+                                       hidden_act="silu", rms_norm_eps=1e-5)  # fmt: skip
+    norms = torch.nn.ModuleList(llama.LlamaRMSNorm(D, eps=1e-5) for _ in range(2)).double()
+    mlps = torch.nn.ModuleList(llama.LlamaMLP(mlp_cfg) for _ in range(2)).double()
+    ours = build_model("mamba", vocab_size=V, d_model=D, num_layers=2, d_ff=d_ff, d_state=4,
+                       dt_rank=3, scan_impl="torch").double().eval()  # fmt: skip
+    _randomise(ours)
+    mapping = {k: v[0].removeprefix("backbone.") for k, v in _ours_to_theirs("mamba", ours).items()}
+    p_hf, p_ours = dict(hf.named_parameters()), dict(ours.named_parameters())
+    with torch.no_grad():
+        for mine, theirs in mapping.items():
+            p_hf[theirs].copy_(p_ours[mine])
+        for block, norm, mlp in zip(ours.blocks, norms, mlps):
+            norm.weight.copy_(block.mlp_norm.weight)
+            gate_w, up_w = block.mlp.fc_in.weight.chunk(2, dim=0)  # swiglu: silu(first) * second
+            gate_b, up_b = block.mlp.fc_in.bias.chunk(2, dim=0)
+            for lin, w, b in ((mlp.gate_proj, gate_w, gate_b), (mlp.up_proj, up_w, up_b),
+                              (mlp.down_proj, block.mlp.fc_out.weight, block.mlp.fc_out.bias)):  # fmt: skip
+                lin.weight.copy_(w)
+                lin.bias.copy_(b)
+    ids = _ids(t=13)
+    h = hf.embeddings(ids)
+    for layer, norm, mlp in zip(hf.layers, norms, mlps):
+        h = layer(h)
+        h = h + mlp(norm(h))
+    ref = hf.norm_f(h)
+    mine = ours(ids)
+    torch.testing.assert_close(mine, ref, atol=2e-5, rtol=2e-5)
+    R = torch.randn(mine.shape, generator=torch.Generator().manual_seed(9), dtype=mine.dtype)
+    (mine * R).sum().backward()
+    (ref * R).sum().backward()
+    for name, p in ours.named_parameters():
+        if name in mapping:
+            g = p_hf[mapping[name]].grad
+        else:  # blocks.{i}.mlp_norm / mlp.*
+            i = int(name.split(".")[1])
+            norm, mlp = norms[i], mlps[i]
+            g = {"mlp_norm.weight": norm.weight.grad,
+                 "mlp.fc_in.weight": torch.cat([mlp.gate_proj.weight.grad, mlp.up_proj.weight.grad]),
+                 "mlp.fc_in.bias": torch.cat([mlp.gate_proj.bias.grad, mlp.up_proj.bias.grad]),
+                 "mlp.fc_out.weight": mlp.down_proj.weight.grad,
+                 "mlp.fc_out.bias": mlp.down_proj.bias.grad}[name.split(".", 2)[2]]  # fmt: skip
+        torch.testing.assert_close(p.grad, g, atol=2e-5, rtol=2e-5, msg=name)
+
+
 def selective_scan_ref_mamba_ssm(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                                  delta_softplus=False):  # fmt: skip
     """mamba-ssm's ``selective_scan_ref`` (mamba_ssm/ops/selective_scan_interface.py), real A and
@@ -261,29 +362,41 @@ def test_selective_scan_matches_mamba_ssm_reference(chunk_size):
 # Hyena -------------------------------------------------------------------------------------------
 
 
-def fftconv_safari(u, k, D):
-    """safari's ``fftconv`` (standalone_hyena.py): causal FFT convolution plus the skip D u."""
-    seqlen = u.shape[-1]
-    fft_size = 2 * seqlen
-    k_f = torch.fft.rfft(k, n=fft_size) / fft_size
-    u_f = torch.fft.rfft(u.to(dtype=k.dtype), n=fft_size)
-    y = torch.fft.irfft(u_f * k_f, n=fft_size, norm="forward")[..., :seqlen]
-    return (y + u * D.unsqueeze(-1)).to(dtype=u.dtype)
-
-
-def hyena_operator_safari(op, u):
-    """safari's ``HyenaOperator.forward`` (order 2, one head) with HELM's weights and filter:
-    in_proj, causal short conv (padding 2, first l outputs), split (x0, x1, v),
-    v = fftconv(v * x1, k, bias), y = out_proj(v * x0)."""
-    l = u.size(-2)  # noqa: E741
-    u = op.in_proj(u).transpose(1, 2)  # b l d -> b d l
-    s = op.short_filter.kernel_size[0]
-    uc = F.conv1d(u, op.short_filter.weight, op.short_filter.bias, padding=s - 1,
-                  groups=u.shape[1])[..., :l]  # fmt: skip
-    x0, x1, v = uc.split(op.out_proj.in_features, dim=1)
-    k = op.filter(l)  # (d, l)
-    v = fftconv_safari(v * x1, k, op.D)
-    return op.out_proj((v * x0).transpose(1, 2))
+def _hyena_pair(num_layers: int = 2):
+    """HELM's causal Hyena (float64, random weights) and safari's LM backbone holding the same
+    weights (``tests/safari_hyena.py``), with ``ours name -> theirs name``. safari uses one Sin
+    module throughout a filter MLP, so each HELM filter's Sin layers get one frequency vector."""
+    filt = dict(filter_order=16, filter_emb_dim=5, filter_inner_layers=2, filter_sine_freq=1.0)
+    ours = build_model("hyena", vocab_size=V, d_model=D, num_layers=num_layers, max_seq_len=64,
+                       activation="gelu_tanh", fftconv_impl="torch", **filt).double().eval()  # fmt: skip
+    _randomise(ours)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # safari builds its tables in the default dtype
+    try:
+        theirs = safari_hyena.LMBackbone(VP, D, num_layers, d_inner=4 * D, l_max=64,
+                                         filter_order=16, emb_dim=5, num_inner_mlps=2, w=1.0)  # fmt: skip
+    finally:
+        torch.set_default_dtype(default)
+    names = {"embed.tok.weight": "word_embeddings.weight", "norm_f.weight": "ln_f.weight",
+             "norm_f.bias": "ln_f.bias"}  # fmt: skip
+    for i, block in enumerate(ours.blocks):
+        sins = [m for m in block.mixer.filter.mlp if hasattr(m, "freq")]
+        with torch.no_grad():
+            for s in sins[1:]:
+                s.freq.copy_(sins[0].freq)
+        for name, _ in block.named_parameters():
+            mine = (name.replace("ln_1", "norm1").replace("ln_2", "norm2")
+                    .replace("mlp.fc_in", "mlp.fc1").replace("mlp.fc_out", "mlp.fc2")
+                    .replace("mixer.filter.mlp", "mixer.filter_fn.implicit_filter")
+                    .replace("mixer.D", "mixer.filter_fn.bias"))  # fmt: skip
+            if name.endswith("freq"):  # the one Sin module sits at index 1 of the Sequential
+                mine = "mixer.filter_fn.implicit_filter.1.freq"
+            names[f"blocks.{i}.{name}"] = f"layers.{i}.{mine}"
+    p_theirs = dict(theirs.named_parameters())
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            p_theirs[names[name]].copy_(p.view_as(p_theirs[names[name]]))
+    return ours, theirs, names
 
 
 def test_fftconv_ref_matches_safari():
@@ -291,21 +404,38 @@ def test_fftconv_ref_matches_safari():
     u, k, Dk = (
         torch.randn(*s, generator=g, dtype=torch.float64) for s in ((2, 3, 13), (3, 13), (3,))
     )
-    torch.testing.assert_close(fftconv_ref(u, k, Dk), fftconv_safari(u, k, Dk), atol=1e-12, rtol=0)
+    torch.testing.assert_close(
+        fftconv_ref(u, k, Dk), safari_hyena.fftconv(u, k, Dk), atol=1e-12, rtol=0
+    )
 
 
-def test_hyena_operator_matches_safari():
-    model = build_model("hyena", vocab_size=V, d_model=D, num_layers=1, max_seq_len=64,
-                        fftconv_impl="torch").double().eval()  # fmt: skip
-    _randomise(model)
-    op = model.blocks[0].mixer
-    x = torch.randn(2, T, D, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y, ref = op(x1), hyena_operator_safari(op, x2)
-    torch.testing.assert_close(y, ref, atol=1e-12, rtol=0)
-    R = torch.randn(y.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    grads = torch.autograd.grad((y * R).sum(), [x1, *op.parameters()], allow_unused=True)
-    refs = torch.autograd.grad((ref * R).sum(), [x2, *op.parameters()], allow_unused=True)
-    for a, b in zip(grads, refs):
-        if a is not None or b is not None:
-            torch.testing.assert_close(a, b, atol=1e-11, rtol=0)
+def test_hyena_implicit_filter_matches_safari():
+    ours, theirs, _ = _hyena_pair(num_layers=1)
+    with torch.no_grad():
+        for L in (1, 11, 64):  # safari slices a table built for l_max; HELM computes each length
+            mine = ours.blocks[0].mixer.filter(L)  # (D, L)
+            ref = theirs.layers[0].mixer.filter_fn.filter(L)[0].T
+            torch.testing.assert_close(mine, ref, atol=1e-12, rtol=0)
+
+
+def test_hyena_backbone_matches_safari_forward_and_backward():
+    """The whole causal model: embedding, blocks (operator with its implicit filter, MLP, both
+    residuals, pre-norms), final norm; every parameter's gradient."""
+    ours, theirs, names = _hyena_pair()
+    ids = _ids()
+    mine, ref = ours(ids), theirs(ids)
+    torch.testing.assert_close(mine, ref, atol=1e-10, rtol=0)
+    R = torch.randn(mine.shape, generator=torch.Generator().manual_seed(9), dtype=mine.dtype)
+    (mine * R).sum().backward()
+    (ref * R).sum().backward()
+    p_theirs = dict(theirs.named_parameters())
+    shared = {}  # safari's one Sin per filter: its gradient is the sum over HELM's Sin layers
+    for name, p in ours.named_parameters():
+        g = p_theirs[names[name]].grad
+        if name.endswith("freq"):
+            shared[names[name]] = shared.get(names[name], 0) + p.grad
+        else:
+            torch.testing.assert_close(p.grad, g.view_as(p), atol=1e-10, rtol=0, msg=name)
+    assert shared
+    for their_name, total in shared.items():
+        torch.testing.assert_close(total, p_theirs[their_name].grad[0], atol=1e-10, rtol=0)

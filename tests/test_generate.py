@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import tiny_checkpoint
 
-from helm.generate import Prompt, generate, protein_masks
+from helm.generate import Prompt, filter_logits, generate, protein_masks
 from helm.models import MODELS, build_model
 from helm.vocab import EOS_ID, codon_id, translate
 
@@ -84,6 +84,18 @@ def test_an_encoder_model_refuses_cached_decoding():
 
 def prompts() -> list[Prompt]:
     return [Prompt("a", []), Prompt("b", [codon_id("ATG"), codon_id("GCC")]), Prompt("c", [7] * 5)]
+
+
+def test_filters_keep_the_most_likely_tokens():
+    """Greedy keeps the argmax alone; top-k the k largest; top-p the fewest largest whose
+    probability reaches p; temperature divides the logits."""
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0, -1.0]])
+    kept = lambda out: torch.isfinite(out[0]).nonzero().flatten().tolist()  # noqa: E731
+    assert kept(filter_logits(logits, 0.0, None, None)) == [1]
+    assert kept(filter_logits(logits, 1.0, 2, None)) == [1, 3]
+    p = logits.softmax(-1)[0]  # 0.64, 0.24, 0.09, ... for tokens 1, 3, 2
+    assert kept(filter_logits(logits, 1.0, None, float(p[1] + p[3]) - 1e-3)) == [1, 3]
+    torch.testing.assert_close(filter_logits(logits, 2.0, None, None), logits / 2)
 
 
 @pytest.mark.parametrize("variant", ["gpt2", "mamba", "mamba-2", "hyena"])

@@ -157,6 +157,19 @@ def test_options_without_an_hf_equivalent_are_refused(name, fields, option, tmp_
     assert not (tmp_path / "out").exists()
 
 
+def test_a_bidirectional_gpt2_exports_bidirectional(tmp_path):
+    """transformers computes the export's logits at every position, with and without a mask: the
+    first position sees the last token (a causal export would not)."""
+    src = _loaded("gpt2", bidirectional=True)
+    _random(src.model)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(export_hf(src, tmp_path / "hf")).eval()
+    ids = torch.tensor([[1, 5, 9, 68, 40, 2]])
+    with torch.no_grad():
+        ours = src.model.lm_head(src.model(ids))[..., :69]
+        for mask in (None, torch.ones_like(ids)):
+            torch.testing.assert_close(hf(ids, attention_mask=mask).logits, ours, atol=1e-5, rtol=0)
+
+
 def test_export_command_and_its_refusal(eval_run, tiny_runs, tmp_path):
     code, _, err = eval_run("export", tiny_checkpoint(tiny_runs, "mlm"), "--format", "hf",
                             "--out", tmp_path / "hf", "--ema")  # fmt: skip

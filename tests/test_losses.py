@@ -244,6 +244,22 @@ def test_xe_fast_path_matches_reference():
         torch.testing.assert_close(cross_entropy(logits, targets, vocab_size=V, reduction=red), ref)
 
 
+@pytest.mark.parametrize("kind", LOSSES)
+def test_any_ignore_index_is_honoured(kind):
+    """An ignore index other than -100 (here <pad> = 0, as a caller scoring padded rows would
+    pass): those rows get no loss, and the rest equal the -100 convention's values."""
+    logits, targets = rand_batch(12, 10)
+    targets[:4] = 0
+    as_default = targets.clone()
+    as_default[:4] = -100
+    for red in ("none", "sum", "mean"):
+        got = run_loss(kind, logits, targets, ignore_index=0, reduction=red)
+        torch.testing.assert_close(got, run_loss(kind, logits, as_default, reduction=red))
+    if kind == "XE":
+        want = torch.nn.functional.cross_entropy(logits[:, :V], targets, ignore_index=0)
+        torch.testing.assert_close(run_loss(kind, logits, targets, ignore_index=0), want)
+
+
 # Soft targets ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("h", [TRUE, RANDOM], ids=["true", "random"])
 def test_soft_targets_shape(h):

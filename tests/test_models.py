@@ -51,14 +51,29 @@ def bidirectional(request) -> bool:
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_output_and_logit_shapes(name, bidirectional):
+def test_output_values_and_logits(name, bidirectional):
     model = tiny(name, bidirectional)
-    hidden = model(tokens())
-    assert hidden.shape == (B, T, D)
-    assert torch.isfinite(hidden).all()
-    assert model.lm_head(hidden).shape == (B, T, 72)  # 69 padded to a multiple of 8
+    ids, seen = tokens(), {}
+    model.blocks[-1].register_forward_hook(lambda m, args, out: seen.update(last=out))
+    with torch.no_grad():
+        hidden = model(ids)
+        last = seen["last"]  # (B, T, D) the last block's output
+        alone = model(ids[1:])
+        logits = model.lm_head(hidden)
+    assert hidden.shape == (B, T, D) and logits.shape == (B, T, 72)  # 69 padded to 8
     assert isinstance(model.blocks, nn.ModuleList) and len(model.blocks) == 2
-    assert hasattr(model, "embed") and hasattr(model, "norm_f")
+    # The output is the last block's, normalised (the final norm has unit weight and zero bias
+    # at init; BERT is post-LN: its last block ends in a LayerNorm and it has no final norm).
+    norm = model.norm_f
+    if isinstance(norm, RMSNorm):
+        want = last * torch.rsqrt(last.pow(2).mean(-1, keepdim=True) + norm.eps)
+    else:
+        want = F.layer_norm(last, (D,), eps=norm.eps if isinstance(norm, nn.LayerNorm) else 1e-12)
+    torch.testing.assert_close(hidden, want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(last, want, atol=1e-3) or isinstance(norm, nn.Identity)
+    torch.testing.assert_close(hidden[1:], alone, atol=1e-5, rtol=1e-5)  # rows do not mix
+    if model.lm_head.dense is None:  # the bare head: the (tied) embedding matrix
+        torch.testing.assert_close(logits, hidden @ model.embed.tok.weight.T)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -261,10 +276,14 @@ def test_gpt2_bf16_autocast_on_cpu():
     mask[1, 9:] = 0
     for bidirectional in (False, True):
         model = tiny("gpt2", bidirectional)
+        with torch.no_grad():
+            full = model(ids, attention_mask=mask)
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(ids, attention_mask=mask)
-            assert torch.isfinite(out).all()
             assert model.lm_head(out).dtype == torch.bfloat16
+            # bf16 keeps 8 bits of mantissa: unit-scale states agree to a few 1e-3.
+            real = mask.bool()
+            torch.testing.assert_close(out.float()[real], full[real], atol=3e-2, rtol=0)
             if bidirectional:
                 diff = (model(ids) - model(_changed(ids, t))).abs().amax(dim=-1)  # (B, T)
                 assert (diff[:, :t] > 0).all() and (diff[:, t + 1 :] > 0).all()
@@ -302,6 +321,29 @@ def test_bert_is_post_ln():
     torch.testing.assert_close(hidden.mean(-1), torch.zeros(B, T), atol=1e-5, rtol=0)
     torch.testing.assert_close(hidden.var(-1, unbiased=False), torch.ones(B, T), atol=1e-3, rtol=0)
     assert model_config("bert").bidirectional  # MLM by default
+
+
+@pytest.mark.parametrize("name", ["gpt2", "mamba", "hyena"])
+def test_residual_projections_are_depth_scaled(name):
+    """GPT-2's init: the layers that write into the residual stream start at init_std divided by
+    sqrt(2 * num_layers) (0.02 / 4 here), the others at init_std."""
+    model = tiny(name, num_layers=8, d_model=256)
+    block = model.blocks[0]
+    assert abs(block.mlp.fc_out.weight.std().item() - 0.005) < 0.0005
+    assert abs(block.mlp.fc_in.weight.std().item() - 0.02) < 0.002
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_padded_embedding_rows_are_zero_and_get_no_gradient(name):
+    from helm.losses.tables import cross_entropy
+
+    model = tiny(name, tie_embeddings=False).train()
+    assert torch.equal(model.embed.tok.weight[V:], torch.zeros(72 - V, D))
+    logits = model.lm_head(model(tokens()))
+    cross_entropy(logits.flatten(0, 1), tokens().flatten(), vocab_size=V).backward()
+    assert (model.embed.tok.weight.grad[V:] == 0).all()
+    assert (model.lm_head.proj.weight.grad[V:] == 0).all()  # no probability, no gradient
+    assert (model.lm_head.proj.weight.grad[:V] != 0).any()
 
 
 def test_bert_residual_projections_are_not_depth_scaled():

@@ -59,6 +59,20 @@ def test_weight_decay_groups():
     assert sum(len(g["params"]) for g in groups) == len(list(m.parameters()))
 
 
+def test_tagged_tables_and_filters_are_not_decayed():
+    """Position tables and Hyena filters are matrices, tagged where they are created."""
+    from helm.models import build_model
+
+    gpt2 = build_model("gpt2", d_model=16, num_layers=1, num_heads=2, pos_embedding="absolute")
+    hyena = build_model("hyena", d_model=16, num_layers=1, filter_order=8)
+    for model, tagged, decayed in ((gpt2, "embed.pos.weight", "blocks.0.attn.qkv.weight"),
+                                   (hyena, "blocks.0.mixer.filter.mlp.0.weight",
+                                    "blocks.0.mixer.in_proj.weight")):  # fmt: skip
+        by_name = {n: g for g in param_groups(model, weight_decay=0.1) for n in g["names"]}
+        assert model.get_parameter(tagged).ndim == 2
+        assert by_name[tagged]["weight_decay"] == 0.0 and by_name[decayed]["weight_decay"] == 0.1
+
+
 def test_layer_decay_scales():
     m = Tiny(layers=3)
     assert layer_id("embed.tok.weight", 3) == 0 and layer_id("blocks.2.0.weight", 3) == 3

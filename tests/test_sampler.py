@@ -205,6 +205,20 @@ def test_worker_seeding_follows_timm(worker_seeding):
         assert numpy_seeded == (worker_seeding == "all")
 
 
+def test_the_loader_seed_sets_the_worker_seeds():
+    """``seed`` (the run's --seed) fixes the loader's generator: one seed, one set of worker
+    seeds; another seed, others."""
+    sampler = LengthBucketSampler([1], 1, shuffle=False)
+
+    def worker_seed(seed: int) -> int:
+        loader = build_dataloader(_GlobalDraws(), sampler, num_workers=1, seed=seed,
+                                  collate_fn=_first)  # fmt: skip
+        return next(iter(loader))[0]
+
+    first, second, again = worker_seed(1), worker_seed(2), worker_seed(1)
+    assert first == again != second
+
+
 def test_epoch_repeats_make_extra_passes_with_fresh_indices():
     lengths = np.arange(10, 50)
     n = len(lengths)

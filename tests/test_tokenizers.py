@@ -150,6 +150,16 @@ def test_non_acgt_is_unk():
     assert build_tokenizer("6mer", overlap=5).encode("AAAAAAN").tolist() == [5, 3]
 
 
+@pytest.mark.parametrize("name,k,overlap", KMER_CONFIGS)
+def test_decode_inverts_encode_at_every_overlap(name, k, overlap):
+    """Overlapping k-mers share ``overlap`` letters: each after the first adds its last ``stride``."""
+    rng = np.random.default_rng(31 + 7 * k + overlap)
+    tok = build_tokenizer(name, overlap=overlap)
+    for n in (k, k + 1, 3 * k + 2, 40):
+        seq = random_dna(rng, n)
+        assert tok.decode(tok.encode(seq)) == seq[: n - tok.trailing_bases(n)], seq
+
+
 def test_decode_skips_specials_and_checks_range():
     tok = build_tokenizer("3mer")
     assert tok.decode([1, 5, 3, 68, 2, 0]) == "AAATTT"

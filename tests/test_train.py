@@ -62,17 +62,23 @@ def test_quickstart_defaults_build_the_demo_run(run):
     code, out = run("--epochs", "1")
     assert code == 0
     records = read_log(out)
-    assert any("val_loss" in r for r in records) and any("test_loss" in r for r in records)
-    val = next(r for r in records if "val_loss" in r)
-    for key in (
-        "val_accuracy",
-        "val_aa_accuracy",
-        "val_mistake_severity",
-        "val_dist@1",
-        "val_dist@5",
-    ):
-        assert key in val
+    # 96 records in batches of 8: 12 updates, a line each; then one validation and one test line.
+    train_rows = [r for r in records if "train/loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, 13))
+    (val,) = [r for r in records if "val_loss" in r]
+    (test,) = [r for r in records if "test_loss" in r]
+    assert (val["step"], val["epoch"], test["step"], test["epoch"]) == (12, 0, 12, 0)
+    # Logits start near zero (init std 0.02): the first cross entropy is that of a uniform guess.
+    assert abs(train_rows[0]["train/xe"] - math.log(69)) < 0.05
+    for split, row in (("val", val), ("test", test)):
+        m = {k.removeprefix(f"{split}_"): v for k, v in row.items() if k.startswith(split)}
+        assert m["perplexity"] == pytest.approx(math.exp(m["xe"]), rel=1e-6)
+        assert 0 <= m["accuracy"] <= m["aa_accuracy"] <= 1  # a right codon is a right amino acid
+        # dist@1 averages the distance over all targets, the severity over the wrong ones only.
+        assert m["dist@1"] == pytest.approx(m["mistake_severity"] * (1 - m["accuracy"]), rel=1e-6)
+        assert 1 <= m["mistake_severity"] <= 4 and 0 < m["dist@5"] <= 4
     ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert (ckpt["epoch"], ckpt["step"]) == (1, 12)
     for key in (
         "model",
         "optimizer",
@@ -347,6 +353,56 @@ def test_many_flags_in_one_run(run):
     assert ckpt["step"] == 2 * 9
 
 
+def test_ema_with_warmup_is_the_average_readme_states(run, monkeypatch):
+    """--model-ema-warmup: after update k the EMA is d_k ema + (1 - d_k) w_k with
+    d_k = min(decay, 1 - k^(-2/3)) (timm ModelEmaV3; d_1 = 0 copies the weights), recomputed
+    here from the weights after every update and compared with the checkpoint's EMA."""
+    real, weights = train.optimizer_step, []
+
+    def recording(model, *a, **k):
+        out = real(model, *a, **k)
+        weights.append({n: v.detach().clone() for n, v in model.backbone.state_dict().items()})
+        return out
+
+    monkeypatch.setattr(train, "optimizer_step", recording)
+    decay = 0.99
+    code, out = run("--epochs", "1", "--num_samples", "48", "--split", "0.98,0.01,0.01",
+                    "--model-ema", "--model-ema-warmup", "--model-ema-decay", str(decay))  # fmt: skip
+    assert code == 0 and len(weights) == 6
+    ema = {n: torch.zeros_like(v) for n, v in weights[0].items()}
+    for k, w in enumerate(weights, start=1):
+        d = min(decay, 1 - k ** (-2 / 3))
+        ema = {n: d * ema[n] + (1 - d) * w[n] for n in ema}
+    saved = load_checkpoint(out / "checkpoints" / "last.pt")["ema"]
+    for name, value in ema.items():
+        torch.testing.assert_close(saved[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    # Not the raw weights either: the average lags behind them.
+    assert any(not torch.allclose(saved[n], weights[-1][n]) for n in saved)
+
+
+def test_the_seed_sets_the_training_order(tmp_path, monkeypatch):
+    """--seed reaches the training loader: on the same prepared records, two seeds give two
+    orders of the same batches' records and one seed gives one order."""
+    from helm.config import data_kwargs, parse_config
+    from helm.data.prepare import prepare_data
+    from helm.distributed import DistInfo
+
+    monkeypatch.setenv("HELM_CACHE_DIR", str(tmp_path / "cache"))
+    args = parse_config(TINY)
+    data = prepare_data(**data_kwargs(vars(args)), tokenizer_dir=tmp_path / "tokenizer")
+    info = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+
+    def order(seed: int) -> list[list[int]]:
+        args.seed = seed
+        sampler = train.Loaders(data, args, info).train.batch_sampler
+        sampler.set_epoch(0)
+        return [list(map(int, b)) for b in sampler]
+
+    one, two, again = order(1), order(2), order(1)
+    assert one == again and one != two
+    assert sorted(sum(one, [])) == sorted(sum(two, [])) == list(range(96))
+
+
 def test_user_errors_are_reported_without_traceback(run, tmp_path, capsys):
     bad = tmp_path / "bad.txt"
     good = "ATGAAACCCGGGTTTAAA" * 3 + "TAA"
@@ -384,8 +440,18 @@ def test_torchrun_two_processes(tmp_path):
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (tmp_path / "ddp" / "checkpoints" / "last.pt").exists()
     assert "world size 2" in proc.stderr
+    _two_ranks_trained_one_run(tmp_path / "ddp")
+
+
+def _two_ranks_trained_one_run(out: Path) -> None:
+    """96 records, 8 a rank and update: 6 updates of the global batch of 16, each logged once
+    (rank 0 writes), one validation line, and a checkpoint at step 6."""
+    records = read_log(out)
+    assert [r["step"] for r in records if "train/loss" in r] == list(range(1, 7))
+    assert [r["step"] for r in records if "val_loss" in r] == [6]
+    ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert (ckpt["epoch"], ckpt["step"]) == (1, 6)
 
 
 WRAPPER = """
@@ -438,7 +504,7 @@ def test_num_devices_spawns_local_ranks_without_torchrun(tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "world size 2" in proc.stderr
-    assert load_checkpoint(tmp_path / "spawn" / "checkpoints" / "last.pt")["step"] > 0
+    _two_ranks_trained_one_run(tmp_path / "spawn")
 
 
 @pytest.mark.parametrize("loss", ["HXE", "soft_labels"])
