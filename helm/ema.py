@@ -58,9 +58,13 @@ class ModelEma(nn.Module):
     @torch.no_grad()
     def update(self, model: nn.Module, step: int | None = None) -> None:
         decay = self.get_decay(step)
-        ema_state = self.module.state_dict()
+        ema_state = self.module.state_dict(keep_vars=True)
+        updated = set()
         for name, value in model.state_dict().items():
-            target = ema_state[name]
+            if id(ema_state[name]) in updated:  # a tied weight (embedding = LM head): once
+                continue
+            updated.add(id(ema_state[name]))
+            target = ema_state[name].detach()
             value = value.detach().to(target.device)
             if target.dtype.is_floating_point:
                 target.lerp_(value.to(target.dtype), 1.0 - decay)  # ema + (1-d)(w - ema)

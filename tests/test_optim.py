@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from helm.config import OPTIMIZERS
 from helm.ema import ModelEma
+from helm.models import build_model
 from helm.models.common import tag
 from helm.optim import (
     Lamb,
@@ -267,3 +268,20 @@ def test_bert_embedding_norm_gets_the_embedding_layer_decay():
     scale = {n: g["lr_scale"] for g in groups for n in g["names"]}
     assert scale["embed_norm.weight"] == scale["embed.tok.weight"] == 0.5**3
     assert scale["lm_head.dense.weight"] == 1.0
+
+
+def test_ema_updates_a_tied_weight_once():
+    """The embedding and the LM head share one tensor: the EMA moves it by (1 - d) per update,
+    not by 1 - d^2 (it would if each name updated the shared tensor)."""
+    torch.manual_seed(0)
+    model = build_model("gpt2", vocab_size=69, d_model=16, num_layers=1, num_heads=2,
+                        max_seq_len=16, tie_embeddings=True)  # fmt: skip
+    ema = ModelEma(model, decay=0.9)
+    tied = ema.module.embed.tok.weight
+    assert ema.module.lm_head.proj.weight is tied
+    start = tied.detach().clone()
+    with torch.no_grad():
+        model.embed.tok.weight.add_(1.0)
+    ema.update(model)
+    want = start + 0.1 * (model.embed.tok.weight.detach() - start)
+    torch.testing.assert_close(tied.detach(), want)
