@@ -34,6 +34,8 @@ from tqdm import tqdm
 
 from helm.data import cache as data_cache
 from helm.data.io import DataError, iter_records
+from helm.errors import WriteError
+from helm.fileio import out_of_room
 
 if TYPE_CHECKING:  # the command line reads LONG_SEQS and POOLS without importing torch
     import torch
@@ -262,8 +264,10 @@ def cached_token_features(
             np.save(tmp / "offsets.npy", np.concatenate(([0], np.cumsum(lengths))))
             os.rename(tmp, final)
             log.info("features cached in %s", final)
-        except OSError:
+        except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
+            if cause := out_of_room(exc):  # one line naming the cache; nothing half-written is kept
+                raise WriteError(f"cannot write the feature cache {final}: {cause}") from None
             if not (final / "offsets.npy").is_file():
                 raise
         return feats

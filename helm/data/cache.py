@@ -7,9 +7,10 @@ Both arrays are opened with ``np.memmap``, so opening a cache costs memory indep
 
 The key hashes everything that changes the tokens: the source file (absolute path, size, mtime and a
 hash of its first and last MiB), ``tokenizer.config()``, the reading options and the split's record
-numbers. A build writes into a temporary directory renamed into place at the end, so a crashed
-build never leaves a cache that a later run would trust; the next build removes what a killed one
-left (`remove_stale_builds`).
+numbers. A build writes into a temporary directory renamed into place at the end, so a crashed or
+interrupted build never leaves a cache that a later run would trust (a full disk is one
+`WriteError` naming the cache); the next build removes what a killed one left
+(`remove_stale_builds`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from tqdm import tqdm
 
 from helm.data.io import ReadReport, iter_sequences, no_records_error
 from helm.data.splits import Split
+from helm.errors import WriteError
+from helm.fileio import blocking_file, out_of_room
 
 try:  # POSIX; elsewhere concurrent builders rely on the atomic rename alone
     import fcntl
@@ -284,14 +287,7 @@ def _write_cache(
             trailing += sum(tokenizer.trailing_bases(len(s)) for s in chunk)
             bar.update(len(chunk))
 
-    offsets = np.lib.format.open_memmap(
-        out / _OFFSETS, mode="w+", dtype=np.int64, shape=(num_records + 1,)
-    )
-    offsets[0] = 0
-    if num_records:
-        np.cumsum(np.memmap(out / _LENGTHS, dtype=np.int64, mode="r"), out=offsets[1:])
-    offsets.flush()
-    del offsets
+    _write_offsets(out / _LENGTHS, out / _OFFSETS, num_records)
     (out / _LENGTHS).unlink()
     meta.update(
         dtype=dtype.name,
@@ -305,6 +301,23 @@ def _write_cache(
     with open(out / _META, "w") as f:
         json.dump(meta, f, indent=1, default=str)
     return meta
+
+
+def _write_offsets(lengths: Path, path: Path, num_records: int, chunk: int = 1 << 20) -> None:
+    """offsets.npy (int64, ``num_records + 1``) from the record lengths, a chunk at a time. Written
+    through the file, not a memory map: a full disk is then an OSError, not a SIGBUS."""
+    dtype = np.dtype("<i8")
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+              "shape": (num_records + 1,)}  # fmt: skip
+    sizes = np.memmap(lengths, dtype=np.int64, mode="r") if num_records else np.empty(0)
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        f.write(np.zeros(1, dtype).tobytes())
+        total = 0
+        for start in range(0, num_records, chunk):
+            part = np.cumsum(sizes[start : start + chunk], dtype=dtype) + total
+            f.write(part.tobytes())
+            total = int(part[-1])
 
 
 def _build(name: str, final: Path, write: Callable[[Path], dict[str, Any]]) -> None:
@@ -321,9 +334,15 @@ def _build(name: str, final: Path, write: Callable[[Path], dict[str, Any]]) -> N
             if not _is_complete(final):
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
+    except BaseException as exc:  # a crash, Ctrl-C, a full disk: nothing half-built is kept
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        cause = out_of_room(exc) if isinstance(exc, OSError) else None
+        if cause is None:
+            raise
+        raise WriteError(
+            f"cannot write the token cache {final}: {cause}; nothing was kept (free some space, "
+            "or set --cache_dir or $HELM_CACHE_DIR to a disk with room)"
+        ) from None
     report = meta["report"]
     skipped = report["num_records"] - report["num_valid"]
     logger.info(
@@ -387,6 +406,8 @@ def build_token_cache(
     }
     key, inputs = cache_key(split, config, read_options)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if (block := blocking_file(cache_dir)) is not None:
+        raise WriteError(f"token cache folder {cache_dir}: {block} is a file, not a folder")
     cache_dir.mkdir(parents=True, exist_ok=True)
     final = cache_dir / key
     # A process group can only exist once torch.distributed has been imported; looking it up in

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from helm.codon_usage import codon_frequencies
+from helm.fileio import atomic_write
 from helm.vocab import START_CODON, STOP, genetic_code, kmers
 
 MIN_CODONS, MAX_CODONS = 100, 1000  # ATG and the stop included
@@ -67,13 +68,9 @@ def write_demo_corpus(path: str | os.PathLike, n: int = 3000, seed: int = 0) -> 
     """Write `demo_sequences(n, seed)` to a txt file (one sequence a line) and return its path.
 
     The file is written beside its destination and renamed into place, so a reader never sees half
-    a corpus.
+    a corpus; a failed write (a full disk) raises `WriteError` and leaves no temporary file.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="ascii") as f:
+    with atomic_write(path, "w", what="the demo corpus") as f:
         for seq in demo_sequences(n, seed):
             f.write(seq + "\n")
-    os.replace(tmp, path)
-    return path
+    return Path(path)

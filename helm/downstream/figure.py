@@ -13,6 +13,7 @@ from html import escape
 from pathlib import Path
 
 from helm.downstream.protocol import ProbeResult
+from helm.fileio import write_text
 
 # Colour-blind-safe qualitative palette (Okabe & Ito 2008), cycled beyond eight methods.
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
@@ -85,7 +86,4 @@ def write_figure(
         out.append(f'<text x="{cx:.1f}" y="{top + plot_h + 30}" text-anchor="middle" '
                    f'fill="#666">{escape(metric)}</text>')  # fmt: skip
     out.append("</svg>")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(out) + "\n")
-    return path
+    return write_text(path, "\n".join(out) + "\n", what="figure")

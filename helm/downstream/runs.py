@@ -22,6 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from helm.errors import WriteError
+from helm.fileio import write_cause
+
 logger = logging.getLogger("helm")
 
 
@@ -106,12 +109,16 @@ class RunStore:
             "epoch": int(epoch),
         }
         self.runs[doc["key"]] = doc
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
-            f.write(self._newline + json.dumps(doc) + "\n")
+        try:  # a line cut by a full disk is skipped when read back, like one cut by a kill
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write(self._newline + json.dumps(doc) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
             self._newline = ""
-            f.flush()
-            os.fsync(f.fileno())
+        except OSError as exc:
+            self._newline = "\n"
+            raise WriteError(f"cannot write the runs log {self.path}: {write_cause(exc)}") from None
 
 
 def _duration(seconds: float) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from helm.checkpoint import LoadedModel
+from helm.fileio import staged_folder
 from helm.hf import mapping
 from helm.hf.card import model_card
 from helm.hf.common import require, to_hf_state
@@ -45,8 +46,9 @@ def _loaded(src, ema: bool) -> LoadedModel:
 
 
 def export_hf(src, out_dir: str | os.PathLike, *, ema: bool = False) -> Path:
-    """Write a ``transformers`` folder (config.json, model.safetensors, tokenizer, README.md) of a
-    checkpoint, HELM folder, HF folder or LoadedModel; refuses what HF cannot hold exactly."""
+    """Write a ``transformers`` folder (config.json, model.safetensors, tokenizer, README.md,
+    SHA256SUMS) of a checkpoint, HELM folder, HF folder or LoadedModel; refuses what HF cannot
+    hold exactly. The files are written beside ``out_dir`` and moved in once all are complete."""
     transformers = require("transformers")
     require("safetensors")
     loaded = _loaded(src, ema)
@@ -68,22 +70,22 @@ def export_hf(src, out_dir: str | os.PathLike, *, ema: bool = False) -> Path:
     if missing:  # a mapping that forgot a parameter must never ship random weights
         raise RuntimeError(f"export_hf({name}): no HELM weights for {missing}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    hf.save_pretrained(out, safe_serialization=True)
-    causal = not cfg.bidirectional
-    hf_tokenizer(loaded.tokenizer, causal, cfg.max_seq_len).save_pretrained(out)
-    (out / "README.md").write_text(model_card(loaded, "hf", arch))
+    with staged_folder(out, what="export") as stage:  # all files or none, SHA256SUMS last
+        hf.save_pretrained(stage, safe_serialization=True)
+        causal = not cfg.bidirectional
+        hf_tokenizer(loaded.tokenizer, causal, cfg.max_seq_len).save_pretrained(stage)
+        (stage / "README.md").write_text(model_card(loaded, "hf", arch))
     log.info("wrote %s: transformers.%s, tokenizer %s", out, arch, loaded.tokenizer.name)
     return out
 
 
 def export_helm(src, out_dir: str | os.PathLike, *, ema: bool = False) -> Path:
     """Write a HELM-native folder (any model): model.safetensors, helm_config.json (model and
-    training config, codon tree, last validation metrics), tokenizer/ and README.md."""
+    training config, codon tree, last validation metrics), tokenizer/, README.md and SHA256SUMS
+    (``export_hf``'s atomicity)."""
     st = require("safetensors.torch")
     loaded = _loaded(src, ema)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     ckpt = loaded.checkpoint
     weights = ckpt.get("source", {}).get("weights", "ema" if ema else "raw")
     meta = {
@@ -96,9 +98,10 @@ def export_helm(src, out_dir: str | os.PathLike, *, ema: bool = False) -> Path:
         "epoch_metrics": ckpt.get("epoch_metrics"),
         "weights": weights,
     }
-    st.save_model(loaded.model, str(out / WEIGHTS))  # tied tensors are stored once
-    loaded.tokenizer.save(out / "tokenizer")
-    (out / HELM_CONFIG).write_text(json.dumps(meta, indent=2, default=str) + "\n")
-    (out / "README.md").write_text(model_card(loaded, "helm"))
+    with staged_folder(out, what="export") as stage:  # all files or none, SHA256SUMS last
+        st.save_model(loaded.model, str(stage / WEIGHTS))  # tied tensors are stored once
+        loaded.tokenizer.save(stage / "tokenizer")
+        (stage / HELM_CONFIG).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        (stage / "README.md").write_text(model_card(loaded, "helm"))
     log.info("wrote %s: HELM-native %s", out, loaded.model_name)
     return out

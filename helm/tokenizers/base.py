@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from helm.fileio import write_bytes, write_text
 from helm.vocab import NUM_SPECIAL, SPECIAL_TOKENS, UNK_ID
 
 META_FILE = "tokenizer.json"
@@ -100,15 +101,10 @@ class Tokenizer(ABC):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         for filename, content in self._model_files().items():
-            tmp = directory / (filename + ".tmp")
-            tmp.write_bytes(content)
-            tmp.replace(directory / filename)
+            write_bytes(directory / filename, content, what="tokenizer file")
         meta = {"class": type(self).__name__, "config": self.config()}
-        tmp = directory / (META_FILE + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        tmp.replace(
-            directory / META_FILE
-        )  # the meta file last and atomic: it marks a complete save
+        text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
+        write_text(directory / META_FILE, text, what="tokenizer file")  # last: a complete save
         return directory
 
     def _model_files(self) -> dict[str, bytes]:
