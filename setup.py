@@ -33,6 +33,8 @@ setup(
             "triton>=3.4",
             "transformers>=5.0",
             "safetensors>=0.4",
+            # bench/reproduce_paper.py's PNG figure (axes, labels, error bars).
+            "matplotlib>=3.7",
         ],
     },
 )

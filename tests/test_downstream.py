@@ -30,6 +30,7 @@ from helm.downstream import (
     codon_frequency_features,
     compute_metrics,
     dedupe,
+    duplicate_groups,
     duplicate_warnings,
     duplicates,
     evaluate_probe,
@@ -43,15 +44,18 @@ from helm.downstream import (
     pad_features,
     protocol,
     repeated_splits,
+    resolve_duplicates,
     run_baselines,
     select_at_best_val,
     to_json,
     transform_targets,
     write_figure,
 )
+from helm.downstream.checks import duplicates_text
 from helm.downstream.metrics import auroc, f1_macro, mcc
 from helm.downstream.tasks import CODONBERT_COMMIT, TaskData
 from helm.embed import cached_token_features, read_records
+from helm.errors import ConfigError
 from helm.vocab import kmers
 
 LOCAL = {
@@ -603,7 +607,7 @@ def test_identical_sequences_across_splits_warned_and_dropped():
     (split,) = make_splits(data)
     assert duplicates(data, split) == {"val_in_train": 0, "test_in_train": 4, "test_in_val": 0}
     (line,) = duplicate_warnings(data, [split])
-    assert "4 of 10 test records are in train" in line and "--dedupe" in line
+    assert "4 of 10 test records are in train" in line and "--duplicates drop" in line
     kept = dedupe(data, split)
     assert len(kept.test) == 6 and not set(kept.test) & set(range(30, 34))
     assert duplicates(data, kept) == {"val_in_train": 0, "test_in_train": 0, "test_in_val": 0}
@@ -689,3 +693,127 @@ def test_svg_figure_of_methods_by_tasks(tmp_path):
     assert svg.count("<rect x=") >= 3 + 2  # three bars, two legend keys
     assert "task_a" in svg and "task_b" in svg and "spearman" in svg
     assert svg.count('stroke="black"') == 2  # error bars only where there are 2+ runs
+
+
+# ---- duplicates, regions, fold columns --------------------------------------------------------
+
+
+def _planted(n: int = 60, pairs: int = 12, splits=None) -> TaskData:
+    """`n` distinct records, then `pairs` more that repeat the first `pairs` exactly."""
+    seqs = ["ATG" + "".join(c) for c in itertools.islice(itertools.product(kmers(3), repeat=2), n)]
+    seqs += seqs[:pairs]
+    return TaskData(seqs, np.arange(len(seqs), dtype=float), "regression", ["Value"],
+                    splits=splits)  # fmt: skip
+
+
+def _straddling(data: TaskData, splits, keys=None) -> int:
+    """Sequences (or keys) found on both sides of any pair of parts, over all splits."""
+    keys = data.codon_sequences() if keys is None else keys
+    return sum(
+        len({keys[i] for i in a} & {keys[i] for i in b})
+        for s in splits
+        for a, b in ((s.train, s.val), (s.train, s.test), (s.val, s.test))
+    )
+
+
+def test_random_splits_group_planted_duplicates_by_default():
+    data = _planted()
+    split_with = lambda d: repeated_splits(d, [0, 1, 2])  # noqa: E731
+    seen = [len(s) for s in data.sequences]
+    splits, dup = resolve_duplicates(data, split_with, None, fixed=False, carved=False, seen=seen)
+    assert dup["policy"] == "group" and dup["train_test_before"] > 0
+    assert dup["train_test_after"] == 0 and _straddling(data, splits) == 0
+    assert _straddling(data, split_with(data)) > 0  # the plain splits do straddle
+    kept, dup = resolve_duplicates(data, split_with, "keep", fixed=False, carved=False, seen=seen)
+    assert dup["train_test_after"] == dup["train_test_before"] > 0
+    folds, _ = resolve_duplicates(data, lambda d: make_splits(d, kfold=4), "group", fixed=False,
+                                  carved=False, seen=seen)  # fmt: skip
+    assert len(folds) == 4 and _straddling(data, folds) == 0
+
+
+def test_fixed_split_drops_planted_duplicates_and_counts_window_only():
+    part = np.array(["train"] * 40 + ["val"] * 10 + ["test"] * 10)
+    pairs = itertools.islice(itertools.product(kmers(3), repeat=2), 60)
+    seqs = [f"{b}{a}GGG" for a, b in pairs]  # distinct in their first 6 nt
+    seqs[50:54] = seqs[0:4]  # four test records repeat training records
+    seqs[54:57] = [s[:6] + "CCC" for s in seqs[4:7]]  # three agree with train in the first 6 nt
+    seqs[57] = seqs[45]  # one test record repeats a validation record
+    data = TaskData(seqs, np.arange(60.0), "regression", ["Value"], splits=part)
+    split_with = lambda d: repeated_splits(d, [0])  # noqa: E731
+    (split,), dup = resolve_duplicates(data, split_with, None, fixed=True, carved=False,
+                                       seen=[6] * 60, reads="first 6 nt")  # fmt: skip
+    assert dup == {"policy": "drop", "train_test_before": 4, "train_test_after": 0,
+                   "window_only": 3, "window_only_after": 0, "dropped": 8, "test_records": 2,
+                   "num_splits": 1, "model_reads": "first 6 nt"}  # fmt: skip
+    assert not set(split.test) & set(range(50, 58)) and len(split.val) == 10
+    text = duplicates_text(dup)
+    assert "--duplicates drop" in text and "4 test records" in text and "3 more" in text
+    # A model that reads whole records tells the three apart: they are not duplicates to it.
+    _, whole = resolve_duplicates(data, split_with, None, fixed=True, carved=False,
+                                  seen=[len(s) for s in seqs])  # fmt: skip
+    assert whole["window_only"] == 0 and whole["dropped"] == 5
+    with pytest.raises(ConfigError, match="--duplicates drop"):
+        resolve_duplicates(data, split_with, "group", fixed=True, carved=False, seen=[6] * 60)
+    with pytest.raises(DataError, match="no val or test records left under --duplicates drop"):
+        all_dup = TaskData([seqs[0]] * 60, data.targets, "regression", ["Value"], splits=part)
+        resolve_duplicates(all_dup, split_with, "drop", fixed=True, carved=False, seen=[6] * 60)
+
+
+def test_duplicate_groups_join_keys_and_user_groups():
+    ids = duplicate_groups(["A", "B", "A", "C", "D"], np.array(["g1", "g2", "g3", "g2", "g3"]))
+    # A links 0 and 2, g3 links 2 and 4, g2 links 1 and 3.
+    assert ids[0] == ids[2] == ids[4] and ids[1] == ids[3] and ids[0] != ids[1]
+
+
+def test_region_columns_cut_each_record(tmp_path, caplog):
+    orfs = ["ATGAAACCCTAA", "ATGGGGTGA", "ATGTTTTTTTAG"]
+    rows = ["transcript,orf_start,orf_end,y"]
+    for i, orf in enumerate(orfs):
+        utr5, utr3 = "GC" * (i + 1), "AT" * (3 - i)
+        rows.append(f"{utr5}{orf}{utr3},{len(utr5)},{len(utr5) + len(orf)},{i}")
+    path = tmp_path / "loc.csv"
+    path.write_text("\n".join(rows) + "\n")
+    kw = dict(sequence_column="transcript", target_columns="y")
+    data = load_task_file(path, region_columns=("orf_start", "orf_end"), **kw)
+    assert data.sequences == orfs  # 0-based start, end exclusive
+    assert "region-base" not in caplog.text
+    one_based = load_task_file(path, region_columns=("orf_start", "orf_end"), region_base=1, **kw)
+    assert one_based.sequences == ["C" + s for s in orfs]  # one more nt: the 5' UTR's last
+    assert "--region-base 0" in caplog.text  # the numbers read 1-based miss the frame: warned
+    path.write_text(rows[0] + "\n" + rows[1] + "\n" + "GCATGAAA,2,99,1\n")
+    with pytest.raises(
+        DataError, match="(?s)bad region.*is not a region of its 8 nt.*--on-invalid skip"
+    ):
+        load_task_file(path, region_columns=("orf_start", "orf_end"), **kw)
+
+
+def test_numeric_fold_column_runs_kfold(tmp_path):
+    rows = ["seq,y,cv_test_fold"] + [f"ATG{c},{i},{[0, 1, 2, 10][i % 4]}"
+                                     for i, c in enumerate(kmers(3)[:40])]  # fmt: skip
+    path = tmp_path / "folds.csv"
+    path.write_text("\n".join(rows) + "\n")
+    data = load_task_file(path, sequence_column="seq", target_columns="y",
+                          fold_column="cv_test_fold")  # fmt: skip
+    splits = make_splits(data)
+    assert [s.name for s in splits] == ["fold 0 (1/4)", "fold 1 (2/4)", "fold 2 (3/4)",
+                                        "fold 10 (4/4)"]  # fmt: skip
+    for i, s in enumerate(splits):  # fold i is the test set, the next fold val, the rest train
+        assert set(s.test) == set(range(i, 40, 4)) and set(s.val) == set(range((i + 1) % 4, 40, 4))
+        assert len(s.train) == 20
+    carved = make_splits(data, val_from_train=0.2, seed=1)
+    assert len(carved) == 4 and all(len(s.val) == 6 and len(s.train) == 24 for s in carved)
+    with pytest.raises(DataError, match="--fold-column"):  # numbers are not train/val/test
+        load_task_file(path, sequence_column="seq", target_columns="y",
+                       split_column="cv_test_fold")  # fmt: skip
+    with pytest.raises(DataError, match="4 folds.*not --kfold 5"):
+        make_splits(data, kfold=5)
+
+
+def test_empty_target_error_names_on_invalid_skip(tmp_path):
+    path = tmp_path / "halflife.csv"
+    path.write_text("Sequence,Value\nATGAAA,1.5\nATGCCC,\nATGGGG,2.0\n")
+    with pytest.raises(DataError, match=r"halflife.csv:3: empty target: column Value") as err:
+        load_task_file(path)
+    assert "--on-invalid skip" in str(err.value)
+    data = load_task_file(path, on_invalid="skip")
+    assert data.sequences == ["ATGAAA", "ATGGGG"] and data.report.invalid == {"empty target": 1}

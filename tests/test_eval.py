@@ -376,7 +376,72 @@ def test_downstream_fasta_folder_with_train_test(tiny_runs, eval_run, tmp_path):
     doc = json.loads(out.read_text())
     assert doc["task"]["task"] == "classification" and doc["task"]["labels"] == "file names"
     assert doc["results"]["gpt2_clm_linear"]["num_splits"] == 3  # val carved with 3 seeds
-    assert "identical sequences across splits" in err  # each sequence sits in both classes
+    # Each sequence sits in both classes: by default its two records are carved together.
+    assert doc["duplicates"]["policy"] == "drop" and doc["duplicates"]["train_test_after"] == 0
+    assert "identical sequences across splits" not in err
+    code, stdout, err = eval_run(*base, "--val-from-train", "0.25", "--duplicates", "keep")
+    assert code == 0 and "identical sequences across splits" in err
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny L-BFGS fits run far slower on two threads of a busy 2-core box than on one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_downstream_keeps_planted_duplicates_apart_by_default(tiny_runs, eval_run, tmp_path,
+                                                              one_thread):  # fmt: skip
+    seqs = [s[:150] for s in demo_sequences(40, seed=6)]  # longer than the model's 138-nt window
+    rows = ["seq,y"] + [f"{s},{i}" for i, s in enumerate(seqs)]
+    rows += [f"{s},{i + 0.5}" for i, s in enumerate(seqs[:10])]  # ten exact copies
+    rows += [f"{s[:138]}GCGGCG,{i}" for i, s in enumerate(seqs[10:20])]  # ten: same window only
+    data = tmp_path / "planted.csv"
+    data.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "r.json"
+    argv = ["downstream", tiny_checkpoint(tiny_runs, "mlm"), "--file", data, "--sequence-column",
+            "seq", "--target-column", "y", "--head", "linear", "--no-baselines", "--out", out]  # fmt: skip
+    code, stdout, err = eval_run(*argv)
+    assert code == 0, err
+    dup = json.loads(out.read_text())["duplicates"]
+    assert dup["policy"] == "group" and dup["num_splits"] == 3
+    assert dup["train_test_before"] > 0 and dup["train_test_after"] == 0
+    assert dup["window_only"] > 0 and dup["window_only_after"] == 0
+    assert "Duplicates (--duplicates group" in stdout
+    code, stdout, err = eval_run(*argv, "--duplicates", "keep")
+    kept = json.loads(out.read_text())["duplicates"]
+    assert kept["train_test_after"] == kept["train_test_before"] == dup["train_test_before"]
+    assert "identical sequences across splits" in err
+    code, _, err = eval_run(*argv, "--dedupe")
+    assert code == 2 and "--dedupe is now --duplicates drop" in err
+
+
+def test_downstream_localisation_table_with_regions_and_a_fold_column(tiny_runs, eval_run,
+                                                                      tmp_path, one_thread):  # fmt: skip
+    labels = ["cytosol", "nucleus", "membrane", "er", "mito", "exosome", "ribosome"]
+    rows = ["id,transcript,orf_start,orf_end,cv_test_fold," + ",".join(labels)]
+    for i, s in enumerate(demo_sequences(30, seed=8)):
+        utr5, orf = "GCCACC"[: i % 6 + 1], s[:120]
+        marks = ",".join(str(int((i + k) % 3 == 0)) for k in range(7))
+        rows.append(f"t{i},{utr5}{orf}AAUAAA,{len(utr5)},{len(utr5) + 120},{i % 3},{marks}")
+    data = tmp_path / "loc.csv"
+    data.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "loc.json"
+    code, _, err = eval_run("downstream", tiny_checkpoint(tiny_runs, "mlm"), "--file", data,
+                            "--sequence-column", "transcript", "--target-column", *labels,
+                            "--task-type", "multilabel", "--region-columns", "orf_start,orf_end",
+                            "--fold-column", "cv_test_fold", "--head", "linear", "--no-baselines",
+                            "--out", out)  # fmt: skip
+    assert code == 0, err
+    doc = json.loads(out.read_text())
+    assert doc["task"]["splits"][0].startswith(
+        "TaskSplit('fold 0 (1/3)', train 10, val 10, test 10"
+    )
+    assert doc["results"]["gpt2_mlm_linear"]["num_splits"] == 3
+    assert doc["task"]["input_extent"]["gpt2_mlm_linear"] == "whole records"  # 120-nt ORFs
+    assert doc["duplicates"]["policy"] == "drop" and "region-base" not in err
 
 
 # The first hour of a user ------------------------------------------------------------------------

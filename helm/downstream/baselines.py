@@ -17,6 +17,7 @@ import json
 import math
 from collections.abc import Sequence
 
+from helm.downstream.checks import duplicates_text
 from helm.downstream.heads import OneHotEncoder, codon_frequency_features
 from helm.downstream.metrics import LOWER_IS_BETTER
 from helm.downstream.protocol import ProbeResult, evaluate_pooled, evaluate_probe
@@ -129,11 +130,13 @@ def format_report(
     results: dict[str, ProbeResult],
     task_spec_or_info: TaskSpec | TaskData | dict | str | None,
     warnings: Sequence[str] = (),
+    duplicates: dict | None = None,
 ) -> str:
     """Markdown: one row per method with the primary test metric (mean ± sd over runs, ddof 1),
     the number of runs (splits x seeds), the method's input, the other metrics and the
     hyperparameters chosen on validation; per-label AUROCs of a multilabel task in a second
-    table; then `warnings` (duplicates across splits, rare labels)."""
+    table; what the duplicate policy found and did (`checks.resolve_duplicates`); then
+    `warnings` (duplicates across splits, rare labels)."""
     info = _task_info(task_spec_or_info)
     first = next(iter(results.values()), None)
     metric = first.metric if first else "?"
@@ -172,6 +175,8 @@ def format_report(
         for name, r in results.items():
             cells = [_fmt(*r.test_metrics[k]) if k in r.test_metrics else "" for k in labels]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if duplicates:
+        lines += ["", duplicates_text(duplicates)]
     if warnings:
         lines += ["", "Warnings:", *(f"- {w}" for w in warnings)]
     return "\n".join(lines) + "\n"
@@ -191,10 +196,14 @@ def _finite(obj):
 def to_json(
     results: dict[str, ProbeResult],
     task_spec_or_info: TaskSpec | TaskData | dict | str | None = None,
+    duplicates: dict | None = None,
 ) -> str:
-    """The results and the task description as a JSON document (nan written as null)."""
+    """The results, the task description and what the duplicate policy found and did as a JSON
+    document (nan written as null)."""
     doc = {
         "task": _task_info(task_spec_or_info),
         "results": {name: r.to_dict() for name, r in results.items()},
     }
+    if duplicates:
+        doc["duplicates"] = duplicates
     return json.dumps(_finite(doc), indent=2)

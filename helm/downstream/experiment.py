@@ -8,8 +8,9 @@ beside the baselines, on the same splits; ``eval.py downstream`` and the paper r
 Every keyword is the ``eval.py downstream`` flag of the same name (``split_seeds`` is
 ``--split-seeds``). The result records each setting under its flag, the input's and the
 checkpoint's sha256, the splits, the warnings (duplicates across splits, rare labels) and what
-each method read of the records. Finished runs are stored in ``runs_file`` as they end: after an
-interruption (``ExperimentInterrupted``) the same call continues from them.
+each method read of the records; ``result.duplicates`` what the duplicate policy found and did
+(``helm.downstream.checks.resolve_duplicates``). Finished runs are stored in ``runs_file`` as
+they end: after an interruption (``ExperimentInterrupted``) the same call continues from them.
 """
 
 from __future__ import annotations
@@ -24,8 +25,7 @@ from typing import Any
 import numpy as np
 
 from helm.downstream.baselines import extent_text, format_report, run_baselines, to_json
-from helm.downstream.checks import dedupe as drop_duplicates
-from helm.downstream.checks import duplicate_warnings, label_warnings
+from helm.downstream.checks import duplicate_warnings, label_warnings, resolve_duplicates
 from helm.downstream.figure import write_figure
 from helm.downstream.protocol import ProbeResult, evaluate_probe
 from helm.downstream.runs import Grid, RunStore
@@ -41,13 +41,15 @@ from helm.downstream.tasks import (
     transform_targets,
 )
 from helm.errors import ConfigError
+from helm.fileio import write_text
 
 log = logging.getLogger("helm")
 
 # Settings that change a run's result key its stored result; the grid and seeds do not (each run
 # carries its own), so a rerun with a wider grid reuses the runs it shares.
 RUN_KEYS = ("ema", "target_transform", "long_seqs", "max_epochs", "patience",
-            "backbone_lr_scale", "baseline_input", "dedupe", "head", "finetune")  # fmt: skip
+            "backbone_lr_scale", "baseline_input", "duplicates", "head", "finetune",
+            "sequence_column", "target_column", "region_columns", "region_base")  # fmt: skip
 
 
 class ExperimentInterrupted(KeyboardInterrupt):
@@ -70,6 +72,7 @@ class ExperimentResult:
     results: dict[str, ProbeResult]
     info: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
+    duplicates: dict[str, Any] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -82,17 +85,16 @@ class ExperimentResult:
 
     def report(self) -> str:
         """Markdown: methods x metrics, the chosen hyperparameters and the warnings."""
-        return format_report(self.results, self.info, self.warnings)
+        return format_report(self.results, self.info, self.warnings, self.duplicates)
 
     def to_json(self) -> str:
-        return to_json(self.results, self.info)
+        return to_json(self.results, self.info, duplicates=self.duplicates)
 
     def write(self, out: str | Path) -> list[Path]:
         """``out`` (JSON) with the report (``.md``) and the figure (``.svg``) beside it."""
         out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(self.to_json() + "\n")
-        out.with_suffix(".md").write_text(self.report())
+        write_text(out, self.to_json() + "\n", what="results")
+        write_text(out.with_suffix(".md"), self.report(), what="report")
         write_figure({self.name: self.results}, out.with_suffix(".svg"), title=self.name)
         return [out, out.with_suffix(".md"), out.with_suffix(".svg")]
 
@@ -110,11 +112,14 @@ def run_experiment(
     target_transform: str = "none",
     split_column: str | None = None,
     group_column: str | None = None,
+    fold_column: str | None = None,
+    region_columns: str | Sequence[str] | None = None,
+    region_base: int = 0,
     split: tuple[float, float, float] | None = None,
     kfold: int | None = None,
     val_from_train: float | None = None,
     split_seeds: Sequence[int] | None = None,
-    dedupe: bool = False,
+    duplicates: str | None = None,
     on_invalid: str = "error",
     head: str = "textcnn",
     finetune: bool = False,
@@ -148,34 +153,38 @@ def run_experiment(
     if backbone_lr_scale < 0:
         raise ConfigError("--backbone-lr-scale must be >= 0")
     grid = Grid(lrs, batch_sizes, seeds, max_epochs, patience)
+    if kfold is not None and split is not None:
+        raise ConfigError("--kfold and --split are alternatives: give one")
+    if fold_column is not None and (split_column is not None or split is not None):
+        raise ConfigError("--fold-column places every record: drop --split-column and --split")
     data, info = load_data(
         task, file, data_dir=data_dir, sequence_column=sequence_column,
         target_column=target_column, task_type=task_type, header_label=header_label,
-        split_column=split_column, group_column=group_column, on_invalid=on_invalid,
+        split_column=split_column, group_column=group_column, fold_column=fold_column,
+        region_columns=region_columns, region_base=region_base, on_invalid=on_invalid,
     )  # fmt: skip
-    if kfold is not None and split is not None:
-        raise ConfigError("--kfold and --split are alternatives: give one")
     data = transform_targets(data, target_transform)
+    loaded = load_model(checkpoint, ema=ema, device=device)
+    reading = model_input(loaded, data, long_seqs, finetune)
 
-    # The spread: repeated random splits (or k-fold) by default, not only head seeds.
-    random_split = kfold is None and (data.splits is None or split is not None)
-    many = random_split or val_from_train is not None
+    # The spread: repeated random splits (or k-fold) by default, not only head seeds. Records
+    # identical in what the model reads are kept apart (`resolve_duplicates`).
+    from_file = data.folds is not None or (kfold is None and data.splits is not None and not split)
+    many = (not from_file and kfold is None) or val_from_train is not None
     split_seeds = list(split_seeds or ([0, 1, 2] if many else [0]))
     settings["--split-seeds"] = split_seeds
-    splits = repeated_splits(
-        data, split_seeds, fractions=split, kfold=kfold, use_split_column=split is None,
-        val_from_train=val_from_train,
+    splits, dup = resolve_duplicates(
+        data,
+        lambda d: repeated_splits(d, split_seeds, fractions=split, kfold=kfold,
+                                  use_split_column=split is None, val_from_train=val_from_train),
+        duplicates, fixed=from_file, carved=val_from_train is not None, seen=reading.seen,
+        reads=reading.extent,
     )  # fmt: skip
-    warnings = duplicate_warnings(data, splits, dropped=dedupe)
-    if dedupe:
-        splits = [drop_duplicates(data, s) for s in splits]
-    warnings += label_warnings(data, splits)
+    settings["--duplicates"] = dup["policy"]
+    warnings = duplicate_warnings(data, splits) + label_warnings(data, splits)
     for line in warnings:
         log.warning("%s", line)
     log.info("%d records, splits: %s", len(data), ", ".join(map(repr, splits)))
-
-    loaded = load_model(checkpoint, ema=ema, device=device)
-    reading = model_input(loaded, data, long_seqs, finetune)
     identity = {
         "path": str(checkpoint),
         "sha256": input_sha256(checkpoint),
@@ -228,7 +237,7 @@ def run_experiment(
         "settings": {"CKPT": str(checkpoint), **settings},
         "warnings": warnings,
     }
-    return ExperimentResult(results, info, warnings)
+    return ExperimentResult(results, info, warnings, dup)
 
 
 PARAMETERS = tuple(p for p in inspect.signature(run_experiment).parameters if p != "runs_file")
@@ -251,11 +260,26 @@ def load_data(
     split_column: str | None,
     group_column: str | None,
     on_invalid: str,
+    fold_column: str | None = None,
+    region_columns: str | Sequence[str] | None = None,
+    region_base: int = 0,
 ) -> tuple[TaskData, dict[str, Any]]:
     """(TaskData, the task's description) of a registered ``task`` or a ``file``; a folder is read
     as FASTA files, one per class (``load_fasta_folder``)."""
     if (task is None) == (file is None):
         raise ConfigError("name a registered --task or give a --file (one of the two)")
+    columns = {"--fold-column": fold_column, "--region-columns": region_columns}
+    if (task is not None or Path(file).is_dir()) and any(columns.values()):
+        given = ", ".join(k for k, v in columns.items() if v)
+        raise ConfigError(f"{given} read columns of a table or FASTA headers given as --file")
+    if isinstance(region_columns, str):  # the flag's START,END
+        region_columns = [c.strip() for c in region_columns.split(",")]
+    if region_columns is not None and (len(region_columns) != 2 or not all(region_columns)):
+        raise ConfigError(
+            f"--region-columns takes two column names START,END, got {region_columns}"
+        )
+    if region_base not in (0, 1):
+        raise ConfigError("--region-base is 0 (0-based, end exclusive) or 1 (1-based, inclusive)")
     if task is not None:
         spec = TASKS.get(task)
         if spec is None:
@@ -276,7 +300,8 @@ def load_data(
     data = load_task_file(
         file, sequence_column=sequence_column, target_columns=list(target_column), task=kind,
         split_column=split_column, group_column=group_column, on_invalid=on_invalid,
-        pipe_label=header_label == "pipe",
+        pipe_label=header_label == "pipe", fold_column=fold_column,
+        region_columns=tuple(region_columns) if region_columns else None, region_base=region_base,
     )  # fmt: skip
     return data, {"name": str(file), "task": kind, "coding": None, "file": str(file)}
 

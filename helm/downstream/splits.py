@@ -1,6 +1,7 @@
 """Splits of a downstream task into train, validation and test records: random (group-aware),
-k-fold (groups never straddle folds), or the file's own split column (optionally with validation
-carved out of train), each deterministic given its seed, and repeated over split seeds."""
+k-fold (groups never straddle folds), the file's own fold column, or the file's own split column
+(optionally with validation carved out of train), each deterministic given its seed, and repeated
+over split seeds."""
 
 from __future__ import annotations
 
@@ -45,6 +46,9 @@ def make_splits(
     - ``kfold=k``: k splits; fold i is the test set, fold i+1 (mod k) the validation set and the
       rest train. Records sharing a group (`data.groups`; each record its own group when None)
       always land in the same fold, so no group straddles train and test.
+    - the file's fold column (`data.folds`, when `use_split_column`): one split per fold value,
+      in sorted (numeric) order, by the same rule; with `val_from_train`, val is carved out of
+      the training folds instead of being the next fold.
     - otherwise the file's split column when present (and `use_split_column`); a column with
       train and test only needs `val_from_train`: that fraction of train becomes val (seeded,
       whole groups);
@@ -55,6 +59,8 @@ def make_splits(
     groups = data.groups if data.groups is not None else np.arange(n)
     uniq, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
     rng = np.random.default_rng(seed)
+    if data.folds is not None and use_split_column:
+        return _fold_column_splits(data, inverse, rng, kfold, val_from_train, seed)
     if kfold is not None:
         if kfold < 3 or kfold > len(uniq):
             raise ValueError(f"kfold needs 3 <= k <= number of groups ({len(uniq)}), got {kfold}")
@@ -113,6 +119,42 @@ def make_splits(
     part[order[:end_test]], part[order[end_test:end_val]] = 2, 1
     where = part[inverse]
     return [TaskSplit(f"random(seed={seed})", *(np.flatnonzero(where == k) for k in range(3)))]
+
+
+def _fold_column_splits(
+    data: TaskData,
+    group_of: np.ndarray,
+    rng: np.random.Generator,
+    kfold: int | None,
+    val_from_train: float | None,
+    seed: int,
+) -> list[TaskSplit]:
+    """One split per value of the fold column: that fold is the test set; val is the next fold,
+    or carved out of the training folds (`val_from_train`)."""
+    names, fold = np.unique(data.folds, return_inverse=True)
+    if all(name.lstrip("-").isdigit() for name in names):  # fold 10 after fold 9
+        order = np.argsort([int(name) for name in names], kind="stable")
+        names, fold = names[order], np.argsort(order)[fold]
+    k = len(names)
+    if k < (2 if val_from_train is not None else 3) or (kfold is not None and kfold != k):
+        raise DataError(
+            f"{data.source}: the fold column holds {k} folds ({', '.join(map(str, names[:10]))})"
+            + (f", not --kfold {kfold}" if kfold is not None and kfold != k else "")
+            + "; k-fold needs at least 3 (a test, a validation and a training fold), or 2 with "
+            "--val-from-train"
+        )
+    splits = []
+    for i in range(k):
+        test = np.flatnonzero(fold == i)
+        if val_from_train is not None:
+            train, val = _carve(np.flatnonzero(fold != i), group_of, val_from_train, rng)
+            name = f"fold {names[i]} ({i + 1}/{k}), val {val_from_train:g} of train (seed={seed})"
+        else:
+            val = np.flatnonzero(fold == (i + 1) % k)
+            train = np.flatnonzero((fold != i) & (fold != (i + 1) % k))
+            name = f"fold {names[i]} ({i + 1}/{k})"
+        splits.append(TaskSplit(name, train, val, test))
+    return splits
 
 
 def _carve(

@@ -31,6 +31,7 @@ from helm.data.io import (
     FileFormat,
     ReadReport,
     Record,
+    clean_sequence,
     detect_format,
     iter_records,
     table_rows,
@@ -221,6 +222,7 @@ class TaskData:
     label_names: list[str]
     splits: np.ndarray | None = None  # "train" / "val" / "test" per record
     groups: np.ndarray | None = None
+    folds: np.ndarray | None = None  # a fold column's value per record (k-fold, fold i = test)
     ids: list[str] = field(default_factory=list)
     source: str = ""
     report: ReadReport | None = None
@@ -283,6 +285,9 @@ def load_task_file(
     require_codons: bool = False,
     pipe_label: bool = False,
     id_column: str | None = None,
+    fold_column: str | None = None,
+    region_columns: tuple[str, str] | None = None,
+    region_base: int = 0,
 ) -> TaskData:
     """Read a labelled sequence file: csv, tsv or any delimited table, or FASTA; optionally ``.gz``.
 
@@ -295,11 +300,17 @@ def load_task_file(
     are mapped to ids in sorted order (numeric order when all are numbers); multilabel targets are
     several 0/1 columns or one column of ``;``-separated label names. Invalid records raise
     `DataError` naming file, line and reason (``on_invalid="skip"`` drops and counts them).
+
+    `fold_column` names a column of fold labels (numbers or names; `protocol.make_splits` runs
+    k-fold over them). `region_columns` (start, end) name columns that cut each record to the
+    region it holds (a coding region within a transcript), `region_base` 0 for 0-based starts
+    with exclusive ends (Python, BED), 1 for 1-based starts with inclusive ends (GenBank, GFF).
     """
     if task not in TASK_TYPES:
         raise ValueError(f"task must be one of {TASK_TYPES}, got {task!r}")
     targets = [target_columns] if isinstance(target_columns, str) else list(target_columns)
-    others = [*targets, *filter(None, (split_column, group_column))]
+    others = [*targets, *filter(None, (split_column, group_column, fold_column))]
+    others += list(region_columns or ())
     path = Path(path)
     if path.is_dir():
         raise DataError(
@@ -338,18 +349,42 @@ def load_task_file(
         if absent:
             return "missing field", ", ".join(absent)
         values = [fields[c].strip() for c in targets]
+        empty = [c for c, v in zip(targets, values) if not v]
+        if empty and task != TaskType.MULTILABEL:
+            return "empty target", f"column {empty[0]}"
         if task == TaskType.REGRESSION:
             bad = next((v for v in values if not _is_float(v)), None)
             if bad is not None:
                 return "non-numeric target", repr(bad)
-        elif any(not v for v in values) and task == TaskType.CLASSIFICATION:
-            return "missing label", ""
         if split_column is not None and fields[split_column].strip().lower() not in SPLIT_STEMS:
-            return "unknown split", repr(fields[split_column])
+            value = fields[split_column].strip()
+            hint = "; a column of fold numbers is read by --fold-column" if value.isdigit() else ""
+            return "unknown split", repr(value) + hint
+        if fold_column is not None and not fields[fold_column].strip():
+            return "missing fold", f"column {fold_column}"
+        if region_columns is not None:
+            where = region(fields, len(clean_sequence(record.sequence)))
+            if isinstance(where, str):
+                return "bad region", where
         return None
 
+    def region(fields: dict[str, str], length: int) -> tuple[int, int] | str:
+        """The [start, end) slice of the record that `region_columns` give, else why not."""
+        cells = [fields[c].strip() for c in region_columns]
+        if not all(c.lstrip("-").isdigit() for c in cells):
+            return f"{region_columns[0]}, {region_columns[1]} = {cells} are not whole numbers"
+        start, end = int(cells[0]) - region_base, int(cells[1])
+        if not 0 <= start < end <= length:
+            base = "1-based, end inclusive" if region_base else "0-based, end exclusive"
+            return (
+                f"{region_columns[0]} {cells[0]}, {region_columns[1]} {cells[1]} is not a region "
+                f"of its {length} nt (read {base}: --region-base)"
+            )
+        return start, end
+
     report = ReadReport(str(path))
-    seqs, raw_targets, split_values, group_values, ids = [], [], [], [], []
+    seqs, raw_targets, split_values, group_values, ids, folds = [], [], [], [], [], []
+    framed = [0, 0]  # regions that look like coding regions as given, and with the other base
     for record in iter_records(
         path,
         column_name=None if fasta else sequence_column,
@@ -362,7 +397,17 @@ def load_task_file(
         check=check,
     ):
         fields = fields_of(record)
-        seqs.append(record.sequence)
+        seq = record.sequence
+        if region_columns is not None:
+            start, end = region(fields, len(seq))
+            # The other convention reads the same numbers one nucleotide apart at the start.
+            other = start - 1 if region_base == 0 else start + 1
+            framed[0] += _looks_coding(seq[start:end])
+            framed[1] += other >= 0 and _looks_coding(seq[other:end])
+            seq = seq[start:end]
+        seqs.append(seq)
+        if fold_column is not None:
+            folds.append(_canonical(fields[fold_column].strip()))
         raw_targets.append([fields[c].strip() for c in targets])
         if split_column is not None:
             split_values.append(SPLIT_STEMS[fields[split_column].strip().lower()])
@@ -373,6 +418,13 @@ def load_task_file(
             ids.append(fields.get("id", str(record.line)))
     if not seqs:
         raise DataError(f"{path}: no usable records")
+    if framed[1] > max(framed[0], len(seqs) // 2):
+        logger.warning(
+            "%s: %d of %d regions start with ATG and hold whole codons when read %s, %d as read "
+            "now: check --region-base", path, framed[1], len(seqs),
+            "1-based, end inclusive (--region-base 1)" if region_base == 0
+            else "0-based, end exclusive (--region-base 0)", framed[0],
+        )  # fmt: skip
     y, names = _encode_targets(raw_targets, targets, task, path)
     return TaskData(
         sequences=seqs,
@@ -381,10 +433,15 @@ def load_task_file(
         label_names=names,
         splits=np.array(split_values) if split_column else None,
         groups=np.array(group_values) if group_column else None,
+        folds=np.array(folds) if fold_column else None,
         ids=ids,
         source=str(path),
         report=report,
     )
+
+
+def _looks_coding(seq: str) -> bool:
+    return seq.startswith("ATG") and len(seq) % 3 == 0
 
 
 def _is_float(text: str) -> bool:
