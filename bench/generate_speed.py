@@ -151,6 +151,7 @@ def main() -> int:
         "date": date.today().isoformat(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "loadavg_1min_before": os.getloadavg()[0],  # other work on the host skews CPU timings
         "generate": {},
         "step_ms": {},
     }
