@@ -23,15 +23,20 @@ import numpy as np
 
 from helm.config import (
     HelmArgumentParser,
+    HelpFormatter,
     existing_path,
     fractions,
+    output_file,
+    output_folder,
     positive_int,
     sequence_file,
 )
+from helm.downstream.checks import DedupeRenamed
 from helm.downstream.runs import Grid
 from helm.downstream.tasks import TASK_TYPES, TASKS
 from helm.embed import LONG_SEQS, POOLS
 from helm.errors import ConfigError, run_reporting_errors
+from helm.fileio import atomic_write, write_text
 from helm.logger import setup_logging, teardown_logging
 
 # The subcommands import torch and the models when they run: --help and argument errors answer at
@@ -59,8 +64,7 @@ def write_json(doc: dict, out: str | None) -> None:
     if out is None:
         print(text)
     else:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(text + "\n")
+        write_text(out, text + "\n", what="results")
         log.info("wrote %s", out)
 
 
@@ -164,8 +168,7 @@ def generate(args) -> int:
     if args.out is None:
         sys.stdout.write(text)
     else:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+        write_text(args.out, text, what="samples")
         log.info("wrote %d sequences to %s", index, args.out)
     return 0
 
@@ -207,13 +210,15 @@ def embed(args) -> int:
         batch_size=args.batch_size,
         device=next(model.parameters()).device,
     ).astype(np.float32)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out, "wb", what="embeddings") as f:
+        if out.suffix == ".npy":
+            np.save(f, emb)
+        else:
+            torch.save({"embeddings": torch.from_numpy(emb), "ids": ids}, f)
     if out.suffix == ".npy":
-        np.save(out, emb)
-        Path(f"{out}.ids.txt").write_text("".join(f"{i}\n" for i in ids))
+        write_text(f"{out}.ids.txt", "".join(f"{i}\n" for i in ids), what="embedding ids")
         log.info("wrote %s %s and %s.ids.txt", out, emb.shape, out)
     else:
-        torch.save({"embeddings": torch.from_numpy(emb), "ids": ids}, out)
         log.info("wrote %s (embeddings %s, ids)", out, tuple(emb.shape))
     return 0
 
@@ -247,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
             name,
             help=help,
             description=help,
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            formatter_class=HelpFormatter,
         )
         p.set_defaults(func=func)
         p.add_argument(
@@ -284,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=positive_int, default=32, help="sequences per batch")
     p.add_argument("--max_seq_len", type=int, default=None, help="default: the model's")
     p.add_argument("--seed", type=int, default=0, help="seed of the MLM masks")
-    p.add_argument("--out", default=None, help="JSON file (default: stdout)")
+    p.add_argument("--out", type=output_file, default=None, help="JSON file (default: stdout)")
 
     p = command(
         "downstream",
@@ -294,12 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default=None, help=f"registered task: {', '.join(TASKS)}")
     p.add_argument("--data_dir", default=None, help="folder holding the task files (offline)")
     p.add_argument(
-        "--file",
-        default=None,
-        type=existing_path,
+        "--file", default=None, type=existing_path,
         help="your own labelled table or FASTA file, or a folder of FASTA files, one per class "
         "(the file name is the label; sub-folders train/ val/ test/ set the split)",
-    )
+    )  # fmt: skip
     p.add_argument("--sequence-column", default="Sequence", help="(default: %(default)s)")
     p.add_argument("--target-column", nargs="+", default=["Value"], help="(default: Value)")
     p.add_argument(
@@ -316,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--split-column", default=None, help="column holding train/val/test")
     p.add_argument("--group-column", default=None, help="records of a group share a split/fold")
+    p.add_argument("--fold-column", default=None, help="column of fold numbers: k-fold over them")
+    p.add_argument("--region-columns", metavar="START,END", help="read each record's START..END")
+    p.add_argument("--region-base", type=int, default=0, choices=[0, 1], help="1: 1-based, incl.")
     p.add_argument(
         "--split", type=fractions, default=None,
         help="random split fractions (default without a split column: 0.7,0.15,0.15)",
@@ -331,20 +337,18 @@ def build_parser() -> argparse.ArgumentParser:
         "and --val-from-train, 0 for a split column or --kfold)",
     )  # fmt: skip
     p.add_argument(
-        "--dedupe", action="store_true",
-        help="drop val and test records whose sequence is in train (test: also in val)",
+        "--duplicates", default=None, choices=["keep", "group", "drop"],
+        help="records identical in what the model reads: group before splitting (default: random, "
+        "k-fold), drop from val/test (default: split or fold column), keep (warned)",
     )  # fmt: skip
+    p.add_argument("--dedupe", action=DedupeRenamed, nargs=0, help=argparse.SUPPRESS)
     p.add_argument("--on-invalid", default="error", choices=["error", "skip"])
     p.add_argument("--head", default="textcnn", choices=["textcnn", "linear"])
+    p.add_argument("--finetune", action="store_true", help="train the whole model, not a probe")
     p.add_argument(
-        "--finetune", action="store_true", help="train the whole model, not a probe on its features"
-    )
-    p.add_argument(
-        "--backbone-lr-scale",
-        type=float,
-        default=0.1,
+        "--backbone-lr-scale", type=float, default=0.1,
         help="--finetune: the backbone's lr as a multiple of the head's (--lrs)",
-    )
+    )  # fmt: skip
     p.add_argument("--lrs", type=float, nargs="+", default=list(Grid.lrs))
     p.add_argument("--batch-sizes", type=positive_int, nargs="+", default=list(Grid.batch_sizes))
     p.add_argument("--seeds", type=int, nargs="+", default=list(Grid.seeds), help="head seeds")
@@ -360,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature-batch-size", type=positive_int, default=32)
     p.add_argument("--feature-cache", default=None, help="default: $HELM_CACHE_DIR/features")
     p.add_argument(
-        "--out", default=None,
+        "--out", type=output_file, default=None,
         help="JSON report (default: downstream-<task>.json); the markdown (.md), the figure "
         "(.svg) and the finished runs (.runs.jsonl, read back by a rerun) go beside it",
     )  # fmt: skip
@@ -392,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: mass p")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     p.add_argument("--protein", default=None, help="design a CDS: a protein, or a file of them")
-    p.add_argument("--out", default=None, help="FASTA file (default: stdout)")
+    p.add_argument("--out", type=output_file, default=None, help="FASTA file (default: stdout)")
 
     p = command("embed", embed, "one embedding per sequence of a file")
     reading(p)
@@ -406,14 +410,16 @@ def build_parser() -> argparse.ArgumentParser:
         choices=LONG_SEQS,
         help="records longer than the model: their head, or overlapping windows",
     )
-    p.add_argument("--out", default="embeddings.npy", help=".npy (+ .ids.txt) or .pt")
+    p.add_argument(
+        "--out", type=output_file, default="embeddings.npy", help=".npy (+ .ids.txt) or .pt"
+    )
     p.add_argument(
         "--id-column", default=None, help="table column naming the records (default: record number)"
     )
 
     p = command("export", export, "write a Hugging Face or HELM-native folder to share the model")
     p.add_argument("--format", required=True, choices=["hf", "helm"], help="hf: transformers")
-    p.add_argument("--out", required=True, help="the folder to write")
+    p.add_argument("--out", type=output_folder, required=True, help="the folder to write")
     return parser
 
 

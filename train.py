@@ -11,6 +11,7 @@ lines (``train_epoch``), its validation and checkpoints (``end_epoch``), and the
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -25,6 +26,7 @@ from typing import Any
 from helm.config import (
     ConfigError,
     check_flags,
+    config_warnings,
     data_kwargs,
     dataset_kwargs,
     given_keys,
@@ -45,6 +47,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from helm import distributed as hdist
+from helm import parallel
 from helm.checkpoint import (
     CheckpointManager,
     RunInfo,
@@ -53,10 +56,13 @@ from helm.checkpoint import (
     seed_everything,
     tokenizer_state,
 )
+from helm.checkpoint import dcp as hdcp
+from helm.checkpoint.sharded import ShardedCheckpointManager
 from helm.data.dataset import LMDataset
 from helm.data.prepare import prepare_data
 from helm.data.sampler import build_loader
 from helm.ema import ModelEma
+from helm.fileio import write_text
 from helm.hf import init_from
 from helm.hierarchy import CodonHierarchy, build_hierarchy
 from helm.lm import (
@@ -65,6 +71,7 @@ from helm.lm import (
     build_training,
     evaluate,
     forward_backward,
+    make_optimizer,
     optimizer_step,
     to_device,
 )
@@ -82,13 +89,16 @@ def train(args, given: frozenset[str] | set[str] = frozenset()) -> int:
     """Run the training of ``args`` (``given``: the settings the user named, checked on resume).
     Returns the exit code: 0, 130/143 when stopped by SIGINT/SIGTERM, 3 for a non-finite loss."""
     # Distributed setup: ranks from torchrun's environment; rank 0 alone logs and writes.
-    info = hdist.init_distributed(args.accelerator, args.distributed_backend)
+    info = hdist.init_distributed(args.accelerator, args.distributed_backend, always=args.fsdp)
     device = info.device
     out = run_folder(args)
     fresh_folder = info.is_main and not out.exists()
     setup_logging(info.is_main, out)
     log.info("output %s | device %s | world size %d", out, device, info.world_size)
-    with hdist.StopRequest() as stop:
+    for warning in config_warnings(args):
+        log.warning(warning)
+    # Until the loop starts there is nothing to save: a signal stops the set-up at once.
+    with hdist.StopRequest(immediate=True) as stop:
         try:
             return _train(args, given, info, out, stop)
         except BaseException:
@@ -105,6 +115,8 @@ def _train(args, given, info: hdist.DistInfo, out: Path, stop: hdist.StopRequest
         args, changed = resume_config(args, ckpt["config"], set(given))
         for key, (was, now) in changed.items():
             log.info("resume: --%s %s (the run had %s)", key, now, was)
+        if args.fsdp:  # a sharded run resumed in one process shards over a group of one
+            hdist.init_distributed(args.accelerator, args.distributed_backend, always=True)
     args.output = str(out)
     cfg = vars(args)
     seed_everything(args.seed)  # same on every rank: identical initial weights
@@ -133,6 +145,7 @@ def _train(args, given, info: hdist.DistInfo, out: Path, stop: hdist.StopRequest
         hierarchy=hierarchy,
         device=device,
         global_batch=args.batch_size * accum * info.world_size,
+        shard_over=info.world_size if args.fsdp else None,
     )
     model = parts.model
     cuda_defaults(device, parts.amp)
@@ -143,6 +156,27 @@ def _train(args, given, info: hdist.DistInfo, out: Path, stop: hdist.StopRequest
     if args.sync_bn:
         model = convert_sync_bn(model, info.distributed)
 
+    # EMA: made from the raw module after .to(device), before it is sharded, compiled or wrapped.
+    ema = None
+    if args.model_ema:
+        ema_device = "cpu" if args.model_ema_force_cpu else None
+        ema = ModelEma(model, args.model_ema_decay, ema_device, warmup=args.model_ema_warmup)
+
+    # Parallelism (helm.parallel): activation checkpointing and compile per block; FSDP2 shards
+    # the model and the EMA alike, then the optimizer is made over the shards.
+    sync = None
+    if args.fsdp or args.grad_ckpt:
+        sync = parallel.parallelize(
+            model, ema.module if ema is not None else None, grad_ckpt=args.grad_ckpt,
+            compile=args.compile, amp=parts.amp, keep_unsharded=args.fsdp_accum == "unsharded",
+            mesh=parallel.device_mesh(device, info.world_size) if args.fsdp else None,
+        )  # fmt: skip
+    if args.fsdp:  # FSDP's precision policy casts (no autocast); the optimizer over the shards
+        precision = "bf16 parameters, fp32 reduction" if parts.amp else "fp32"
+        log.info("FSDP over %d rank(s): %s, --fsdp-accum %s", info.world_size, precision,
+                 args.fsdp_accum)  # fmt: skip
+        parts = dataclasses.replace(parts, optimizer=make_optimizer(cfg, model, parts.lr), amp=None)
+
     # Schedule: the lr is a pure function of the update count (or epoch).
     updates_per_epoch = math.ceil(len(loaders.train.batch_sampler) / accum)
     scheduler, num_epochs = build_scheduler(
@@ -150,14 +184,9 @@ def _train(args, given, info: hdist.DistInfo, out: Path, stop: hdist.StopRequest
         **schedule_kwargs(cfg),
     )  # fmt: skip
 
-    # EMA: made from the raw module after .to(device), before compile and DDP wrap it.
-    ema = None
-    if args.model_ema:
-        ema_device = "cpu" if args.model_ema_force_cpu else None
-        ema = ModelEma(model, args.model_ema_decay, ema_device, warmup=args.model_ema_warmup)
-
-    # State: restored from the checkpoint, or a fresh start.
-    saver = CheckpointManager(out / "checkpoints", args.checkpoint_hist, args.val_metric_mode)
+    # State: restored from the checkpoint, or a fresh start; sharded runs write DCP folders.
+    manager = ShardedCheckpointManager if args.fsdp else CheckpointManager
+    saver = manager(out / "checkpoints", args.checkpoint_hist, args.val_metric_mode)
     state = TrainState(
         model.backbone,
         parts.optimizer,
@@ -170,14 +199,14 @@ def _train(args, given, info: hdist.DistInfo, out: Path, stop: hdist.StopRequest
         world_size=info.world_size,
     )
     if ckpt:
-        state.restore(ckpt, path=ckpt_path(args, out))
+        restore(state, ckpt, ckpt_path(args, out), sharded=args.fsdp)
     else:
         torch.manual_seed(args.seed + info.rank)  # dropout streams differ across ranks
         if args.start_epoch:  # timm: the schedule and the update count start there
             state.step = args.start_epoch * updates_per_epoch
             scheduler.start_at(args.start_epoch, updates_per_epoch)
     if info.is_main:
-        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(args), sort_keys=False))
+        write_text(out / "config.yaml", yaml.safe_dump(to_dict(args), sort_keys=False))
         tokenizer.save(out / "tokenizer")
     run_info = RunInfo(
         to_dict(args),
@@ -189,9 +218,9 @@ def _train(args, given, info: hdist.DistInfo, out: Path, stop: hdist.StopRequest
 
     # DDP, then compile, wrap the training view; checkpoints always save the raw module.
     train_model = model
-    if info.distributed:
+    if info.distributed and not args.fsdp:
         train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
+    if args.compile and not (args.fsdp or args.grad_ckpt):  # else compiled per block (above)
         train_model = torch.compile(train_model)
 
     # Logging: metrics.jsonl and TensorBoard; the meter reads the device at log steps only.
@@ -207,7 +236,9 @@ def _train(args, given, info: hdist.DistInfo, out: Path, stop: hdist.StopRequest
     run = Run(
         args, info, out, stop, model, train_model, parts, scheduler, ema, state, saver,
         run_info, loaders, logger, meter, metric_tree=hierarchy if tokenizer.is_codon else None,
+        sync=sync,
     )  # fmt: skip
+    stop.immediate = False  # from here a signal stops at the next safe point, with a checkpoint
     return loop(run, num_epochs)
 
 
@@ -219,7 +250,7 @@ class Run:
     info: hdist.DistInfo
     out: Path
     stop: hdist.StopRequest
-    model: torch.nn.Module  # the raw LanguageModel (checkpoints, EMA, evaluation)
+    model: torch.nn.Module  # the raw LanguageModel (checkpoints, EMA, evaluation); or sharded
     train_model: torch.nn.Module  # the view that trains: DDP and compile wrap the raw model
     parts: Any  # helm.lm.Training: loss, optimizer, scaler, precision
     scheduler: Any
@@ -231,6 +262,7 @@ class Run:
     logger: RunLogger
     meter: Meter
     metric_tree: CodonHierarchy | None  # the tree metrics (codon tokenizers only)
+    sync: Any = None  # a sharded model's micro-batch context (helm.parallel.accumulation)
     skipped: int = 0  # updates skipped for a non-finite loss (--nan-policy skip)
     first_bad: torch.Tensor = field(init=False)  # the first non-finite step on this rank, or -1
 
@@ -300,7 +332,7 @@ def train_epoch(run: Run, epoch: int) -> None:
         step_xe = meter.zero() if meter.with_xe else None
         step_loss, step_targets, step_tokens = forward_backward(
             run.train_model, micro, run.parts.loss_fn, run.parts.scaler, run.parts.amp,
-            run.info.world_size, step_xe,
+            run.info.world_size, step_xe, sync=run.sync,
         )  # fmt: skip
         bad = ~torch.isfinite(step_loss)
         run.first_bad = torch.where(
@@ -356,9 +388,7 @@ def end_epoch(run: Run, epoch: int) -> bool:
     state.bad_epochs = 0 if improved else state.bad_epochs + 1
     state.epoch, state.batches_done = epoch + 1, 0  # a resume starts the next epoch
     state.epoch_metrics = {"step": state.step, "epoch": epoch, "metrics": metrics}
-    checkpoint = state.checkpoint(run.run_info)
-    if run.info.is_main:
-        saver.save_epoch(checkpoint, epoch, improved)
+    save(run, epoch, improved)
     summary = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if not k.endswith("count"))
     best = " *best*" if improved else ""
     log.info("epoch %d done (step %d): %s%s", epoch, state.step, summary, best)
@@ -379,7 +409,11 @@ def test_best(run: Run) -> int:
     hdist.barrier()  # rank 0 wrote the checkpoints
     best = run.saver.load_best()
     use_ema = run.ema is not None and best.checkpoint.get("ema") is not None
-    run.model.backbone.load_state_dict(best.checkpoint["ema" if use_ema else "model"])
+    weights = "ema" if use_ema else "model"
+    if hdcp.is_sharded(best.path):  # the weights are in the folder; each rank reads its shards
+        hdcp.load_weights(best.path, run.model.backbone, weights)
+    else:
+        run.model.backbone.load_state_dict(best.checkpoint[weights])
     try:
         test = evaluate(
             run.model, run.loaders.evaluation("test"), run.parts.loss_fn, device=run.info.device,
@@ -445,7 +479,11 @@ RESUME_AUTO = ("auto", "if-exists")
 
 
 def ckpt_path(args, out: Path) -> Path:
-    return out / "checkpoints" / "last.pt" if args.resume in RESUME_AUTO else Path(args.resume)
+    """--resume's checkpoint: for auto and if-exists the run's last.pt, or last.dcp (sharded)."""
+    if args.resume not in RESUME_AUTO:
+        return Path(args.resume)
+    folder = out / "checkpoints"
+    return hdcp.newest(folder, "last") or folder / "last.pt"
 
 
 def resume_checkpoint(args, out: Path) -> dict | None:
@@ -462,18 +500,36 @@ def resume_checkpoint(args, out: Path) -> dict | None:
             )
         log.info("--resume if-exists: no checkpoint in %s yet, starting the run", path.parent)
         return None
-    ckpt = load_checkpoint(path)
+    # A sharded folder's fields first (the weights are read when the model is built).
+    ckpt = hdcp.read_state(path) if hdcp.is_sharded(path) else load_checkpoint(path)
     log.info("resuming from %s (epoch %d, step %d)", path, ckpt["epoch"], ckpt["step"])
     return ckpt
 
 
+def restore(state: TrainState, ckpt: dict, path: Path, sharded: bool) -> None:
+    """Load the checkpoint into the state: a DCP folder into any run (each rank reads its part),
+    a single file into an unsharded run, or whole on every rank into a sharded one."""
+    if hdcp.is_sharded(path):
+        hdcp.restore(path, state, ckpt)
+    elif sharded:
+        hdcp.restore_whole(ckpt, state, path)
+    else:
+        state.restore(ckpt, path=path)
+
+
 def num_workers(requested: int, info: hdist.DistInfo) -> int:
-    """--num_workers, or for -1 min(4, cores per local rank - 1): no oversubscribed cores."""
+    """--num_workers, capped at the cores this process may use (more only queue for them and
+    can stall start-up for minutes); for -1 min(4, cores per local rank - 1)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    if requested > cores:
+        log.warning("--num_workers %d: this machine gives the run %d cores; using %d workers",
+                    requested, cores, cores)  # fmt: skip
+        return cores
     if requested >= 0:
         return requested
     local = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return min(4, max(0, (cores or 1) // max(local, 1) - 1))
+    return min(4, max(0, cores // max(local, 1) - 1))
 
 
 def cuda_defaults(device: torch.device, amp: torch.dtype | None) -> None:
@@ -502,7 +558,7 @@ def validate(model, ema, loader, loss_fn, device, eval_kw: dict) -> dict[str, fl
 
 
 def save_at_stop(run: Run) -> int:
-    """Write last.pt where the run stopped (a collective under DDP: RNG streams are gathered);
+    """Write the last checkpoint where the run stopped (a collective: RNG streams are gathered);
     after a non-finite loss nothing is written, so the last good checkpoint stays (returns 3)."""
     first_bad = hdist.all_reduce_max(run.first_bad.clone())  # every rank decides alike
     if first_bad.item() >= 0:
@@ -510,9 +566,8 @@ def save_at_stop(run: Run) -> int:
         log.error("stopped after a non-finite loss at optimizer step %d: nothing saved", step)
         return 3
     state = run.state
-    checkpoint = state.checkpoint(run.run_info)
+    save(run)
     if run.info.is_main:
-        run.saver.save_last(checkpoint)
         log.warning(
             "stopped at step %d (epoch %d, %d batches in): saved %s; continue with "
             "--resume auto --output %s",
@@ -520,6 +575,19 @@ def save_at_stop(run: Run) -> int:
         )  # fmt: skip
     hdist.barrier()
     return 0
+
+
+def save(run: Run, epoch: int | None = None, improved: bool = False) -> None:
+    """Checkpoint the state at the end of ``epoch``, or where it stands (None). Every rank calls
+    it: the RNG states are gathered, and a sharded run's ranks each write their shards."""
+    if isinstance(run.saver, ShardedCheckpointManager):
+        run.saver.save(run.state, run.run_info, epoch, improved)
+        return
+    checkpoint = run.state.checkpoint(run.run_info)
+    if run.info.is_main and epoch is None:
+        run.saver.save_last(checkpoint)
+    elif run.info.is_main:
+        run.saver.save_epoch(checkpoint, epoch, improved)
 
 
 def last_good(saver: CheckpointManager) -> str:

@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from helm.errors import ConfigError
+from helm.fileio import blocking_file
 from helm.hierarchy import HIERARCHIES
 from helm.losses import LOSSES, OPTIONS, loss_options
 from helm.models import MODELS, config_class
@@ -112,6 +113,25 @@ def existing_path(text: str) -> str:
     return text
 
 
+def output_file(text: str) -> str:
+    """A file to write: not a folder, and no file where one of its folders belongs."""
+    if Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder: give a file name")
+    block = blocking_file(Path(text).parent)
+    if block is not None:
+        raise argparse.ArgumentTypeError(f"{text}: {block} is a file, not a folder")
+    return text
+
+
+def output_folder(text: str) -> str:
+    """A folder to write into: no file where it, or one of its parents, belongs."""
+    block = blocking_file(text)
+    if block is not None:
+        where = "is a file: give a folder" if block == Path(text) else f"is inside {block}, a file"
+        raise argparse.ArgumentTypeError(f"{text} {where}")
+    return text
+
+
 def sequence_file(text: str) -> str:
     if Path(text).is_dir():
         raise argparse.ArgumentTypeError(
@@ -191,7 +211,7 @@ FLAGS: dict[str, list[tuple[str, Any, Any, str]]] = {
         ("--dropout", 0.0, float, "dropout on residual branches and embeddings"),
         ("--attn_dropout", 0.0, float, "dropout on attention probabilities (training only)"),
         ("--activation", None, ACTIVATIONS, f"MLP activation; default: the model's own ({_model_defaults('activation')})"),
-        ("--compile", False, "on", "torch.compile the model"),
+        ("--compile", False, "on", "torch.compile the model (each block under --fsdp or --grad-ckpt)"),
     ],
     "optimizer": [
         ("--opt", "adamw", _Lower(OPTIMIZERS), "optimizer, as timm names it (sgd and nesterov are Nesterov momentum SGD); L2 decay in the gradient for adam/sgd/momentum/nesterov/rmsprop/adagrad/radam/nadam/lamb, decoupled for adamw/radamw/adafactor"),
@@ -201,7 +221,7 @@ FLAGS: dict[str, list[tuple[str, Any, Any, str]]] = {
         ("--weight-decay", 2e-5, float, "weight decay (decoupled for adamw/radamw/adafactor, L2 for the others, as timm); never on norms, biases, position tables, SSM A/D, filters"),
         ("--clip-grad", None, float, "clip threshold (none: no clipping)"),
         ("--clip-mode", "norm", ("norm", "value", "agc"), "gradient clipping: total norm, per value, or adaptive (AGC, leaving the LM head's own parameters out, as timm)"),
-        ("--layer-decay", None, float, "per-layer lr scale: lr * decay^(depth from top)"),
+        ("--layer-decay", None, float, "per-layer lr scale: lr * decay^(depth from top), decay in (0, 1]"),
         ("--grad-accum-steps", 1, int, "micro-batches per optimizer update"),
     ],
     "learning-rate schedule (timm semantics)": [
@@ -220,17 +240,17 @@ FLAGS: dict[str, list[tuple[str, Any, Any, str]]] = {
         ("--lr-cycle-limit", 1, int, "number of cycles"),
         ("--lr-k-decay", 1.0, float, "k-decay exponent on the position within a cycle (1: plain schedule)"),
         ("--warmup-lr", 1e-8, float, "lr at the start of the linear warmup"),
-        ("--min-lr", 0.0, float, "floor of cosine/poly/tanh schedules and of plateau reductions"),
+        ("--min-lr", 0.0, float, "floor of cosine/poly/tanh schedules and of plateau reductions (at most --lr)"),
         ("--epochs", 300, int, "training epochs (cosine/poly/tanh: their cycles plus --cooldown-epochs; --warmup-prefix adds the warmup)"),
         ("--epoch-repeats", 0.0, float, "passes over the data per epoch (0 or 1: one; 2.5: two and a half)"),
         ("--start-epoch", None, int, "epoch a fresh run starts at: the schedule and update count start there (resume overrides)"),
         ("--decay-milestones", [90, 180, 270], [int], "epochs at which multistep decays the lr"),
         ("--decay-epochs", 90, float, "interval of step decay, in epochs"),
-        ("--warmup-epochs", 5, int, "linear warmup length, in epochs"),
+        ("--warmup-epochs", 5, int, "linear warmup length, in epochs (fewer than --epochs when the schedule steps per epoch)"),
         ("--warmup-prefix", False, "on", "warmup does not count toward the decay"),
         ("--cooldown-epochs", 0, int, "epochs at --min-lr after the cycles of cosine/poly/tanh (an error for other schedules)"),
         ("--patience-epochs", 10, int, "epochs without improvement before plateau cuts the lr / early stopping stops"),
-        ("--decay-rate", 0.1, float, "lr factor of step/multistep/plateau decays (plateau: in (0, 1)); power of poly"),
+        ("--decay-rate", 0.1, float, "lr factor of step/multistep/plateau decays, in (0, 1] (plateau: in (0, 1)); power of poly"),
     ],
     "exponential moving average of the weights": [
         ("--model-ema", False, "on", "keep an exponential moving average of the weights (validated and saved beside them)"),
@@ -243,9 +263,12 @@ FLAGS: dict[str, list[tuple[str, Any, Any, str]]] = {
         ("--resume", None, None, "continue a run: a checkpoint path; 'auto' for <output>/checkpoints/last.pt (which must exist); 'if-exists' to continue it when it exists, else start it"),
         ("--init-from", None, None, "start a new run from trained weights: a checkpoint, a HELM export folder or a Hugging Face folder (same architecture options; ignored when resuming)"),
         ("--accelerator", "auto", ("auto", "cpu", "cuda", "mps", "tpu"), "device (auto: cuda, then mps, then cpu); tpu is refused"),
-        ("--num_workers", -1, int, "DataLoader worker processes per rank (-1: min(4, cores per rank - 1))"),
+        ("--num_workers", -1, int, "DataLoader worker processes per rank (-1: min(4, cores per rank - 1)); at most the cores"),
         ("--distributed-backend", "auto", None, "auto (nccl on CUDA, gloo on CPU), nccl, gloo"),
         ("--sync-bn", False, "on", "convert BatchNorm layers to SyncBatchNorm under DDP (the built-in models have none)"),
+        ("--fsdp", False, "onoff", "shard weights, gradients and optimizer state over the ranks (FSDP2) instead of DDP; checkpoints become sharded .dcp folders; with --amp, bf16 mixed precision through FSDP in place of autocast"),
+        ("--fsdp-accum", "sharded", ("sharded", "unsharded"), "--fsdp between micro-batches of --grad-accum-steps: sharded (gradients reduce-scattered after each, memory stays 1/N) or unsharded (parameters and gradients kept whole until the update: DDP's communication, more memory)"),
+        ("--grad-ckpt", False, "onoff", "activation checkpointing: recompute each block's activations in the backward pass (less memory, about a third more compute)"),
         ("--num_nodes", 1, int, "nodes; more than one needs torchrun"),
         ("--num_devices", 1, int, "processes per node; without torchrun they are spawned"),
         ("--worker-seeding", "all", ("all", "part"), "DataLoader worker seeding as in timm: all (python, numpy, torch) or part"),
@@ -289,6 +312,16 @@ def _add_flag(group, flag: str, default: Any, kind: Any, help: str) -> None:
     other = "--" + (flag[2:].replace("_", "-") if "_" in flag else flag[2:].replace("-", "_"))
     names = [flag] if other == flag else [flag, other]
     group.add_argument(*names, dest=_key(flag), **kw)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with each flag's default, except where there is none to show (None, or a help
+    text that already says what the default means)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 class HelmArgumentParser(argparse.ArgumentParser):
@@ -337,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,  # --batch would match both spellings of --batch_size
         description="Train a codon-level mRNA language model (HELM).",
         epilog=_quickstart_note(),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     for title, rows in FLAGS.items():
         group = p if title == "general" else p.add_argument_group(title)
@@ -474,7 +507,7 @@ def given_keys(argv: list[str]) -> set[str]:
 RESUME_MAY_CHANGE = frozenset(
     "epochs output resume num_workers log_interval checkpoint_hist cache_dir pin_mem "
     "no_prefetcher compile accelerator distributed_backend data_dir train_file val_file "
-    "test_file early_stop patience_epochs".split()
+    "test_file early_stop patience_epochs fsdp fsdp_accum grad_ckpt".split()
 )
 
 
@@ -529,6 +562,18 @@ def validate(args: argparse.Namespace) -> None:
         and not Path(args.data_dir).is_dir()
     ):
         raise ConfigError(f"--data_dir {args.data_dir} is a file: give it as --train_file")
+    for flag in ("output", "cache_dir"):  # folders HELM writes into: answered before any work
+        path = getattr(args, flag)
+        block = blocking_file(path) if path is not None else None
+        if block is not None:
+            where = "is a file" if block == Path(path) else f"is inside {block}, a file"
+            raise ConfigError(f"--{flag} {path} {where}: give a folder")
+    resume_dir = args.resume not in (None, "auto", "if-exists") and Path(args.resume).is_dir()
+    if resume_dir and not (Path(args.resume) / ".metadata").is_file():  # .dcp: a checkpoint
+        raise ConfigError(
+            f"--resume {args.resume} is a folder: give its checkpoints/last.pt, or continue the run "
+            f"with --resume auto --output {args.resume}"
+        )
     if args.data_type == "codon":
         if args.tokenizer != "3mer":
             raise ConfigError(
@@ -565,6 +610,16 @@ def validate(args: argparse.Namespace) -> None:
         )
     if args.distributed_backend == "ddp":
         args.distributed_backend = "auto"
+    if args.fsdp and args.model_ema_force_cpu:
+        raise ConfigError(
+            "--model-ema-force-cpu does not combine with --fsdp: the EMA is sharded over the ranks "
+            "like the model (1/N of it on each device); drop --model-ema-force-cpu"
+        )
+    if args.fsdp and args.amp and args.amp_dtype == "float16":
+        raise ConfigError(
+            "--fsdp mixes precision in bf16 (fp16 would need a loss scaler over sharded "
+            "gradients): use --amp-dtype bfloat16 or auto"
+        )
     positive = lambda v: v is None or v > 0
     checks = [
         ("--masking_ratio", 0.0 < args.masking_ratio < 1.0, "must be in (0, 1)"),
@@ -604,6 +659,17 @@ def validate(args: argparse.Namespace) -> None:
         ("--opt-eps", positive(args.opt_eps), "must be > 0"),
         ("--clip-grad", positive(args.clip_grad), "must be > 0"),
         ("--layer-decay", positive(args.layer_decay), "must be > 0"),
+        (
+            "--layer-decay",
+            args.layer_decay is None or args.layer_decay <= 1,
+            "must be <= 1 (lower layers get lr x decay^depth: above 1 they would learn faster)",
+        ),
+        (
+            "--decay-rate",
+            args.sched == "poly" or args.decay_rate <= 1,
+            f"must be <= 1: --sched {args.sched} multiplies the lr by it at each decay (only poly "
+            "reads it as a power)",
+        ),
         ("--start-epoch", args.start_epoch is None or args.start_epoch >= 0, "must be >= 0"),
         ("--patience-epochs", args.patience_epochs >= 1, "must be >= 1"),
         ("--hidden_size", 1 <= args.hidden_size <= MAX_WIDTH, f"must be in [1, {MAX_WIDTH}]"),
@@ -639,10 +705,52 @@ def validate(args: argparse.Namespace) -> None:
     for flag, ok, why in checks:
         if not ok:
             raise ConfigError(f"{flag} {why}; got {getattr(args, _key(flag))}")
+    if args.lr is not None and args.min_lr > args.lr:
+        raise ConfigError(
+            f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}: the schedule decays from --lr "
+            "down to --min-lr"
+        )
+    if _whole_run_warms_up(args) and not args.sched_on_updates:
+        raise ConfigError(
+            f"--warmup-epochs {args.warmup_epochs} >= --epochs {args.epochs}: the schedule steps "
+            "per epoch (--no-sched-on-updates), so the run would end before its warm-up does; "
+            "use fewer warm-up epochs, or --warmup-prefix to train them before the --epochs"
+        )
     if args.val_metric_mode is None:
         args.val_metric_mode = "max" if args.eval_metric in _MAXIMISED else "min"
     if args.num_samples == -1:
         args.num_samples = None
+
+
+def _whole_run_warms_up(args: argparse.Namespace) -> bool:
+    # --warmup-prefix trains the warm-up before the epochs; more cycles train more epochs.
+    prefixed_or_cycled = args.warmup_prefix or args.lr_cycle_limit > 1
+    return 0 < args.epochs <= args.warmup_epochs and not prefixed_or_cycled
+
+
+def config_warnings(args: argparse.Namespace) -> list[str]:
+    """Settings that are possible but almost never meant, one line each (train.py logs them)."""
+    found = []
+    lr = ("--lr", args.lr) if args.lr is not None else ("--lr-base", args.lr_base)
+    if lr[1] > 1:
+        found.append(
+            f"{lr[0]} {lr[1]:g} is far above the usual 1e-5 to 1e-1: the loss will likely diverge"
+        )
+    if args.opt_eps is not None and args.opt_eps > 0.1:
+        found.append(
+            f"--opt-eps {args.opt_eps:g} dwarfs the gradients' scale (usual: 1e-8 to 1e-6): "
+            "updates shrink to about lr x gradient / eps"
+        )
+    if args.lr is not None and args.warmup_epochs and args.warmup_lr > args.lr:
+        found.append(
+            f"--warmup-lr {args.warmup_lr:g} is above --lr {args.lr:g}: the warm-up lowers the lr"
+        )
+    if args.sched_on_updates and _whole_run_warms_up(args):
+        found.append(
+            f"--warmup-epochs {args.warmup_epochs} >= --epochs {args.epochs}: the whole run is "
+            "warm-up; the lr never reaches its peak"
+        )
+    return found
 
 
 def to_dict(args: argparse.Namespace) -> dict[str, Any]:

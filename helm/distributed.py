@@ -59,20 +59,23 @@ def resolve_device(accelerator: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(accelerator: str, backend: str = "auto") -> DistInfo:
-    """Join the process group when launched with several ranks; a single process needs none."""
+def init_distributed(accelerator: str, backend: str = "auto", always: bool = False) -> DistInfo:
+    """Join the process group when launched with several ranks; a single process needs none,
+    unless ``always`` (``--fsdp``: sharding works on a device mesh, also of one rank), when it
+    forms a group of one over an in-process store."""
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     device = resolve_device(accelerator, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world_size > 1 and not dist.is_initialized():
+    if (world_size > 1 or always) and not dist.is_initialized():
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
         if backend == "nccl" and device.type != "cuda":
             raise ValueError("--distributed-backend nccl needs CUDA devices; use gloo on CPU")
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        store = {"store": dist.HashStore()} if world_size == 1 else {}
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **store)
     return DistInfo(rank, local_rank, world_size, device)
 
 
@@ -179,9 +182,14 @@ class Interrupted(Exception):
 class StopRequest:
     """SIGINT (Ctrl-C) and SIGTERM (what SLURM and Kubernetes send before a kill) only set a flag;
     the trainer reads it at its safe points, saves a consistent checkpoint and exits 130 / 143.
-    A second signal stops at once (KeyboardInterrupt). Use as a context manager."""
+    A second signal stops at once (KeyboardInterrupt). Use as a context manager.
 
-    def __init__(self) -> None:
+    While ``immediate`` (set-up: data preparation, token caches, model building, when there is
+    nothing to save) the first signal stops at once too; the trainer clears it when the loop starts.
+    """
+
+    def __init__(self, immediate: bool = False) -> None:
+        self.immediate = immediate
         self.signum = 0
         self._at = 0.0
         self._previous: dict[int, object] = {}
@@ -197,6 +205,11 @@ class StopRequest:
 
     def _handle(self, signum: int, frame) -> None:
         now = time.monotonic()
+        if self.immediate:
+            if self.signum and now - self._at < DUPLICATE_WINDOW_S:
+                return  # the same Ctrl-C delivered twice (see below): it is already stopping
+            self.signum, self._at = signum, now
+            raise KeyboardInterrupt
         if self.signum:
             # One Ctrl-C can arrive twice (from the terminal's process group and forwarded by a
             # launcher): only a signal a moment later is a second request.

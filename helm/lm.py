@@ -109,6 +109,7 @@ def forward_backward(
     amp: torch.dtype | None,
     world_size: int,
     xe_sum: torch.Tensor | None = None,
+    sync: Callable[[bool], contextlib.AbstractContextManager] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward and backward over the micro-batches of one optimizer update.
 
@@ -118,6 +119,8 @@ def forward_backward(
     last micro-batch only (``no_sync`` before). Returns (loss sum, targets, input tokens), on device.
     ``xe_sum`` (a float64 scalar), when given, accumulates the plain cross entropy in nats of the
     same targets: a hierarchical loss's runs stay comparable with XE runs at a glance.
+    ``sync(last)``, when given, is the context of each micro-batch in place of DDP's ``no_sync``
+    (a sharded model's accumulation policy, ``helm.parallel.accumulation``).
     """
     n_targets = all_reduce_sum(sum((b["labels"] != IGNORE_INDEX).sum() for b in micro).float())
     scale = world_size / n_targets.clamp(min=1)
@@ -128,10 +131,13 @@ def forward_backward(
     for i, batch in enumerate(micro):
         last = i == len(micro) - 1
         # no_sync() is a one-shot context: it must span both the forward and the backward.
-        sync = (
-            contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-        )
-        with sync:
+        if sync is not None:
+            context = sync(last)
+        elif last or not hasattr(model, "no_sync"):
+            context = contextlib.nullcontext()
+        else:
+            context = model.no_sync()
+        with context:
             with autocast(device, amp):
                 logits, targets = model(**batch)
                 micro_sum = loss_fn(logits, targets, reduction="sum")
@@ -297,7 +303,7 @@ class Training:
 
     model: LanguageModel
     loss_fn: nn.Module
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | None  # None until sharded (--fsdp: make_optimizer)
     lr: float  # the base learning rate (scaled to the global batch unless --lr was given)
     amp: torch.dtype | None
     scaler: torch.amp.GradScaler
@@ -305,17 +311,30 @@ class Training:
 
 
 def build_training(
-    cfg: Mapping[str, Any], *, tokenizer, hierarchy, device: torch.device, global_batch: int
+    cfg: Mapping[str, Any],
+    *,
+    tokenizer,
+    hierarchy,
+    device: torch.device,
+    global_batch: int,
+    shard_over: int | None = None,
 ) -> Training:
     """Model, loss and optimizer of a resolved configuration (``vars(args)``), as train.py and the
-    benchmarks build them. The model is initialised from the current RNG state."""
-    from helm.config import loss_kwargs, lr_kwargs, model_kwargs, optimizer_kwargs
+    benchmarks build them. The model is initialised from the current RNG state.
+
+    ``shard_over`` (``--fsdp``: the number of ranks): the model stays on the CPU, for
+    ``helm.parallel.shard`` to move each unit to the device as it shards it (no device ever holds
+    the whole model), and the optimizer is left to ``make_optimizer`` over the sharded parameters."""
+    from helm.config import loss_kwargs, lr_kwargs, model_kwargs
     from helm.losses import build_loss
     from helm.models import build_model, model_config
 
     model_cfg = model_config(cfg["model_name"], **model_kwargs(cfg, tokenizer.vocab_size))
-    check_fits(cfg["model_name"], model_cfg, device, ema=cfg.get("model_ema", False))
-    model = LanguageModel(build_model(cfg["model_name"], model_cfg)).to(device)
+    ema = cfg.get("model_ema", False)
+    check_fits(cfg["model_name"], model_cfg, device, ema=ema, shards=shard_over or 1)
+    model = LanguageModel(build_model(cfg["model_name"], model_cfg))
+    if shard_over is None:
+        model.to(device)
     loss_fn = build_loss(
         **loss_kwargs(cfg),
         vocab_size=tokenizer.vocab_size,
@@ -323,16 +342,26 @@ def build_training(
         hierarchy=hierarchy,
     ).to(device)
     lr = scaled_lr(**lr_kwargs(cfg), global_batch=global_batch)
-    optimizer = build_optimizer(model, lr=lr, **optimizer_kwargs(cfg))
+    optimizer = make_optimizer(cfg, model, lr) if shard_over is None else None
     amp = amp_dtype(device, cfg["amp"], cfg["amp_dtype"])
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     return Training(model, loss_fn, optimizer, lr, amp, scaler, model_cfg)
 
 
-def check_fits(model_name: str, model_cfg, device: torch.device, ema: bool = False) -> None:
+def make_optimizer(cfg: Mapping[str, Any], model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """The configured optimizer over ``model``'s parameters (whole or sharded) at base lr ``lr``."""
+    from helm.config import optimizer_kwargs
+
+    return build_optimizer(model, lr=lr, **optimizer_kwargs(cfg))
+
+
+def check_fits(
+    model_name: str, model_cfg, device: torch.device, ema: bool = False, shards: int = 1
+) -> None:
     """Refuse, before allocating anything, a model whose weights, gradients and Adam moments
-    (16 bytes a parameter, 20 with an EMA; activations come on top) exceed the device's memory.
-    The count comes from the model built on the meta device (no memory, no RNG draws)."""
+    (16 bytes a parameter, 20 with an EMA; activations come on top), divided over ``shards``
+    ranks when sharded, exceed the device's memory. The count comes from the model built on the
+    meta device (no memory, no RNG draws)."""
     from helm.models import build_model
 
     try:
@@ -340,13 +369,14 @@ def check_fits(model_name: str, model_cfg, device: torch.device, ema: bool = Fal
             n_params = sum(p.numel() for p in build_model(model_name, model_cfg).parameters())
     except Exception:  # a model that cannot be built on meta is checked by its real build
         return
-    need = n_params * (20 if ema else 16)
+    need = n_params * (20 if ema else 16) // shards
     have = device_memory(device)
     if have is not None and need > have:
         raise ValueError(
             f"the model has {n_params / 1e6:,.0f}M parameters: its weights, gradients and optimizer "
             f"state alone need about {need / 2**30:,.1f} GiB, more than the {have / 2**30:,.1f} GiB "
-            f"of this {device.type} device; reduce --hidden_size, --num_layers or --intermediate_size"
+            f"of this {device.type} device{f' ({shards} shards)' if shards > 1 else ''}; reduce "
+            "--hidden_size, --num_layers or --intermediate_size, or shard it over more ranks (--fsdp)"
         )
 
 

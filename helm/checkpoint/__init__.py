@@ -2,7 +2,9 @@
 
 ``format`` (the file: fields, digest, atomic writes, safe reads), ``manager`` (the run's folder of
 checkpoints), ``state`` (the training state, RNG and tokenizer states, ``load_for_eval``);
-``python -m helm.checkpoint`` verifies and converts files.
+``python -m helm.checkpoint`` verifies and converts files. A sharded run (``--fsdp``) writes the
+same fields as folders instead (``dcp``: the tensors through Distributed Checkpoint, the rest as a
+file of this format; ``sharded``: their manager); ``load_checkpoint`` reads such a folder whole.
 
 A checkpoint is one dict, made by ``TrainState.checkpoint`` and read back by ``TrainState.restore``
 (resume) or ``load_for_eval`` (eval.py, the test split). Its fields (``format.FIELDS``, the one list
@@ -22,13 +24,16 @@ of them):
 Only tensors and plain data (dict, list, tuple, str, int, float, bool, None) are stored, so every
 file is read with ``torch.load(weights_only=True)``: a file that would need anything else to load
 (an object whose unpickling runs code) is refused with `CheckpointError` before anything in it
-runs. The digest, checked on every load, names a corrupted file instead of loading it. Version-1
+runs. The digest, checked on every load, names a corrupted file instead of loading it, and so
+does a check of the zip structure, for damage torch reads past (a second entry of the same name,
+bytes appended, headers that disagree; ``verify`` adds every entry's CRC). Version-1
 files (pickled python/numpy RNG states, the tokenizer as raw bytes, no digest) still load: the
 numpy array and dtype types their RNG state needs are the only types allowed beside torch's own.
 ``python -m helm.checkpoint convert OLD NEW`` rewrites one as version 2.
 
 Rank 0 writes each file to a temporary file in the same folder and renames it over the target, so
-a crash mid-write leaves the previous file intact. ``CheckpointManager`` keeps ``last.pt``,
+a crash mid-write leaves the previous file intact (``helm.fileio``; a full disk is one
+`CheckpointError` line naming the file and the cause). ``CheckpointManager`` keeps ``last.pt``,
 ``best.pt`` and the newest ``epoch-NNNN.pt``; at the end of an epoch it writes the epoch file,
 then ``best.pt``, then ``last.pt``, so whatever instant a kill strikes, the best epoch that
 ``last.pt`` records is already in ``best.pt`` or its epoch file (`CheckpointManager.load_best`).

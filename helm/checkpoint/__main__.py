@@ -1,4 +1,5 @@
-"""``python -m helm.checkpoint verify PATH`` and ``convert OLD NEW`` (see helm.checkpoint)."""
+"""``python -m helm.checkpoint verify PATH`` (a checkpoint, or an exported folder) and ``convert
+OLD NEW`` (see helm.checkpoint)."""
 
 from __future__ import annotations
 
@@ -15,12 +16,21 @@ from helm.checkpoint.format import (
     load_checkpoint,
     save_checkpoint,
     upgrade,
+    zip_problem,
 )
+from helm.errors import USER_ERRORS
 
 
 def convert(old: str | os.PathLike, new: str | os.PathLike, *, unsafe: bool = False) -> None:
     """Rewrite a version-1 checkpoint as version 2. ``unsafe`` reads it with full unpickling,
     which runs any code the file holds: only for a file from a source you trust."""
+    from helm.checkpoint.dcp import is_sharded
+
+    if is_sharded(old):  # its optimizer state is sharded: a single file would not resume
+        raise CheckpointError(
+            f"{old} is a sharded checkpoint folder, in the current format: resume it as it is "
+            "(--resume, with or without --fsdp); eval.py and export read it directly"
+        )
     if unsafe:
         state = torch.load(old, map_location="cpu", weights_only=False)
     else:
@@ -28,6 +38,26 @@ def convert(old: str | os.PathLike, new: str | os.PathLike, *, unsafe: bool = Fa
     if state.get("format_version", 1) == 1:
         state = upgrade(state)
     save_checkpoint(state, new)
+
+
+def verify(path: str | os.PathLike) -> str:
+    """A line saying what was checked: a checkpoint's structure, every entry's CRC and the digest
+    of its contents; an exported folder's digests (SHA256SUMS), weight files and a full load."""
+    from helm.checkpoint.dcp import is_sharded
+
+    if os.path.isdir(path) and not is_sharded(path):
+        from helm.hf.load import verify_folder
+
+        return verify_folder(path)
+    ckpt = load_checkpoint(path)
+    if is_sharded(path):  # every file's digest checked, the weights read whole
+        return f"{path}: ok (sharded, epoch {ckpt['epoch']}, step {ckpt['step']})"
+    problem = zip_problem(path, crc=True)
+    if problem:
+        raise CheckpointError(f"checkpoint {path} is corrupted: {problem}")
+    return (
+        f"{path}: ok (format {ckpt['format_version']}, epoch {ckpt['epoch']}, step {ckpt['step']})"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,16 +75,15 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="read OLD with full unpickling, which RUNS ANY CODE IN IT: only for a file you trust",
     )
-    p = commands.add_parser("verify", help="load a checkpoint and check its digest")
-    p.add_argument("path")
+    p = commands.add_parser(
+        "verify", help="check a checkpoint, or an exported folder, against its digests"
+    )
+    p.add_argument("path", help="a checkpoint file, or a folder written by eval.py export")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.command == "verify":
-            ckpt = load_checkpoint(args.path)
-            print(
-                f"{args.path}: ok (format {ckpt['format_version']}, epoch {ckpt['epoch']}, step {ckpt['step']})"
-            )
+            print(verify(args.path))
             return 0
         if args.unsafe:
             print(
@@ -63,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
         convert(args.old, args.new, unsafe=args.unsafe)
-    except CheckpointError as exc:
+    except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {args.new} (format {FORMAT_VERSION})")

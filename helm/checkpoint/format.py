@@ -4,15 +4,15 @@ safe reads (``torch.load(weights_only=True)``), and the upgrade of version-1 fil
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import logging
 import os
 import pickle
 import re
 import shutil
-import tempfile
-from collections import OrderedDict
+import struct
+import zipfile
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from helm.errors import CheckpointError
+from helm.fileio import atomic_path, atomic_write
 
 log = logging.getLogger("helm")
 FORMAT_VERSION = 2
@@ -99,36 +100,9 @@ def seal(state: dict[str, Any]) -> dict[str, Any]:
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save into a temp file beside ``path``, fsync, then rename over it. A failed write
-    (a full disk) raises `CheckpointError` and leaves the previous file as it was."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise CheckpointError(f"cannot write checkpoint {path}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide checkpoints from the group
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as exc:  # the zip writer reports a full disk as RuntimeError
-        Path(tmp).unlink(missing_ok=True)
-        full = getattr(exc, "errno", None) == errno.ENOSPC or "write failed" in str(exc)
-        reason = "no space left on device" if full else f"{type(exc).__name__}: {exc}"
-        raise CheckpointError(
-            f"cannot write checkpoint {path}: {reason}; the previous {path.name} is unchanged"
-        ) from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    (a full disk) raises `CheckpointError` naming the cause; the previous file stays as it was."""
+    with atomic_write(path, "wb", what="checkpoint", error=CheckpointError) as f:
+        torch.save(obj, f)
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
@@ -138,13 +112,12 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
 
 def atomic_copy(src: Path, dst: Path) -> None:
     """Make ``dst`` hold ``src``'s bytes atomically (a hard link when possible: no extra I/O)."""
-    tmp = dst.with_name(f".{dst.name}.link.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    with atomic_path(dst, what="checkpoint", error=CheckpointError) as tmp:
+        tmp.unlink()
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
 
 
 # Reading -------------------------------------------------------------------------------------------
@@ -177,29 +150,183 @@ def _refusal(exc: Exception) -> str:
     return type(exc).__name__
 
 
-def _read(path: Path, map_location: Any) -> Any:
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def read_weights_only(
+    path: Path, *, what: str, map_location: Any = "cpu", mmap: bool = False
+) -> Any:
+    """``torch.load(weights_only=True)`` of a torch zip file, its structure checked first
+    (`zip_problem`): a file that needs more than tensors and plain data, or cannot be read, raises
+    `CheckpointError` in one line (``what`` names the file: "checkpoint", "weights file")."""
+    problem = zip_problem(path)
+    if problem:
+        raise CheckpointError(f"{what} {path} is corrupted: {problem}")
     try:
         with torch.serialization.safe_globals(_version1_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
-            f"checkpoint {path} is refused: it holds {_refusal(exc)}, not only tensors and plain "
+            f"{what} {path} is refused: it holds {_refusal(exc)}, not only tensors and plain "
             "data (a damaged or a crafted file); loading such a file can run code, so nothing in "
-            "it was loaded. Use checkpoints only from people you trust; a checkpoint of an older "
-            "HELM that you trust can be rewritten with "
-            f"'python -m helm.checkpoint convert --unsafe {path} NEW.pt'"
+            "it was loaded"
         ) from None
     except Exception as exc:  # torch raises several types for truncated or foreign files
         raise CheckpointError(
-            f"checkpoint {path} is corrupted or not a checkpoint: it cannot be read "
-            f"({type(exc).__name__}: {exc})"
+            f"{what} {path} is corrupted or not a {what}: it cannot be read ({_first_line(exc)})"
         ) from None
+
+
+def _read(path: Path, map_location: Any) -> Any:
+    try:
+        return read_weights_only(path, what="checkpoint", map_location=map_location)
+    except CheckpointError as exc:
+        if " is refused: " not in str(exc):
+            raise
+        raise CheckpointError(
+            f"{exc}. Use checkpoints only from people you trust; a checkpoint of an older HELM "
+            f"that you trust can be rewritten with "
+            f"'python -m helm.checkpoint convert --unsafe {path} NEW.pt'"
+        ) from None
+
+
+# A torch file is a zip archive: entries (local header, data, data descriptor), the central
+# directory, its end record. torch's reader trusts the central directory and checks no CRC, so
+# corruptions outside the tensors' bytes (which the digest covers) would pass unseen: a second
+# entry of the same name (torch reads one, zipfile the other), bytes appended or inserted, a
+# local header or data descriptor that disagrees with the directory.
+_LOCAL, _DESCRIPTOR = b"PK\x03\x04", b"PK\x07\x08"
+_END, _END64_LOCATOR = b"PK\x05\x06", b"PK\x06\x07"
+
+
+def zip_problem(path: str | os.PathLike, *, crc: bool = False) -> str | None:
+    """What is wrong with the structure of the zip archive at ``path``, or None. With ``crc``
+    every entry is also read and checked against its CRC-32 (``helm.checkpoint verify``)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f, zipfile.ZipFile(f) as archive:
+            infos = archive.infolist()
+            counts = Counter(info.filename for info in infos)
+            twice = [name for name, n in counts.items() if n > 1]
+            if twice:
+                n, name = counts[twice[0]], twice[0]
+                return f"it holds {n} entries named {name} (readers differ on which one counts)"
+            end = 0
+            for info in sorted(infos, key=lambda i: i.header_offset):
+                if info.header_offset != end:
+                    return f"unexpected bytes before entry {info.filename}"
+                problem, end = _entry(f, info)
+                if problem:
+                    return problem
+            problem = _directory(f, size, end, len(infos))
+            if problem is None and crc:
+                bad = archive.testzip()
+                problem = f"entry {bad} fails its CRC-32 check" if bad else None
+            return problem
+    except (
+        OSError,
+        EOFError,
+        zipfile.BadZipFile,
+        struct.error,
+        ValueError,
+        NotImplementedError,
+    ) as exc:
+        return f"not a complete zip archive ({_first_line(exc)})"
+
+
+def _entry(f, info: zipfile.ZipInfo) -> tuple[str | None, int]:
+    """(what is wrong with an entry's local header and data descriptor, where the entry ends)."""
+    f.seek(info.header_offset)
+    head = f.read(30)
+    if len(head) < 30 or head[:4] != _LOCAL:
+        return f"entry {info.filename} has no local header", 0
+    _, version, flags, method, time, date, crc, csize, usize, name_len, extra_len = struct.unpack(
+        "<4sHHHHHIIIHH", head
+    )
+    name = f.read(name_len).decode("utf-8" if flags & 0x800 else "cp437", errors="replace")
+    extra = f.read(extra_len)
+    y, mo, d, h, mi, sec = info.date_time
+    needs = info.extract_version | info.reserved << 8  # zipfile splits the field in two bytes
+    central = (info.orig_filename, needs, info.flag_bits, info.compress_type,
+               (h << 11) | (mi << 5) | (sec // 2), ((y - 1980) << 9) | (mo << 5) | d)  # fmt: skip
+    disagrees = f"the %s of entry {info.filename} disagrees with the central directory"
+    if (name, version, flags, method, time, date) != central:
+        return disagrees % "local header", 0
+    end = info.header_offset + 30 + name_len + extra_len + info.compress_size
+    sizes = (info.CRC, info.compress_size, info.file_size)
+    if not flags & 0x08:  # CRC and sizes in the local header (sizes 0xFFFFFFFF: in zip64 extra)
+        if crc != info.CRC or (0xFFFFFFFF not in (csize, usize) and (crc, csize, usize) != sizes):
+            return disagrees % "local header", 0
+        return None, end
+    if (crc, csize, usize) not in ((0, 0, 0), sizes):  # zeros, by the standard
+        return disagrees % "local header", 0
+    # A data descriptor follows the data: [signature] CRC, sizes (8 bytes each in zip64).
+    f.seek(end)
+    signed = f.read(4) == _DESCRIPTOR
+    f.seek(end + 4 * signed)
+    zip64 = _has_zip64_field(extra)
+    fields = f.read(20 if zip64 else 12)
+    if struct.unpack("<IQQ" if zip64 else "<III", fields) != sizes:
+        return disagrees % "data descriptor", 0
+    return None, end + 4 * signed + len(fields)
+
+
+def _has_zip64_field(extra: bytes) -> bool:
+    at = 0
+    while at + 4 <= len(extra):
+        kind, length = struct.unpack("<HH", extra[at : at + 4])
+        if kind == 1:
+            return True
+        at += 4 + length
+    return False
+
+
+def _directory(f, size: int, entries_end: int, count: int) -> str | None:
+    """What is wrong with the central directory and the end records, given where the ``count``
+    entries end."""
+    tail_start = max(0, size - 22 - 0xFFFF)
+    f.seek(tail_start)
+    tail = f.read()
+    at = tail.rfind(_END)
+    if at < 0 or at + 22 > len(tail):
+        return "no end-of-archive record"
+    end = struct.unpack(
+        "<4sHHHHIIH", tail[at : at + 22]
+    )  # sig, disks, counts, size, offset, comment
+    end_record = tail_start + at
+    if end_record + 22 + end[7] != size:
+        extra = size - (end_record + 22 + end[7])
+        return f"{extra} bytes follow the end of the archive" if extra > 0 else "it is cut short"
+    counts, (cd_size, cd_offset), directory_end = end[3:5], end[5:7], end_record
+    locator = tail[at - 20 : at] if at >= 20 else b""
+    if locator[:4] == _END64_LOCATOR:  # zip64: the end record's fields hold at most its values
+        (directory_end,) = struct.unpack("<Q", locator[8:16])
+        f.seek(directory_end + 24)
+        *counts64, size64, offset64 = struct.unpack("<QQQQ", f.read(32))
+        for small, value in zip((*counts, cd_size, cd_offset), (*counts64, size64, offset64)):
+            if small not in (value, 0xFFFF, 0xFFFFFFFF):
+                return "its end records disagree"
+        counts, cd_size, cd_offset = counts64, size64, offset64
+    if any(n != count for n in counts):
+        return f"its end record counts {counts[-1]} entries, its directory {count}"
+    if cd_offset != entries_end:
+        return "unexpected bytes between the last entry and the central directory"
+    if cd_offset + cd_size != directory_end:
+        return "unexpected bytes after the central directory"
+    return None
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
     """Load a checkpoint safely (tensors and plain data only) and verify its digest; a missing,
     refused, corrupted or incomplete file raises `CheckpointError` naming it."""
     path = Path(path)
+    if (path / ".metadata").is_file():  # a sharded run's folder (helm.checkpoint.dcp), whole
+        from helm.checkpoint.dcp import read_consolidated
+
+        return read_consolidated(path, map_location)
     if not path.is_file():
         what = "is a directory" if path.is_dir() else "does not exist"
         raise CheckpointError(f"checkpoint {path} {what}")

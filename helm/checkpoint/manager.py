@@ -100,20 +100,20 @@ class CheckpointManager:
         last = None
         expected = self.best_epoch
         if expected is None:
-            last = load_checkpoint(self.last, map_location)
+            last = self._load(self.last, map_location)
             expected = last["saver"].get("best_epoch")
         if expected is not None:
             for path in (self.best, self.epoch_path(expected)):
-                if not path.is_file():
+                if not path.exists():  # a file, or a sharded run's folder
                     continue
                 try:
-                    ckpt = load_checkpoint(path, map_location)
+                    ckpt = self._load(path, map_location)
                 except CheckpointError as exc:
                     log.warning("%s", exc)
                     continue
                 if ckpt["saver"].get("best_epoch") == expected:
                     return BestCheckpoint(ckpt, path, expected)
-        last = last if last is not None else load_checkpoint(self.last, map_location)
+        last = last if last is not None else self._load(self.last, map_location)
         epoch = last["epoch"] - 1 if last["batches_done"] == 0 else last["epoch"]
         if expected is not None:
             log.warning(
@@ -125,6 +125,9 @@ class CheckpointManager:
                 epoch,
             )
         return BestCheckpoint(last, self.last, epoch)
+
+    def _load(self, path: Path, map_location: Any) -> dict[str, Any]:
+        return load_checkpoint(path, map_location)
 
     def _prune(self) -> None:
         epochs = sorted(p for p in self.folder.glob("epoch-*.pt") if _EPOCH_FILE.search(p.name))

@@ -118,9 +118,13 @@ class TrainState:
         state["world_size"] = self.world_size  # batches_done counts each rank's batches
         return state | {"rng": rngs} | run.to_dict()
 
-    def restore(self, ckpt: dict[str, Any], path: str | os.PathLike | None = None) -> None:
+    def restore(
+        self, ckpt: dict[str, Any], path: str | os.PathLike | None = None, *, weights: bool = True
+    ) -> None:
         """Load a checkpoint into the modules, the counters and this rank's RNG; a checkpoint of
-        another model or size raises `CheckpointError` (naming ``path`` when given)."""
+        another model or size raises `CheckpointError` (naming ``path`` when given). ``weights``
+        False: the model, optimizer and EMA are left to the caller (a sharded checkpoint's tensors,
+        ``helm.checkpoint.dcp.restore``)."""
         saved_world = ckpt.get("world_size", self.world_size)
         if saved_world != self.world_size and ckpt.get("batches_done", 0):
             raise CheckpointError(
@@ -130,8 +134,9 @@ class TrainState:
             )
         try:
             for name in STATE_DICTS:
-                getattr(self, name).load_state_dict(ckpt[name])
-            if self.ema is not None and ckpt.get("ema") is not None:
+                if weights or name not in ("model", "optimizer"):
+                    getattr(self, name).load_state_dict(ckpt[name])
+            if weights and self.ema is not None and ckpt.get("ema") is not None:
                 self.ema.load_state_dict(ckpt["ema"])
         except (RuntimeError, ValueError, KeyError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -183,9 +188,13 @@ def load_for_eval(
     fields = dict(ckpt["model_config"])
     if ckpt["model_name"] == "bert":  # BERT checkpoints from before the MLM head transform
         fields.setdefault("mlm_head", "linear")
-    cfg = model_config(ckpt["model_name"], **fields)
-    model = build_model(ckpt["model_name"], cfg)
-    model.load_state_dict(_weights(ckpt, path, ema))
+    weights = _weights(ckpt, path, ema)
+    try:  # a checkpoint whose configuration and weights disagree (crafted: its digest is fine)
+        model = build_model(ckpt["model_name"], model_config(ckpt["model_name"], **fields))
+        model.load_state_dict(weights)
+    except (TypeError, ValueError, KeyError, RuntimeError) as exc:
+        why = " ".join(line.strip() for line in str(exc).strip().splitlines()[:2]) or repr(exc)
+        raise CheckpointError(f"checkpoint {path} does not rebuild its model: {why}") from None
     model.to(device).eval()
     return LoadedModel(
         model=model,

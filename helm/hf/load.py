@@ -7,13 +7,17 @@ import dataclasses
 import json
 import logging
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from helm.checkpoint import LoadedModel, load_for_eval
+from helm.checkpoint.dcp import is_sharded, newest
+from helm.checkpoint.format import read_weights_only
 from helm.errors import CheckpointError, ExportError
+from helm.fileio import MANIFEST, check_manifest
 from helm.hf import HF_TYPES, MAPPINGS
 from helm.hf.common import flag, from_hf_state, import_refusal, require
 from helm.hf.export import HELM_CONFIG, NATIVE_FORMAT_VERSION, WEIGHTS
@@ -43,7 +47,7 @@ def load_model(
     """
     device = inference_device(device)
     path = Path(path)
-    if path.is_file():
+    if path.is_file() or is_sharded(path):  # a checkpoint file, or a sharded run's folder
         return load_for_eval(path, ema=ema, device=device)
     if not path.is_dir():
         raise CheckpointError(f"{path} does not exist")
@@ -64,30 +68,83 @@ def load_model(
             f"--ema: {path} is an exported folder holding one set of weights (chosen at export); "
             "drop --ema"
         )
+    check_folder(path)
     try:
         loaded = _load_native(path) if kind == "helm" else _load_hf(path)
     except (CheckpointError, ExportError):
         raise
     except Exception as exc:  # a damaged folder: transformers, safetensors and json say why
-        if not isinstance(exc, (OSError, KeyError, ValueError)) and "safetensors" not in str(
-            type(exc).__module__
-        ):
+        damaged = (OSError, KeyError, ValueError, TypeError, AttributeError, pickle.PickleError)
+        if not isinstance(exc, damaged) and "safetensors" not in type(exc).__module__:
             raise
-        raise CheckpointError(f"{path} cannot be read: {type(exc).__name__}: {exc}") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CheckpointError(f"{path} cannot be read: {type(exc).__name__}: {first}") from exc
     loaded.model.to(device).eval()
     return loaded
 
 
+def check_folder(path: str | os.PathLike, *, card: bool = False) -> int | None:
+    """Refuse a damaged or crafted folder before anything reads it: each file against its digest
+    in SHA256SUMS (when the export has one; the model card, README.md, only with ``card``: its
+    owner may edit it), then each weight file's structure (a ``pytorch_model*.bin`` is read with
+    tensors and plain data only). Returns how many files matched their digests (None: no
+    SHA256SUMS). Raises `CheckpointError` naming the file."""
+    path = Path(path)
+    try:
+        checked = check_manifest(path, skip=() if card else ("README.md",))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{exc}; nothing in {path} was loaded") from None
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with require("safetensors").safe_open(str(file), framework="pt"):
+                pass
+        except Exception as exc:  # SafetensorError: a damaged header, a file cut or extended
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"weights file {file} is corrupted: {first}") from None
+    for file in sorted(path.glob("pytorch_model*.bin")):
+        read_weights_only(file, what="weights file", mmap=True)
+    return checked
+
+
+def verify_folder(path: str | os.PathLike) -> str:
+    """``python -m helm.checkpoint verify FOLDER``: every file against SHA256SUMS (the model card
+    too), each weight file's structure, then a full load; a line saying what was checked."""
+    checked = check_folder(path, card=True)
+    loaded = load_model(path)
+    kind = "HELM" if (Path(path) / HELM_CONFIG).is_file() else "Hugging Face"
+    digests = (
+        f"{checked} files match {MANIFEST}"
+        if checked is not None
+        else f"no {MANIFEST} (an export of an older HELM or of another tool): nothing to compare"
+    )
+    return f"{path}: ok ({kind} folder, {loaded.model_name}; {digests})"
+
+
+def _json_object(file: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object (a config), or a one-line `CheckpointError`."""
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{file} is damaged: it cannot be read as JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(
+            f"{file} is damaged: it holds a JSON {type(value).__name__}, not an object of settings"
+        )
+    return value
+
+
 def resolve_checkpoint(path: str | os.PathLike) -> str:
     """``path`` as given, or for a run folder (one holding checkpoints/) its best.pt, else
-    last.pt, saying which. Other folders (a HF or HELM-native export) are the loader's to read."""
+    last.pt (best.dcp, last.dcp for a sharded run), saying which. Other folders (a HF or
+    HELM-native export) are the loader's to read."""
     folder = Path(path)
     if not (folder / "checkpoints").is_dir():
         return str(path)
-    for name in ("best.pt", "last.pt"):
-        if (folder / "checkpoints" / name).is_file():
-            log.info("%s is a run folder: using its checkpoints/%s", path, name)
-            return str(folder / "checkpoints" / name)
+    for stem in ("best", "last"):
+        found = newest(folder / "checkpoints", stem)
+        if found is not None:
+            log.info("%s is a run folder: using its checkpoints/%s", path, found.name)
+            return str(found)
     raise CheckpointError(
         f"{path} is a run folder without a checkpoint yet (no checkpoints/last.pt)"
     )
@@ -112,11 +169,28 @@ def _load_native(path: Path) -> LoadedModel:
     from helm.hierarchy import CodonHierarchy, build_hierarchy
     from helm.tokenizers import load_tokenizer
 
-    meta = json.loads((path / HELM_CONFIG).read_text())
+    meta = _json_object(path / HELM_CONFIG)
     if meta.get("format") != "helm" or meta.get("format_version") != NATIVE_FORMAT_VERSION:
         raise CheckpointError(f"{path / HELM_CONFIG}: not a HELM export this version reads")
-    model, _ = _build(meta["model_name"], meta["model_config"])
-    missing, unexpected = st.load_model(model, str(path / WEIGHTS), strict=False)
+    kinds = {
+        "model_name": str,
+        "model_config": dict,
+        "config": dict,
+        "hierarchy": (dict, type(None)),
+    }
+    for key, kind in kinds.items():
+        if not isinstance(meta.get(key), kind):
+            raise CheckpointError(
+                f"{path / HELM_CONFIG} is damaged: its {key!r} is {repr(meta.get(key))[:80]}"
+            )
+    try:  # settings and weights that disagree: a damaged or a hand-edited folder
+        model, _ = _build(meta["model_name"], meta["model_config"])
+        missing, unexpected = st.load_model(model, str(path / WEIGHTS), strict=False)
+    except (TypeError, ValueError, KeyError, RuntimeError) as exc:
+        why = " ".join(line.strip() for line in str(exc).strip().splitlines()[:2]) or repr(exc)
+        raise CheckpointError(
+            f"{path / WEIGHTS} does not fit {path / HELM_CONFIG}: {why}"
+        ) from None
     if missing or unexpected:
         raise CheckpointError(f"{path / WEIGHTS} does not fit its config: {missing or unexpected}")
     tree = meta.get("hierarchy")
@@ -141,6 +215,7 @@ def _load_hf(path: Path) -> LoadedModel:
     transformers = require("transformers")
     from helm.hierarchy import build_hierarchy
 
+    _json_object(path / "config.json")  # transformers' own message for a list is a traceback
     hf_cfg = transformers.AutoConfig.from_pretrained(str(path))
     kind = hf_cfg.model_type
     if kind not in HF_TYPES:
