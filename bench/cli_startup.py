@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -21,23 +19,16 @@ from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from helm.kernels.bench.rows import cpu_name  # noqa: E402
+
 COMMANDS = {
     "train.py --help": ["train.py", "--help"],
     "train.py --lr -1 (a flag mistake)": ["train.py", "--lr", "-1"],
     "eval.py --help": ["eval.py", "--help"],
     "eval.py pretrain --help": ["eval.py", "pretrain", "--help"],
 }
-
-
-def cpu_name() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        name = next(
-            line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        name = platform.processor() or platform.machine()
-    return f"{name}, {os.cpu_count()} cores"
 
 
 def wall_time(argv: list[str], root: Path) -> float:

@@ -29,6 +29,10 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from helm.kernels.bench.rows import cpu_name  # noqa: E402
+
 DEFAULT_CORPUS = (
     "../shared/data/pretrain_human_mrna_orfs_dm3loc/human_refseq_mrna_longest_orf.fa.gz"
 )
@@ -49,17 +53,6 @@ def peak_rss_mb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo (platform.processor() elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def best_of(fn, repeats: int) -> float:
@@ -184,7 +177,7 @@ def main() -> None:
     results: dict = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "cpu": cpu_model(),
+        "cpu": cpu_name(cores=False),
         "python": platform.python_version(),
         "numpy": np.__version__,
         "corpus": args.corpus,

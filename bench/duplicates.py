@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from helm.downstream import TASKS, load_task, repeated_splits, run_baselines  # noqa: E402
 from helm.downstream.checks import resolve_duplicates  # noqa: E402
+from helm.kernels.bench.rows import cpu_name  # noqa: E402
 
 WINDOWS = (138, 1530)
 
@@ -51,17 +51,6 @@ def measure(name: str, data_dir: str) -> dict:
     return doc
 
 
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo (platform.processor() elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data_dir", required=True, help="folder with the registry task files")
@@ -73,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "command": "python bench/duplicates.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "cpu": cpu_model(),
+        "cpu": cpu_name(cores=False),
         "tasks": tasks,
     }
     text = json.dumps(doc, indent=2)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from datetime import date
@@ -31,20 +30,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from helm.generate import Prompt, generate  # noqa: E402
+from helm.kernels.bench.rows import cpu_name  # noqa: E402
 from helm.models import build_model  # noqa: E402
 from helm.vocab import NUM_SPECIAL  # noqa: E402
 
 WIDTH, LAYERS, HEADS, PADDED_VOCAB = 128, 4, 4, 72
 VOCAB_SIZE = NUM_SPECIAL + 64  # the codon vocabulary (69), padded to 72 in the models
-
-
-def cpu_name() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        name = next(line.split(":", 1)[1].strip() for line in lines if "model name" in line)
-    except (OSError, StopIteration):
-        name = platform.processor() or platform.machine()
-    return f"{name}, {os.cpu_count()} cores"
 
 
 def device_name(device: torch.device) -> str:

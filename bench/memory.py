@@ -43,7 +43,6 @@ import datetime
 import gc
 import json
 import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -52,6 +51,8 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
+
+from helm.kernels.bench.rows import cpu_name
 
 STRATEGIES = ("ddp", "fsdp", "fsdp+ckpt")
 GB = 1e9
@@ -232,16 +233,6 @@ def largest(strategy: str, gpus: int, memory: float, tokens: int, per_token_laye
     return best
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(
-                line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
-            )
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", nargs="+", default=["4x256", "8x512"], help="LAYERSxWIDTH")
@@ -280,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in table:
         print(json.dumps(row))
     report = {
-        "device": f"{cpu_name()}, {os.cpu_count()} cores",
+        "device": cpu_name(),
         "torch": torch.__version__,
         "date": datetime.date.today().isoformat(),
         "command": " ".join(["python bench/memory.py", *(sys.argv[1:] if argv is None else argv)]),

@@ -37,9 +37,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from cli_startup import cpu_name  # the device string of the other CPU benchmarks
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from helm.kernels.bench.rows import cpu_name  # noqa: E402
+
 OUT = ROOT / "bench" / "results" / "mutations_cpu.json"
 
 

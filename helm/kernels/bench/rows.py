@@ -1,9 +1,12 @@
-"""Rows written as they are measured: a benchmark that runs out of time keeps every case it
-finished. One JSON object per line, appended and flushed after each case."""
+"""What every benchmark records: rows written as they are measured (a benchmark that runs out of
+time keeps every case it finished; one JSON object per line, appended after each case) and the
+machine they were measured on."""
 
 from __future__ import annotations
 
 import json
+import os
+import platform
 from pathlib import Path
 
 
@@ -29,3 +32,16 @@ def read_rows(path: Path | str) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return rows
+
+
+def cpu_name(cores: bool = True) -> str:
+    """The CPU model (from /proc/cpuinfo, else what ``platform`` says), with its core count."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores" if cores else name
